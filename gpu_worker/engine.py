@@ -168,6 +168,10 @@ def _apply_single(model, mix, params, device, rng, progress, stats) -> torch.Ten
     _, channels, length = mix.shape
     sr = model.samplerate
     model.to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # few distinct shapes: autotuning pays off at once
+    if params.precision != "fp32":
+        _keep_spectral_ops_fp32(model)
     stats.models_run.append(type(model).__name__)
 
     # Views of the mix: Demucs pads by max_shift on both sides and reads each shifted view
@@ -266,6 +270,29 @@ def _center_trim(t: torch.Tensor, length: int) -> torch.Tensor:
     if delta:
         t = t[..., delta // 2 : t.shape[-1] - (delta - delta // 2)]
     return t
+
+
+def _keep_spectral_ops_fp32(model: Any) -> None:
+    """Run (H/HT)Demucs' complex-valued mask and inverse STFT in float32 under autocast.
+
+    Complex tensors have no bfloat16/float16 form, so these two steps take their input back to
+    float32; the convolutions and the transformer, where the time goes, stay in low precision.
+    Patched once per model instance; a no-op in float32.
+    """
+    if getattr(model, "_stemset_fp32_spectral", False):
+        return
+    for name in ("_mask", "_ispec"):
+        original = getattr(model, name, None)
+        if original is None:
+            continue
+
+        def wrapped(*args, __original=original, **kwargs):
+            args = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+            with torch.autocast(device_type="cuda", enabled=False), torch.autocast(device_type="cpu", enabled=False):
+                return __original(*args, **kwargs)
+
+        setattr(model, name, wrapped)
+    model._stemset_fp32_spectral = True
 
 
 def _autocast(device: torch.device, precision: str):
