@@ -40,6 +40,8 @@ def save_model(model, folder: Path, sig: str) -> Path:
     """Save as Demucs' `save_with_checksum` does: `<sig>-<sha256[:8]>.th` with klass/args/kwargs/state."""
     from demucs.states import get_state, save_with_checksum
 
+    for old in folder.glob(f"{sig}-*.th"):
+        old.unlink()  # Demucs refuses a repo with two files for one signature
     args, kwargs = model._init_args_kwargs
     package = {"klass": model.__class__, "args": args, "kwargs": kwargs,
                "state": get_state(model, None, half=False), "training_args": {}}
