@@ -22,10 +22,11 @@ from .strategy import SeparationParams, Strategy, StrategyNode
 
 Progress = Callable[[int], None]  # called with the number of segments just finished
 
-# Rough activation memory per 7.8 s htdemucs segment in a forward pass, used to size batches
-# from free GPU memory when the config gives no batch size. Measured on an H100 (see RESULTS.md).
-_GPU_BYTES_PER_SEGMENT = {"fp32": 1.6e9, "bf16": 0.9e9, "fp16": 0.9e9}
-_MAX_AUTO_BATCH = 32
+# Activation memory per 7.8 s htdemucs segment in a batched forward, used to size batches from
+# free GPU memory when the config gives no batch size: ~225 MB fp32 and ~200 MB bf16 measured on
+# an H100 at batch 64 (benchmarks/RESULTS.md), with headroom for other models.
+_GPU_BYTES_PER_SEGMENT = {"fp32": 0.35e9, "bf16": 0.3e9, "fp16": 0.3e9}
+_MAX_AUTO_BATCH = 64
 _CPU_BATCH = 1
 
 
@@ -92,12 +93,14 @@ def separate(
     rng: random.Random | None = None,
     progress: Progress | None = None,
     stats: EngineStats | None = None,
+    output_device: str | torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
     """Separate a (channels, length) float32 mix at the model's rate into {source: (channels, length)}.
 
     Normalises by the mix mean and std as ``demucs.api.Separator.separate_tensor`` does.
     ``needed_sources`` lets a bag skip members that contribute nothing to the kept sources.
     ``rng`` draws the shift offsets; seeded, it gives Demucs' offsets for ``random.seed`` of the same seed.
+    Stems are returned on ``output_device`` (default: the device ``wav`` came on).
     """
     if wav.dim() != 2:
         raise ValueError(f"expected a (channels, length) tensor, got shape {tuple(wav.shape)}")
@@ -105,13 +108,18 @@ def separate(
         raise ModelError(f"Model expects {model.audio_channels} channels, got {wav.shape[0]}.")
     rng = rng or random.Random()
     stats = stats or EngineStats()
+    home = wav.device
+    # Everything from here to the de-normalised stems stays on the compute device: a 4-minute
+    # song's stems are ~340 MB, and copying them back once beats copying every segment.
+    wav = wav.to(device)
     ref = wav.mean(0)
     mean = ref.mean()
     std = ref.std() + 1e-8
     mix = ((wav - mean) / std)[None]
     out = _apply(model, mix, params, device, needed_sources, rng, progress, stats)
     out = out * std + mean
-    return dict(zip(model.sources, out[0]))
+    target = home if output_device is None else torch.device(output_device)
+    return {name: to_device(stem, target) for name, stem in zip(model.sources, out[0])}
 
 
 def _sub_models(model: Any) -> list[tuple[Any, list[float]]]:
@@ -158,7 +166,8 @@ class _Job:
     view: int  # which shifted view of the mix
     offset: int  # segment start inside the view
     length: int  # valid samples the segment contributes
-    padded: torch.Tensor  # (channels, valid_length) model input
+    start: int  # where the padded model input starts in the (shift-padded) mix
+    valid: int  # model input length
 
 
 def _apply_single(model, mix, params, device, rng, progress, stats) -> torch.Tensor:
@@ -214,7 +223,7 @@ def _apply_single(model, mix, params, device, rng, progress, stats) -> torch.Ten
                 valid = chunk_len
             delta = valid - chunk_len
             start = view_start + off - delta // 2
-            jobs.append(_Job(v, off, chunk_len, _padded(base, start, valid)[0]))
+            jobs.append(_Job(v, off, chunk_len, start, valid))
 
     outs = [torch.zeros(len(model.sources), channels, view_len, device=device) for (_, view_len, _) in views]
     sums = [torch.zeros(view_len, device=device) for (_, view_len, _) in views]
@@ -223,11 +232,11 @@ def _apply_single(model, mix, params, device, rng, progress, stats) -> torch.Ten
     # Segments of equal padded length share a batch (all of them for HTDemucs).
     by_len: dict[int, list[_Job]] = {}
     for job in jobs:
-        by_len.setdefault(job.padded.shape[-1], []).append(job)
+        by_len.setdefault(job.valid, []).append(job)
     for group in by_len.values():
         for i in range(0, len(group), batch_size):
             batch = group[i : i + batch_size]
-            x = torch.stack([j.padded for j in batch]).to(device, non_blocking=True)
+            x = torch.stack([_padded(base[0], j.start, j.valid) for j in batch])
             t0 = time.perf_counter()
             with torch.inference_mode(), _autocast(device, params.precision):
                 y = model(x)
@@ -243,13 +252,40 @@ def _apply_single(model, mix, params, device, rng, progress, stats) -> torch.Ten
             if progress:
                 progress(len(batch))
 
-    result = torch.zeros(1, len(model.sources), channels, length, device=mix.device)
+    result = torch.zeros(1, len(model.sources), channels, length, device=device)
     for (_, _view_len, trim), out, total in zip(views, outs, sums):
         out /= total
-        result[0] += out[..., trim:].to(mix.device)
+        result[0] += out[..., trim:]
     if params.shifts:
         result /= params.shifts
     return result
+
+
+_staging: dict[int, torch.Tensor] = {}
+_STAGING_ELEMENTS = 8 << 20  # 32 MB of float32
+
+
+def to_device(t: torch.Tensor, target: torch.device) -> torch.Tensor:
+    """``t.to(target)``, but GPU -> CPU goes through a reused pinned buffer in 32 MB chunks.
+
+    A plain copy into pageable memory ran at ~1.5 GB/s on an H100 host (a third of the whole
+    engine's time for a 4-minute song); pinned staging runs at PCIe speed.
+    """
+    if t.device.type != "cuda" or target.type != "cpu":
+        return t.to(target)
+    src = t.contiguous().view(-1)
+    out = torch.empty(t.shape, dtype=t.dtype)
+    dst = out.view(-1)
+    key = t.device.index or 0
+    if key not in _staging or _staging[key].dtype != t.dtype:
+        _staging[key] = torch.empty(_STAGING_ELEMENTS, dtype=t.dtype, pin_memory=True)
+    buf = _staging[key]
+    for i in range(0, src.numel(), _STAGING_ELEMENTS):
+        n = min(_STAGING_ELEMENTS, src.numel() - i)
+        buf[:n].copy_(src[i : i + n], non_blocking=True)
+        torch.cuda.current_stream(t.device).synchronize()
+        dst[i : i + n].copy_(buf[:n])
+    return out
 
 
 def _random_draws_per_forward(model: Any) -> int:
@@ -328,12 +364,12 @@ def run_strategy(
         if model.samplerate != 44100:
             raise ModelError(f"Model {node.model!r} runs at {model.samplerate} Hz; Stemset feeds 44100 Hz.")
         sources = separate(model, mix, node.params, device, needed_sources=node.outputs.keys(),
-                           rng=rng, progress=progress, stats=stats)
+                           rng=rng, progress=progress, stats=stats, output_device=device)
         for source, target in node.outputs.items():
             if isinstance(target, StrategyNode):
-                visit(target, sources[source], f"{path}.{source}")
+                visit(target, sources[source], f"{path}.{source}")  # chained on the device
             else:
-                stems[target] = sources[source]
+                stems[target] = to_device(sources[source], wav.device)
 
     visit(strategy.root, wav, strategy.name)
     return {name: stems[name] for name in strategy.stems}
