@@ -68,9 +68,13 @@ class SeparationJob:
     def from_dict(cls, data: dict[str, Any]) -> "SeparationJob":
         _check_version(data, "job")
         data = dict(data)
-        data["storage"] = StorageRef(**data["storage"])
+        if not isinstance(data.get("storage"), dict):
+            raise JobError("The job has no storage reference (an object in field 'storage').")
+        data["storage"] = _construct(StorageRef, data["storage"], "storage reference")
         if data.get("output_storage"):
-            data["output_storage"] = StorageRef(**data["output_storage"])
+            if not isinstance(data["output_storage"], dict):
+                raise JobError("The job's 'output_storage' must be an object.")
+            data["output_storage"] = _construct(StorageRef, data["output_storage"], "output storage reference")
         return _construct(cls, data, "job")
 
     @classmethod

@@ -1,0 +1,186 @@
+"""Stemset's Modal app: the separation worker as a warm GPU class, plus a web endpoint.
+
+Deploy with ``modal deploy gpu_worker/modal_app.py`` (or ``modal deploy -m gpu_worker.modal_app``).
+This file only declares the image, the app, the class and the endpoint; the work is plain Python
+(:class:`gpu_worker.remote.WarmWorker` around :func:`gpu_worker.worker.run_job`), so it runs and is
+tested the same way off Modal. Importing it needs no Modal token and no network.
+
+Settings, read when the app is deployed (and passed on to the containers):
+
+- ``STEMSET_MODAL_APP``: the app name (default ``stemset-gpu``, gpu.app in config.yaml);
+- ``STEMSET_GPU_TYPE``: the GPU (default ``A100-40GB``; T4, L4, A10G, A100-40GB, H100, ...);
+- ``STEMSET_PRELOAD_MODELS``: models loaded when a container starts (default ``htdemucs``);
+- ``STEMSET_MODAL_MODEL_REPO``: a Demucs repo folder inside the container, e.g. on the model
+  volume (default: none, Demucs downloads weights once into the volume);
+- ``STEMSET_MODAL_SCALEDOWN_S`` (default 60) and ``STEMSET_MODAL_MAX_CONTAINERS`` (default 10).
+
+Bucket credentials come from the Modal secret ``r2-secret`` (``scripts/setup_modal_secret.sh``):
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``STEMSET_S3_ENDPOINT_URL`` (used when a job's
+storage reference names no endpoint) and, for the web endpoint, ``GPU_WORKER_TOKEN``.
+
+Billing: ``billed_seconds`` in a result is the worker's own clock: the job's wall time (input
+download, decode, model load, separation, encode, upload) plus, for the first job a container
+runs, the seconds the container's enter hooks spent getting ready (loading the preload models on
+the CPU and moving them to the GPU). With memory snapshots a restored container skips the CPU
+load, so it is charged only where it ran: the load is billed when the post-snapshot hook runs in
+the same Modal task (``MODAL_TASK_ID``) as the pre-snapshot one. Container boot, image pull and
+idle time before scale-down are not on the worker's clock, so Modal's invoice is somewhat higher.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# `modal deploy gpu_worker/modal_app.py` puts gpu_worker/ itself first on sys.path, where its
+# http.py would shadow the standard library's `http`: import the package from its parent instead.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if os.path.basename(_HERE) == "gpu_worker" and os.path.isfile(os.path.join(_HERE, "__init__.py")):
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+    if os.path.dirname(_HERE) not in sys.path:
+        sys.path.insert(0, os.path.dirname(_HERE))
+
+import modal  # noqa: E402
+
+from gpu_worker.remote import WarmWorker  # noqa: E402
+
+APP_NAME = os.environ.get("STEMSET_MODAL_APP") or "stemset-gpu"
+GPU_TYPE = os.environ.get("STEMSET_GPU_TYPE") or "A100-40GB"
+SECRET_NAME = os.environ.get("STEMSET_MODAL_SECRET") or "r2-secret"
+VOLUME_NAME = os.environ.get("STEMSET_MODAL_VOLUME") or "stemset-model-cache"
+PRELOAD_MODELS = os.environ.get("STEMSET_PRELOAD_MODELS", "htdemucs")
+CONTAINER_MODEL_REPO = os.environ.get("STEMSET_MODAL_MODEL_REPO", "")
+SCALEDOWN_S = int(os.environ.get("STEMSET_MODAL_SCALEDOWN_S") or 60)
+MAX_CONTAINERS = int(os.environ.get("STEMSET_MODAL_MAX_CONTAINERS") or 10)
+TIMEOUT_S = 1800
+CACHE_DIR = "/cache"  # the model volume: Demucs' downloads (torch hub, Hugging Face) land here
+
+# The engine's requirements, pinned to the versions the tests run (outputs depend on them).
+# On Linux, PyPI's torch wheel is the CUDA build.
+ENGINE_REQUIREMENTS = [
+    "torch==2.13.0",
+    "demucs==4.1.0",
+    "soundfile==0.14.0",
+    "av==18.1.0",
+    "soxr==1.1.0",
+    "pyloudnorm==0.2.0",
+    "numpy==2.4.6",
+    "pyyaml==6.0.4",
+    "boto3==1.44.8",
+    "starlette==1.10.0",  # the web endpoint
+]
+
+image = (
+    modal.Image.debian_slim(python_version="3.11")
+    .apt_install("libsndfile1", "ffmpeg")
+    .pip_install(*ENGINE_REQUIREMENTS)
+    .env({
+        "TORCH_HOME": f"{CACHE_DIR}/torch",
+        "HF_HOME": f"{CACHE_DIR}/huggingface",
+        "PYTHONUNBUFFERED": "1",
+    })
+    .add_local_python_source("gpu_worker")
+)
+
+app = modal.App(APP_NAME, image=image)
+model_cache = modal.Volume.from_name(VOLUME_NAME, create_if_missing=True)
+bucket_secret = modal.Secret.from_name(SECRET_NAME)
+
+# What the containers need to know about this deployment (they re-import this file).
+CONTAINER_ENV = {
+    "STEMSET_MODAL_APP": APP_NAME,
+    "STEMSET_GPU_TYPE": GPU_TYPE,
+    "STEMSET_PRELOAD_MODELS": PRELOAD_MODELS,
+}
+if CONTAINER_MODEL_REPO:
+    CONTAINER_ENV["STEMSET_MODEL_REPO"] = CONTAINER_MODEL_REPO
+
+
+def _cache_listing() -> set[str]:
+    found = set()
+    for root, _dirs, files in os.walk(CACHE_DIR):
+        found.update(os.path.join(root, f) for f in files)
+    return found
+
+
+@app.cls(
+    gpu=GPU_TYPE,
+    timeout=TIMEOUT_S,
+    retries=modal.Retries(max_retries=2, backoff_coefficient=2.0, initial_delay=5.0),
+    scaledown_window=SCALEDOWN_S,
+    max_containers=MAX_CONTAINERS,
+    enable_memory_snapshot=True,
+    volumes={CACHE_DIR: model_cache},
+    secrets=[bucket_secret],
+    env=CONTAINER_ENV,
+)
+class Separator:
+    """One GPU container: models loaded once, jobs run one at a time.
+
+    A job that fails for its own reasons (unreadable input, unknown model, bucket refused) is
+    answered with an error envelope rather than raised, so Modal does not retry what cannot
+    succeed; anything unexpected (a CUDA fault, a crash) raises and Modal retries it."""
+
+    @modal.enter(snap=True)
+    def load_models(self) -> None:
+        """Before the memory snapshot: load the preload models on the CPU (no GPU here yet)."""
+        self.worker = WarmWorker.from_env(backend="modal", gpu_type=os.environ.get("STEMSET_GPU_TYPE") or GPU_TYPE)
+        self.loaded_in_task = os.environ.get("MODAL_TASK_ID")
+        before = _cache_listing()
+        self.load_s = self.worker.preload()
+        if _cache_listing() != before and not modal.is_local():
+            try:  # keep the downloaded weights for the next container
+                model_cache.commit()
+            except Exception as err:  # noqa: BLE001 - the volume commits again at shutdown
+                print(f"stemset: could not commit the model cache volume now: {err}", file=sys.stderr)
+
+    @modal.enter(snap=False)
+    def start_gpu(self) -> None:
+        """After the snapshot (in every container): move the models to the GPU."""
+        restored = os.environ.get("MODAL_TASK_ID") != self.loaded_in_task
+        gpu_s = self.worker.to_device()
+        self.worker.charge_startup(gpu_s + (0.0 if restored else self.load_s))
+
+    @modal.method()
+    def separate(self, job_json: str) -> str:
+        """Run one SeparationJob (JSON); the SeparationResult (JSON) or an error envelope."""
+        return self.worker.handle_json(job_json)
+
+
+# --------------------------------------------------------------------------------------
+# Web endpoint: POST a job -> {accepted, call_id} at once; GET /result/{call_id} to poll.
+# --------------------------------------------------------------------------------------
+
+def _spawn(job_json: str) -> str:
+    return Separator().separate.spawn(job_json).object_id
+
+
+def _poll(call_id: str) -> tuple[str, str | None]:
+    call = modal.FunctionCall.from_id(call_id)
+    try:
+        return "complete", call.get(timeout=0)
+    except modal.exception.OutputExpiredError:
+        return "expired", None
+    except (TimeoutError, modal.exception.TimeoutError):
+        return "pending", None
+    except Exception as err:  # noqa: BLE001 - the call itself failed (after Modal's retries)
+        return "error", f"The Modal call failed: {type(err).__name__}: {err}"
+
+
+def _cancel(call_id: str) -> None:
+    modal.FunctionCall.from_id(call_id).cancel()
+
+
+@app.function(secrets=[bucket_secret], env=CONTAINER_ENV, scaledown_window=SCALEDOWN_S, timeout=120)
+@modal.concurrent(max_inputs=50)
+@modal.asgi_app(label=f"{APP_NAME}-web")
+def web():
+    """The HTTP worker's routes (gpu_worker/http.py) with jobs spawned on the Separator class.
+    Every job route needs ``Authorization: Bearer $GPU_WORKER_TOKEN`` (from the r2-secret)."""
+    from gpu_worker.http import create_app
+    from gpu_worker.remote import SpawnJobRunner
+
+    index = modal.Dict.from_name(f"{APP_NAME}-jobs", create_if_missing=True)
+    runner = SpawnJobRunner(spawn=_spawn, poll=_poll, index=index, cancel=_cancel)
+    return create_app(runner=runner, token=os.environ.get("GPU_WORKER_TOKEN") or None, require_token=True,
+                      info={"backend": "modal", "app": APP_NAME, "gpu_type": GPU_TYPE})
