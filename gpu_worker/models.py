@@ -96,13 +96,22 @@ def model_identity(name: str, repo: str | Path | None = None) -> str:
             parts = [_file_identity(repo, sig) for sig in bag.get("models", [])]
             return f"{name}:{parts}:{bag.get('weights')}:{bag.get('segment')}"
         return f"{name}:{_file_identity(repo, name)}"
-    import demucs.pretrained
-
-    bag_file = demucs.pretrained.REMOTE_ROOT / f"{name}.yaml"
+    bag_file = _demucs_remote_root() / f"{name}.yaml"
     if bag_file.is_file():
         bag = yaml.safe_load(bag_file.read_text()) or {}
         return f"{name}:{bag.get('models')}:{bag.get('weights')}:{bag.get('segment')}"
     return name
+
+
+def _demucs_remote_root() -> Path:
+    """``demucs.pretrained.REMOTE_ROOT`` (Demucs' own bag files), found without importing Demucs
+    (and torch with it), so fingerprints are cheap to compute where Dagster loads definitions."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("demucs")
+    if spec is None or not spec.submodule_search_locations:
+        return Path("/nonexistent-demucs")
+    return Path(next(iter(spec.submodule_search_locations))) / "remote"
 
 
 def _file_identity(repo: Path, sig: str) -> str:

@@ -8,10 +8,14 @@ manifest finds every stem it lists.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
+import os
 import resource
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +30,12 @@ from .strategy import parse_strategy
 Progress = Callable[[float], None]  # fraction of the job done, 0..1
 
 EXTENSIONS = {"wav": "wav", "flac": "flac", "opus": "opus", "m4a": "m4a"}
+
+# Inputs longer than this many seconds are separated in bounded memory (gpu_worker.streaming):
+# decoded, separated and encoded window by window instead of whole. 0 streams every input.
+STREAM_MIN_SECONDS_ENV = "STEMSET_STREAM_MIN_SECONDS"
+DEFAULT_STREAM_MIN_SECONDS = 600.0
+STREAM_WINDOW_ENV = "STEMSET_STREAM_WINDOW_S"  # optional: seconds per streaming window
 
 
 def open_store(ref: StorageRef) -> ObjectStore:
@@ -66,11 +76,17 @@ def run_job(
     output_store: ObjectStore | None = None,
     progress: Progress | None = None,
     backend: str = "local",
+    startup_s: float = 0.0,
 ) -> SeparationResult:
-    """Separate ``job.input_key`` and publish the stems. ``store`` overrides ``job.storage``."""
+    """Separate ``job.input_key`` and publish the stems. ``store`` overrides ``job.storage``.
+
+    ``startup_s`` is time the calling worker spent getting ready for this job before the call
+    (a warm worker's model preload, charged to the first job of a container): it is reported as
+    ``timings["startup"]`` and added to ``billed_seconds``.
+    """
     import torch
 
-    from . import audio, models
+    from . import audio, models, streaming
     from .engine import EngineStats, device_name, pick_device, run_strategy, strategy_segments
 
     started = time.perf_counter()
@@ -91,14 +107,22 @@ def run_job(
         local_input.parent.mkdir()
         in_store.download(job.input_key, local_input)
         sha = _sha256(local_input)
-        try:
-            wav, info = audio.decode_audio(local_input)
-        except AudioError as err:  # name the user's object, not our temporary copy
-            where = in_store.uri(job.input_key)
-            raise AudioError(err.message.replace(str(local_input), where),
-                             err.hint.replace(str(local_input), where) if err.hint else None) from None
-        local_input.unlink()
-        if wav.shape[-1] == 0:
+        named = _user_named_errors(local_input, in_store.uri(job.input_key))
+        with named, warnings.catch_warnings():
+            warnings.simplefilter("ignore", audio.AudioWarning)  # the decode below warns, once
+            stream = _should_stream(audio._open(local_input).info)  # the header only
+        window_s = _stream_window_s() if stream else None
+        wav = mix_stats = None
+        if stream:  # long input: only statistics now; the samples are decoded again window by window
+            with named:
+                mix_stats, info = streaming.scan_file(local_input)
+            length = mix_stats.frames
+        else:
+            with named:
+                wav, info = audio.decode_audio(local_input)
+            local_input.unlink()
+            length = wav.shape[-1]
+        if length == 0:
             raise AudioError(f"{job.input_key} holds no audio samples.", "Upload a recording that is not empty.")
         timings["decode"] = time.perf_counter() - t0
 
@@ -111,8 +135,7 @@ def run_job(
             load(name)
         timings["model_load"] = time.perf_counter() - t0
 
-        mix = torch.from_numpy(wav)
-        total_segments = max(1, strategy_segments(strategy, mix.shape[-1], load))
+        total_segments = max(1, strategy_segments(strategy, length, load))
         done = [0]
 
         def on_segments(n: int) -> None:
@@ -123,23 +146,40 @@ def run_job(
         t0 = time.perf_counter()
         stats = EngineStats()
         seed = job.seed if job.seed is not None else job_seed(sha, job.fingerprint)
-        stems = run_strategy(strategy, mix, load, device, seed=seed, progress=on_segments, stats=stats)
-        stems = {name: t.detach().float().cpu().numpy() for name, t in stems.items()}
-        timings["separate"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        residual_db = _residual_db(wav, list(stems.values()))
-        files: dict[str, Path] = {}
+        files: dict[str, Path] = {name: tmpdir / f"{name}.{EXTENSIONS[job.output_format]}" for name in strategy.stems}
         described: dict[str, dict] = {}
-        for name, stem in stems.items():
-            nonfinite = int(stem.size - np.count_nonzero(np.isfinite(stem)))
-            if nonfinite:
-                stem = np.nan_to_num(stem, nan=0.0, posinf=0.0, neginf=0.0)
-            path = tmpdir / f"{name}.{EXTENSIONS[job.output_format]}"
-            audio.encode_audio(stem, path, job.output_format, job.bitrate_kbps)
-            files[name] = path
-            described[name] = _describe(stem, nonfinite)
-        timings["encode"] = time.perf_counter() - t0
+        durations: dict[str, float] = {}
+        if stream:
+            # Decode, separate and encode window by window (timings split inside).
+            with named:
+                streamed = streaming.separate_file_streaming(
+                    strategy, local_input,
+                    lambda name: audio.StemWriter(files[name], job.output_format, job.bitrate_kbps),
+                    load, device, seed=seed, window_s=window_s, progress=on_segments, stats=stats,
+                    mix_stats=mix_stats, tmpdir=tmpdir)
+            local_input.unlink()
+            timings["separate"] = streamed.timings["separate"]
+            timings["encode"] = streamed.timings["encode"]
+            residual_db = streamed.residual_db
+            for name, stem_stats in streamed.stems.items():
+                described[name] = _describe_stream(stem_stats)
+                durations[name] = stem_stats.frames / audio.SAMPLE_RATE
+        else:
+            stems = run_strategy(strategy, torch.from_numpy(wav), load, device, seed=seed, progress=on_segments,
+                                 stats=stats)
+            stems = {name: t.detach().float().cpu().numpy() for name, t in stems.items()}
+            timings["separate"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            residual_db = _residual_db(wav, list(stems.values()))
+            for name, stem in stems.items():
+                nonfinite = int(stem.size - np.count_nonzero(np.isfinite(stem)))
+                if nonfinite:
+                    stem = np.nan_to_num(stem, nan=0.0, posinf=0.0, neginf=0.0)
+                audio.encode_audio(stem, files[name], job.output_format, job.bitrate_kbps)
+                described[name] = _describe(stem, nonfinite)
+                durations[name] = stem.shape[-1] / audio.SAMPLE_RATE
+            timings["encode"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         staged, final = {}, {}
@@ -149,13 +189,14 @@ def run_job(
             out_store.upload(path, staged[name])
         stem_files = {
             name: StemFile(name=name, key=final[name], uri=out_store.uri(final[name]), format=job.output_format,
-                           bytes=files[name].stat().st_size, duration_s=stems[name].shape[-1] / audio.SAMPLE_RATE,
-                           **described[name])
-            for name in stems
+                           bytes=files[name].stat().st_size, duration_s=durations[name], **described[name])
+            for name in files
         }
         gpu_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         timings["write"] = time.perf_counter() - t0  # the manifest write below is not counted
         timings["total"] = time.perf_counter() - started
+        if startup_s > 0:
+            timings["startup"] = float(startup_s)
         result = SeparationResult(
             job_id=job.job_id, strategy_name=strategy.name, fingerprint=job.fingerprint,
             input_key=job.input_key, input_sha256=sha, input_duration_s=info.duration_s,
@@ -163,7 +204,8 @@ def run_job(
             residual_db=residual_db, timings={k: round(v, 4) for k, v in timings.items()},
             device=device_name(device), gpu_type=job.gpu_type if device.type == "cuda" else None,
             peak_memory_mb=round(_peak_rss_mb(), 1), gpu_peak_memory_mb=gpu_peak,
-            billed_seconds=round(timings["total"], 3), segments=stats.segments, batches=stats.batches,
+            billed_seconds=round(timings["total"] + max(0.0, float(startup_s)), 3),
+            segments=stats.segments, batches=stats.batches,
             engine_version=ENGINE_VERSION, backend=backend,
         )
         publish_set(out_store, staged, final, manifest_key(job), result.to_json().encode())
@@ -183,6 +225,57 @@ def _describe(stem: np.ndarray, nonfinite: int) -> dict:
         "rms_dbfs": _round(20 * np.log10(rms)) if rms > 0 else None,
         "nonfinite_samples": nonfinite,
     }
+
+
+def _describe_stream(stats) -> dict:
+    """``_describe`` from a ``streaming.StreamStats`` (same fields, same rounding)."""
+    rms = stats.rms
+    return {
+        "lufs": _round(stats.lufs),
+        "peak_dbfs": _round(20.0 * math.log10(stats.peak)) if stats.peak > 0 else None,
+        "sample_peak": round(float(stats.peak), 6),
+        "rms_dbfs": _round(20 * np.log10(rms)) if rms > 0 else None,
+        "nonfinite_samples": stats.nonfinite,
+    }
+
+
+def _should_stream(info) -> bool:
+    """Stream inputs longer than STEMSET_STREAM_MIN_SECONDS (default 600), judged from the header;
+    an input whose header states no length (raw ADTS, some WebM) is streamed to be safe."""
+    raw = os.environ.get(STREAM_MIN_SECONDS_ENV, "").strip()
+    try:
+        threshold = float(raw) if raw else DEFAULT_STREAM_MIN_SECONDS
+    except ValueError:
+        raise JobError(f"{STREAM_MIN_SECONDS_ENV}={raw!r} is not a number of seconds.") from None
+    if info.frames <= 0:
+        return True
+    return threshold <= 0 or info.duration_s > threshold
+
+
+def _stream_window_s() -> float | None:
+    raw = os.environ.get(STREAM_WINDOW_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise JobError(f"{STREAM_WINDOW_ENV}={raw!r} must be a positive number of seconds.")
+    return value
+
+
+class _user_named_errors(contextlib.AbstractContextManager):
+    """Audio errors name the user's object, not our temporary copy of it (reusable)."""
+
+    def __init__(self, local_input: Path, where: str):
+        self.local, self.where = str(local_input), where
+
+    def __exit__(self, exc_type, err, tb):
+        if isinstance(err, AudioError):
+            raise AudioError(err.message.replace(self.local, self.where),
+                             err.hint.replace(self.local, self.where) if err.hint else None) from None
+        return False
 
 
 def _residual_db(mix: np.ndarray, stems: list[np.ndarray]) -> float | None:

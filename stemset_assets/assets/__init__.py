@@ -1,0 +1,1 @@
+"""Assets: ``recording`` (per input), ``stems_<strategy>`` (per strategy) and ``catalog``."""

@@ -1,0 +1,228 @@
+"""The stem assets: one ``stems_<strategy>`` multi-asset per strategy in config.yaml.
+
+Each has one :class:`~dagster.AssetSpec` per output stem (``stems/<strategy>/<stem>``), depends
+on ``recording``, is partitioned by ``recordings`` and carries the strategy's fingerprint as
+``code_version`` (so a strategy change shows the stems as changed in the UI). The set is made
+as a whole (``can_subset=False``): the separator resource runs one
+:class:`~gpu_worker.job.SeparationJob` that reads the canonical FLAC and publishes
+``outputs/<profile>/<slug>/<strategy>/<stem>.<ext>`` plus ``manifest.json`` (last).
+
+A partition whose stored manifest was made from the same canonical FLAC (sha256) with the same
+fingerprint, in the profile's output format, with every listed stem present, is reused: no
+separation, metadata ``reused: true``. Anything else recomputes (and deletes files of the old
+set that the new one did not overwrite, e.g. after an output format change). Either way the
+checks (:mod:`stemset_assets.checks`) are evaluated from the manifest as stored.
+
+Each stem's metadata: ``uri``, ``url`` (playback), ``bytes``, ``duration_s``, ``lufs``,
+``peak_dbfs``, ``suggested_gain_db`` (to -14 LUFS, peak kept under -1 dBFS), strategy,
+fingerprint, ``input_sha256`` (the recording's data version), backend, device, GPU type,
+``timings``, and for the whole set (one separation makes every stem): ``billed_seconds``,
+``price_per_hour``, ``cost_usd`` (0 for local runs) and ``run_cost_usd`` (0 when reused).
+Data version: a hash of the recording's sha256 and the fingerprint.
+"""
+
+# No `from __future__ import annotations`: Dagster reads the context and resource annotations at runtime.
+
+import hashlib
+from collections.abc import Iterator
+
+from dagster import (
+    AssetExecutionContext,
+    AssetKey,
+    AssetsDefinition,
+    AssetSpec,
+    DataVersion,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    multi_asset,
+)
+
+from gpu_worker.errors import StemsetError
+from gpu_worker.job import SeparationJob, SeparationResult
+from gpu_worker.objects import ObjectStore
+
+from .. import checks
+from ..config import StemsetConfig
+from ..layout import RecordingRecord, manifest_key, read_record, stems_prefix
+from ..partitions import recordings, split_partition_key
+from ..resources.media_store import MediaStoreResource
+from ..resources.separator import SeparatorResource
+from ..stemsets import data_version, strategy_fingerprint, suggested_gain_db
+
+RECORDING_KEY = AssetKey("recording")
+
+
+def model_repo(config: StemsetConfig) -> str | None:
+    return str(config.models.repo) if config.models.repo else None
+
+
+def fingerprints(config: StemsetConfig) -> dict[str, str]:
+    """``{strategy name: fingerprint}`` for every strategy in the config."""
+    repo = model_repo(config)
+    return {name: strategy_fingerprint(strategy, repo) for name, strategy in config.strategies.items()}
+
+
+def stem_keys(config: StemsetConfig, strategy_names=None) -> list[AssetKey]:
+    names = config.strategies if strategy_names is None else strategy_names
+    return [checks.stem_asset_key(n, s) for n in names for s in config.strategy(n).stems]
+
+
+def read_manifest(store: ObjectStore, key: str) -> SeparationResult | None:
+    from gpu_worker.worker import read_manifest as _read  # no torch at module import
+
+    return _read(store, key)
+
+
+def build_stems_asset(config: StemsetConfig, name: str, fp: str | None = None) -> AssetsDefinition:
+    """The ``stems_<name>`` multi-asset for strategy ``name`` of ``config``."""
+    strategy = config.strategy(name)
+    repo = model_repo(config)
+    fp = fp or strategy_fingerprint(strategy, repo)
+    stems = strategy.stems
+    models = ", ".join(strategy.models)
+    specs = [
+        AssetSpec(
+            checks.stem_asset_key(name, stem),
+            deps=[RECORDING_KEY],
+            description=f"The {stem!r} stem of strategy {name!r} ({models}), one file per recording.",
+            code_version=fp,
+            group_name=f"stems_{name}",
+            kinds={"demucs"},
+            metadata={"strategy": name, "fingerprint": fp, "models": models},
+        )
+        for stem in stems
+    ]
+
+    @multi_asset(
+        name=f"stems_{name}",
+        specs=specs,
+        check_specs=checks.check_specs(name, stems, recordings),
+        partitions_def=recordings,
+        can_subset=False,
+        description=f"Separate a recording into {', '.join(stems)} with strategy {name!r} ({models}).",
+        op_tags={"stemset/strategy": name},
+    )
+    def _stems(context: AssetExecutionContext, media_store: MediaStoreResource, separator: SeparatorResource):
+        yield from materialize_stem_set(context, config, name, fp, media_store, separator)
+
+    return _stems
+
+
+def build_stems_assets(config: StemsetConfig) -> list[AssetsDefinition]:
+    fps = fingerprints(config)
+    return [build_stems_asset(config, name, fps[name]) for name in config.strategies]
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _job_id(run_id: str, pk: str, strategy: str) -> str:
+    return f"{run_id}-{hashlib.sha256(f'{pk}:{strategy}'.encode()).hexdigest()[:8]}"
+
+
+def _reusable(store: ObjectStore, manifest: SeparationResult | None, record: RecordingRecord, fp: str,
+              stems: list[str], fmt: str, prefix: str) -> bool:
+    if manifest is None or manifest.fingerprint != fp or manifest.input_sha256 != record.source_sha256:
+        return False
+    if sorted(manifest.stems) != sorted(stems) or any(f.format != fmt for f in manifest.stems.values()):
+        return False
+    present = {info.key: info.size for info in store.list(prefix + "/")}  # one list, not a head per stem
+    return all(present.get(f.key) == f.bytes for f in manifest.stems.values())
+
+
+def materialize_stem_set(context: AssetExecutionContext, config: StemsetConfig, name: str, fp: str,
+                         media_store: MediaStoreResource,
+                         separator: SeparatorResource) -> Iterator[MaterializeResult | object]:
+    pk = context.partition_key
+    profile_name, _slug = split_partition_key(pk)
+    store = media_store.get_store()
+    strategy = config.strategy(name)
+    stems = strategy.stems
+    profile = config.profiles.get(profile_name)
+    if profile is None:
+        raise Failure(description=(f"Partition {pk!r} belongs to profile {profile_name!r}, which config.yaml does "
+                                   f"not define (profiles: {', '.join(config.profiles) or 'none'})."),
+                      allow_retries=False)
+    record = read_record(store, pk)
+    if record is None:
+        raise Failure(description=(f"No canonical recording for partition {pk!r} (recordings/{pk}/recording.json "
+                                   "is missing): materialise the `recording` asset for this partition first."),
+                      allow_retries=False)
+    fmt, bitrate = profile.output.format, profile.output.bitrate
+    prefix, mkey = stems_prefix(pk, name), manifest_key(pk, name)
+    old = read_manifest(store, mkey)
+
+    reused = _reusable(store, old, record, fp, stems, fmt, prefix)
+    if reused:
+        context.log.info(f"{pk}: stems of {name!r} are current (fingerprint {fp}); reusing {store.uri(mkey)}")
+    else:
+        job = SeparationJob(
+            job_id=_job_id(context.run.run_id, pk, name), input_key=record.source_key, output_prefix=prefix,
+            strategy_name=name, strategy=strategy.to_tree(), fingerprint=fp, storage=media_store.storage_ref(),
+            output_format=fmt, bitrate_kbps=bitrate, model_repo=model_repo(config), gpu_type=separator.gpu_type,
+            metadata={"partition_key": pk, "recording_sha256": record.sha256, "run_id": context.run.run_id},
+        )
+        why = "no stem set yet" if old is None else "stored set is out of date"
+        context.log.info(f"{pk}: separating with {name!r} on the {separator.backend} separator ({why})")
+        try:
+            separator.separate(job, store)
+        except Failure:
+            raise
+        except StemsetError as err:
+            raise Failure(description=f"{pk}: separation with {name!r} failed: {err}", allow_retries=False) from err
+
+    stored = read_manifest(store, mkey)
+    if stored is None:
+        raise Failure(description=f"The separator finished but {store.uri(mkey)} is missing or unreadable.")
+    if old is not None and not reused:  # stems of the old set that the new one did not overwrite
+        for key in {f.key for f in old.stems.values()} - {f.key for f in stored.stems.values()}:
+            store.delete(key)
+
+    price = separator.price(stored)
+    cost = separator.cost_usd(stored)
+    version = DataVersion(data_version(record.sha256, fp))
+    for stem in stems:
+        f = stored.stems.get(stem)
+        if f is None:
+            raise Failure(description=f"{store.uri(mkey)} lists no stem {stem!r} (it has {', '.join(stored.stems)}).")
+        yield MaterializeResult(
+            asset_key=checks.stem_asset_key(name, stem),
+            data_version=version,
+            metadata={
+                "uri": store.uri(f.key),
+                "url": MetadataValue.url(media_store.playback_url(f.key)),
+                "format": f.format,
+                "bytes": int(f.bytes),
+                "duration_s": round(float(f.duration_s), 3),
+                "lufs": _num(f.lufs),
+                "peak_dbfs": _num(f.peak_dbfs),
+                "rms_dbfs": _num(f.rms_dbfs),
+                "suggested_gain_db": suggested_gain_db(f.lufs, f.peak_dbfs),
+                "nonfinite_samples": int(f.nonfinite_samples),
+                "partition": pk,
+                "strategy": name,
+                "fingerprint": fp,
+                "input_sha256": record.sha256,
+                "source_sha256": stored.input_sha256,
+                "backend": stored.backend,
+                "device": stored.device,
+                "gpu_type": stored.gpu_type or MetadataValue.null(),
+                "timings": MetadataValue.json(stored.timings),
+                "total_s": float(stored.timings.get("total", 0.0)),
+                "billed_seconds": float(stored.billed_seconds),
+                "price_per_hour": price,
+                "cost_usd": cost,
+                "run_cost_usd": 0.0 if reused else cost,
+                "residual_db": _num(stored.residual_db),
+                "reused": reused,
+                "job_id": stored.job_id,
+                "manifest": store.uri(mkey),
+                "engine_version": stored.engine_version,
+            },
+        )
+    yield from checks.evaluate(name, stems, stored, mix_peak_dbfs=record.peak_dbfs)
+
+
+def _num(value: float | None):
+    return MetadataValue.null() if value is None else round(float(value), 2)

@@ -1,0 +1,55 @@
+"""Stemset's Dagster code location: ``Definitions`` built from config.yaml.
+
+``load_config()`` finds the config (``$STEMSET_CONFIG``, else ``./config.yaml``, else the
+built-in default). Loading this module reads the config and the model repo's small files (for
+fingerprints); it imports neither torch nor Demucs: separation imports them when a run starts.
+
+- assets: ``recording`` -> ``stems/<strategy>/<stem>`` (one multi-asset per strategy) -> ``catalog``;
+- asset checks: declared on each stem multi-asset (see :mod:`stemset_assets.checks`);
+- resources: ``media_store`` (config ``storage``) and ``separator`` (config ``gpu``);
+- job ``process_recordings``: ``recording`` plus the stems of every profile's default strategies,
+  partitioned by ``recordings``.
+"""
+
+from __future__ import annotations
+
+from dagster import AssetKey, AssetSelection, Definitions, define_asset_job
+
+from .assets.catalog import build_catalog_asset
+from .assets.recording import recording
+from .assets.stems import build_stems_asset, fingerprints, stem_keys
+from .config import StemsetConfig, load_config
+from .resources import MediaStoreResource, SeparatorResource
+
+PROCESS_JOB = "process_recordings"
+
+
+def default_strategies(config: StemsetConfig) -> list[str]:
+    """The strategies some profile runs on every new input, in config order."""
+    wanted = {name for profile in config.profiles.values() for name in profile.strategies}
+    return [name for name in config.strategies if name in wanted]
+
+
+def build_definitions(config: StemsetConfig | None = None, *, resources: dict | None = None) -> Definitions:
+    """Definitions for ``config`` (default: :func:`load_config`); ``resources`` override the
+    ones made from the config (tests pass their own media store)."""
+    config = config if config is not None else load_config()
+    fps = fingerprints(config)
+    stems = [build_stems_asset(config, name, fps[name]) for name in config.strategies]
+    process = define_asset_job(
+        PROCESS_JOB,
+        selection=AssetSelection.assets(AssetKey("recording"), *stem_keys(config, default_strategies(config))),
+        description="Canonicalise a recording and separate it with its profile's default strategies.",
+    )
+    return Definitions(
+        assets=[recording, *stems, build_catalog_asset(config, fps)],
+        jobs=[process],
+        resources={
+            "media_store": MediaStoreResource.from_config(config),
+            "separator": SeparatorResource.from_config(config),
+            **(resources or {}),
+        },
+    )
+
+
+defs = build_definitions()
