@@ -118,7 +118,15 @@ def _common_args(p: argparse.ArgumentParser, default=None) -> None:
                    help="no progress bars")
 
 
+def _register_plugins() -> None:
+    from gpu_worker.http import add_worker_args, run_worker
+
+    if "worker" not in COMMANDS:
+        command("worker", add_worker_args)(run_worker)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    _register_plugins()
     parser = argparse.ArgumentParser(
         prog="stemset",
         description="Separate band recordings into stems with Demucs and keep them in a Dagster catalog.",
