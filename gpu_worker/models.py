@@ -6,7 +6,6 @@ the layout ``demucs --repo`` reads) when one is configured, else from Demucs' ow
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import yaml
 
 from .errors import ModelError
+from .hashing import file_sha256 as _sha256
 
 REPO_HINT = (
     "Point Stemset at a local Demucs model folder: set `models.repo` in config.yaml or the "
@@ -122,14 +122,6 @@ def _file_identity(repo: Path, sig: str) -> str:
         if stem.startswith(sig + "-"):
             return stem
     return f"{sig}:missing"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_sources(model: Any) -> list[str]:

@@ -26,6 +26,7 @@ from .errors import AudioError, JobError
 from .job import MANIFEST_NAME, SeparationJob, SeparationResult, StemFile, StorageRef
 from .objects import LocalObjectStore, ObjectStore, S3ObjectStore, publish_set, staging_key
 from .strategy import parse_strategy
+from .hashing import file_sha256 as _sha256
 
 Progress = Callable[[float], None]  # fraction of the job done, 0..1
 
@@ -292,14 +293,6 @@ def _residual_db(mix: np.ndarray, stems: list[np.ndarray]) -> float | None:
 
 def _round(value: float | None, digits: int = 2) -> float | None:
     return None if value is None or not np.isfinite(value) else round(float(value), digits)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _peak_rss_mb() -> float:

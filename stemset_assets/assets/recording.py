@@ -15,7 +15,6 @@ current.
 
 # No `from __future__ import annotations`: Dagster reads the context and resource annotations at runtime.
 
-import hashlib
 import json
 import tempfile
 import time
@@ -45,18 +44,11 @@ from ..layout import (
 )
 from ..partitions import RECORDINGS_PARTITIONS, recordings, resolve_input, split_partition_key
 from ..resources.media_store import MediaStoreResource
+from gpu_worker.hashing import file_sha256 as _sha256
 
 RECORDING_CODE_VERSION = "1"
 """Bump when the canonical FLAC, peaks or waveform would come out differently."""
 PEAKS = 800
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _round(value: float | None, digits: int = 2) -> float | None:
