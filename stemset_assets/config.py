@@ -65,6 +65,8 @@ _KEYS = {
     "gpu": ("backend", "type", "app", "url", "token", "prices_per_hour", "timeout_s"),
     "models": ("repo",),
     "sensors": ("max_new_per_tick",),
+    "api": ("token", "auth", "max_upload_mb"),
+    "dagster": ("webserver_url",),
     "profile": ("description", "strategies", "output"),
     "output": ("format", "bitrate"),
 }
@@ -172,6 +174,26 @@ class SensorsConfig:
 
 
 @dataclass(frozen=True)
+class ApiConfig:
+    """The web API (`stemset api serve`): bearer ``token``; ``auth: false`` turns auth off
+    (local use only: the server then binds only to loopback); uploads up to ``max_upload_mb``."""
+
+    token: str | None = field(default=None, repr=False)
+    auth: bool = True
+    max_upload_mb: int = 500
+
+    def __repr__(self) -> str:  # token masked, never printed
+        return f"ApiConfig(token={_secret(self.token)}, auth={self.auth!r}, max_upload_mb={self.max_upload_mb!r})"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class DagsterConfig:
+    webserver_url: str | None = None  # a running dagster-webserver: runs launch through its GraphQL
+
+
+@dataclass(frozen=True)
 class StemsetConfig:
     path: Path | None  # the file read (absolute); None for the embedded default
     storage: StorageConfig
@@ -181,6 +203,8 @@ class StemsetConfig:
     profiles: dict[str, Profile]
     strategies: dict[str, Strategy]
     strategy_trees: dict[str, dict]  # each strategy as written (after ${VAR} substitution)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    dagster: DagsterConfig = field(default_factory=DagsterConfig)
 
     @property
     def source(self) -> str:
@@ -470,6 +494,8 @@ class _Reader:
             profiles=self.read_profiles(data.get("profiles"), strategies),
             strategies=strategies,
             strategy_trees=trees,
+            api=self.read_api(data.get("api")),
+            dagster=self.read_dagster(data.get("dagster")),
         )
 
     def read_storage(self, raw: Any) -> StorageConfig:
@@ -570,6 +596,24 @@ class _Reader:
                 self.get(sec, "max_new_per_tick", "sensors", 200), "sensors.max_new_per_tick", 1, 100_000
             )
         )
+
+    def read_api(self, raw: Any) -> ApiConfig:
+        sec = self.section(raw, "api", _KEYS["api"])
+        auth = self.get(sec, "auth", "api", True)
+        if isinstance(auth, str) and auth.strip().lower() in ("true", "false"):
+            auth = auth.strip().lower() == "true"
+        if not isinstance(auth, bool):
+            raise self.error("api.auth", f"must be true or false (got {auth!r}).")
+        return ApiConfig(
+            token=self.text(self.get(sec, "token", "api", required=False), "api.token", optional=True),
+            auth=auth,
+            max_upload_mb=self.integer(self.get(sec, "max_upload_mb", "api", 500), "api.max_upload_mb", 1, 100_000),
+        )
+
+    def read_dagster(self, raw: Any) -> DagsterConfig:
+        sec = self.section(raw, "dagster", _KEYS["dagster"])
+        url = self.url(self.get(sec, "webserver_url", "dagster"), "dagster.webserver_url", optional=True)
+        return DagsterConfig(webserver_url=url)
 
     def check_name(self, name: Any, path: str, what: str) -> str:
         if not isinstance(name, str) or not NAME.match(name):
