@@ -1,0 +1,147 @@
+"""Launching runs from outside the UI (:mod:`stemset_assets.runs`): in-process against a real
+SQLite instance, and through a real dagster-webserver's GraphQL on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from dagster import AssetKey, DagsterInstance
+
+from gpu_worker.errors import StemsetError
+from gpu_worker.objects import LocalObjectStore
+from stemset_assets.config import load_config
+from stemset_assets.layout import manifest_key
+from stemset_assets.partitions import RECORDINGS_PARTITIONS, assign_partition_keys, list_inputs
+from stemset_assets.runs import WebserverClient, dagster_instance, materialize_in_process, register_partitions, selection_for
+from tests.audio_fixtures import music_like, write_audio
+from tests.model_fixtures import make_model_repo
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CONFIG = """
+storage:
+  backend: local
+  local: {root: %(root)s}
+models:
+  repo: %(repo)s
+profiles:
+  h4n:
+    strategies: [htdemucs]
+    output: {format: flac}
+strategies:
+  htdemucs: {_: htdemucs, drums: drums, bass: bass, other: other, vocals: vocals}
+  htdemucs_ft: {_: htdemucs_ft, vocals: vocals}
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path):
+    """A project folder: config (local storage, tiny models), two inputs (one of them not audio)."""
+    repo = make_model_repo(tmp_path / "models")
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(CONFIG % {"root": tmp_path / "media", "repo": repo})
+    config = load_config(config_path, env={})
+    store = LocalObjectStore(tmp_path / "media")
+    write_audio(tmp_path / "take.wav", music_like(1.5, seed=3), 44100)
+    store.upload(tmp_path / "take.wav", "inputs/h4n/Take One.wav")
+    store.put_bytes("inputs/h4n/notes.wav", b"this is not audio at all" * 10)
+    keys = assign_partition_keys("h4n", list_inputs(store, "h4n"))
+    return config, config_path, store, keys
+
+
+def test_in_process_runs_each_partition_and_reports_failures(project, tmp_path, monkeypatch):
+    config, _, store, keys = project
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    instance = dagster_instance(config)
+    assert (tmp_path / "home").is_dir()
+    good, bad = keys["inputs/h4n/Take One.wav"], keys["inputs/h4n/notes.wav"]
+    seen = []
+    outcomes = materialize_in_process(config, instance, [bad, good], ["htdemucs"],
+                                      progress=lambda done, total, o: seen.append((done, total, o.partition)))
+    assert seen == [(1, 2, bad), (2, 2, good)]
+    by_key = {o.partition: o for o in outcomes}
+    assert by_key[good].success and by_key[good].run_id
+    assert store.exists(manifest_key(good, "htdemucs"))
+    assert not by_key[bad].success and "recording" in by_key[bad].error
+    assert not store.exists(manifest_key(bad, "htdemucs"))
+    # the partitions were registered, and the run is in the instance with its partition tag
+    assert set(instance.get_dynamic_partitions(RECORDINGS_PARTITIONS)) == {good, bad}
+    run = instance.get_run_by_id(by_key[good].run_id)
+    assert run.tags["dagster/partition"] == good and run.tags["stemset/launched_by"] == "stemset"
+    assert register_partitions(instance, [good, "h4n/new_one"]) == ["h4n/new_one"]
+
+
+def test_unknown_strategy_names_the_valid_ones(project):
+    config = project[0]
+    with pytest.raises(StemsetError, match="htdemucs_ft"):
+        selection_for(config, ["nope"])
+    assert selection_for(config, ["htdemucs"])[0] == AssetKey("recording")
+
+
+def test_unreachable_webserver_is_a_clear_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = WebserverClient(f"http://127.0.0.1:{port}", timeout_s=2)
+    assert not client.reachable()
+    with pytest.raises(StemsetError, match="unreachable"):
+        client.run_status("x")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_runs_and_backfills_through_a_real_webserver(project, tmp_path):
+    config, config_path, store, keys = project
+    home = tmp_path / "home"
+    home.mkdir()
+    # Runs start at once in a subprocess of the webserver (no daemon needed for single runs).
+    (home / "dagster.yaml").write_text(
+        "run_coordinator:\n  module: dagster._core.run_coordinator\n  class: DefaultRunCoordinator\n"
+        "telemetry:\n  enabled: false\n")
+    env = {**os.environ, "DAGSTER_HOME": str(home), "STEMSET_CONFIG": str(config_path),
+           "PYTHONPATH": str(ROOT)}
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dagster_webserver", "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1",
+         "-p", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        client = WebserverClient(f"http://127.0.0.1:{port}", timeout_s=5)
+        deadline = time.monotonic() + 120
+        while not client.reachable():
+            assert proc.poll() is None, proc.stderr.read().decode(errors="replace")[-2000:]
+            assert time.monotonic() < deadline, "webserver did not come up in 120 s"
+            time.sleep(1)
+        instance = DagsterInstance.from_config(str(home))
+        good = keys["inputs/h4n/Take One.wav"]
+        register_partitions(instance, keys.values())
+        assert client.location() == "stemset"
+        run_id = client.launch_run(good, selection_for(config, ["htdemucs"]), tags={"stemset/job": "t1"})
+        assert client.wait(run_id, timeout_s=240, poll_s=1) == "SUCCESS"
+        assert store.exists(manifest_key(good, "htdemucs"))
+        assert instance.get_run_by_id(run_id).tags["dagster/partition"] == good
+
+        backfill_id = client.launch_partition_backfill(list(keys.values()), selection_for(config, ["htdemucs"]),
+                                                       title="test backfill")
+        backfill = instance.get_backfill(backfill_id)
+        assert backfill is not None
+        assert set(backfill.asset_backfill_data.target_subset.get_partitions_subset(
+            AssetKey("recording")).get_partition_keys()) == set(keys.values())
+        bad_run = client.launch_run(keys["inputs/h4n/notes.wav"], selection_for(config, ["htdemucs"]))
+        assert client.wait(bad_run, timeout_s=240, poll_s=1) == "FAILURE"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
