@@ -64,7 +64,9 @@ _KEYS = {
     "storage.s3": ("endpoint_url", "bucket", "region", "access_key_id", "secret_access_key", "public_url"),
     "gpu": ("backend", "type", "app", "url", "token", "prices_per_hour", "timeout_s"),
     "models": ("repo",),
-    "sensors": ("max_new_per_tick",),
+    "sensors": ("max_new_per_tick", "interval_s", "settle_s", "auto_reprocess"),
+    "auto_reprocess": ("enabled", "max_per_tick", "daily_cost_ceiling_usd"),
+    "backfill": ("max_partitions_per_run", "billed_seconds_per_audio_second"),
     "api": ("token", "auth", "max_upload_mb"),
     "dagster": ("webserver_url",),
     "profile": ("description", "strategies", "output"),
@@ -169,8 +171,26 @@ class ModelsConfig:
 
 
 @dataclass(frozen=True)
+class AutoReprocess:
+    """Opt-in re-runs of one strategy's stale stem sets by the ``auto_reprocess`` sensor."""
+
+    enabled: bool = False
+    max_per_tick: int = 5  # runs requested per tick at most
+    daily_cost_ceiling_usd: float = 10.0  # estimated US$ requested per UTC day at most
+
+
+@dataclass(frozen=True)
 class SensorsConfig:
-    max_new_per_tick: int = 200
+    max_new_per_tick: int = 200  # new inputs the new_recordings sensor takes on per tick
+    interval_s: int = 30  # seconds between sensor ticks
+    settle_s: int = 30  # an input modified more recently counts as an upload in progress
+    auto_reprocess: dict[str, AutoReprocess] = field(default_factory=dict)  # by strategy name
+
+
+@dataclass(frozen=True)
+class BackfillConfig:
+    max_partitions_per_run: int = 10  # the stem assets' BackfillPolicy.multi_run
+    billed_seconds_per_audio_second: float = 0.1  # cost estimate before any recorded run on this backend
 
 
 @dataclass(frozen=True)
@@ -203,6 +223,7 @@ class StemsetConfig:
     profiles: dict[str, Profile]
     strategies: dict[str, Strategy]
     strategy_trees: dict[str, dict]  # each strategy as written (after ${VAR} substitution)
+    backfill: BackfillConfig = field(default_factory=BackfillConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     dagster: DagsterConfig = field(default_factory=DagsterConfig)
 
@@ -341,7 +362,7 @@ def _parse_yaml(text: str, source: str) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(
             f"{source}: the top level must be a mapping of sections "
-            f"(storage, gpu, models, sensors, profiles, strategies), got {type(data).__name__}."
+            f"(storage, gpu, models, sensors, backfill, profiles, strategies), got {type(data).__name__}."
         )
     return data
 
@@ -490,12 +511,13 @@ class _Reader:
             storage=self.read_storage(data.get("storage")),
             gpu=self.read_gpu(data.get("gpu")),
             models=self.read_models(data.get("models")),
-            sensors=self.read_sensors(data.get("sensors")),
+            sensors=self.read_sensors(data.get("sensors"), strategies),
             profiles=self.read_profiles(data.get("profiles"), strategies),
             strategies=strategies,
             strategy_trees=trees,
             api=self.read_api(data.get("api")),
             dagster=self.read_dagster(data.get("dagster")),
+            backfill=self.read_backfill(data.get("backfill")),
         )
 
     def read_storage(self, raw: Any) -> StorageConfig:
@@ -589,12 +611,49 @@ class _Reader:
             )
         return ModelsConfig(repo=repo)
 
-    def read_sensors(self, raw: Any) -> SensorsConfig:
+    def read_sensors(self, raw: Any, strategies: Mapping[str, Strategy]) -> SensorsConfig:
         sec = self.section(raw, "sensors", _KEYS["sensors"])
+        auto_raw = self.get(sec, "auto_reprocess", "sensors", {})
+        if not isinstance(auto_raw, dict):
+            raise self.error("sensors.auto_reprocess", "must be a mapping of strategy name to "
+                             "{enabled, max_per_tick, daily_cost_ceiling_usd}.")
+        auto: dict[str, AutoReprocess] = {}
+        for name, body in auto_raw.items():
+            p = f"sensors.auto_reprocess.{name}"
+            if name not in strategies:
+                raise self.error(p, f"names unknown strategy {name!r} (known: {_names(strategies)}).",
+                                 "Use a strategy name defined under strategies.")
+            item = self.section(body, p, _KEYS["auto_reprocess"])
+            enabled = self.get(item, "enabled", p, False)
+            if not isinstance(enabled, bool):
+                if str(enabled).strip().lower() not in ("true", "false"):
+                    raise self.error(f"{p}.enabled", f"must be true or false (got {enabled!r}).")
+                enabled = str(enabled).strip().lower() == "true"
+            auto[name] = AutoReprocess(
+                enabled=enabled,
+                max_per_tick=self.integer(self.get(item, "max_per_tick", p, 5), f"{p}.max_per_tick", 1, 10_000),
+                daily_cost_ceiling_usd=self.number(self.get(item, "daily_cost_ceiling_usd", p, 10.0),
+                                                   f"{p}.daily_cost_ceiling_usd", 0, "an amount in US$"),
+            )
         return SensorsConfig(
             max_new_per_tick=self.integer(
                 self.get(sec, "max_new_per_tick", "sensors", 200), "sensors.max_new_per_tick", 1, 100_000
-            )
+            ),
+            interval_s=self.integer(self.get(sec, "interval_s", "sensors", 30), "sensors.interval_s", 1, 86_400),
+            settle_s=self.integer(self.get(sec, "settle_s", "sensors", 30), "sensors.settle_s", 0, 86_400),
+            auto_reprocess=auto,
+        )
+
+    def read_backfill(self, raw: Any) -> BackfillConfig:
+        sec = self.section(raw, "backfill", _KEYS["backfill"])
+        return BackfillConfig(
+            max_partitions_per_run=self.integer(
+                self.get(sec, "max_partitions_per_run", "backfill", 10), "backfill.max_partitions_per_run", 1, 1000
+            ),
+            billed_seconds_per_audio_second=self.number(
+                self.get(sec, "billed_seconds_per_audio_second", "backfill", 0.1),
+                "backfill.billed_seconds_per_audio_second", 0, "seconds per audio second",
+            ),
         )
 
     def read_api(self, raw: Any) -> ApiConfig:

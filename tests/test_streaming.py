@@ -295,8 +295,11 @@ def test_threshold_env_is_validated(repo, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 
 MEMORY_MINUTES = 8
-STREAM_BOUND_MB = 1000  # the in-memory path needs ~2.7 GB for 8 minutes; streaming ~0.6 GB
 GROWTH_BOUND_MB = 100  # streaming 8 minutes vs 1 minute
+# 8 minutes of 44.1 kHz stereo float32 is 169 MB per copy; the in-memory path holds several
+# (mix, stems, encode buffers): ~0.8-0.9 GB above the streaming peak wherever it was measured.
+# The baseline (torch, thread pools) differs from machine to machine, so only differences count.
+IN_MEMORY_EXTRA_MB = 400
 
 _CHILD = textwrap.dedent("""
     import json, os, resource, sys
@@ -349,8 +352,8 @@ def test_peak_memory_does_not_grow_with_length(repo, tmp_path):
     print(f"\npeak RSS: streaming 1 min {short['peak_mb']:.0f} MB, {MEMORY_MINUTES} min {streamed['peak_mb']:.0f} MB "
           f"({streamed['seconds']:.1f} s); in memory {MEMORY_MINUTES} min {in_memory['peak_mb']:.0f} MB "
           f"({in_memory['seconds']:.1f} s)")
-    assert streamed["peak_mb"] < STREAM_BOUND_MB < in_memory["peak_mb"]
     assert streamed["peak_mb"] < short["peak_mb"] + GROWTH_BOUND_MB
+    assert in_memory["peak_mb"] > streamed["peak_mb"] + IN_MEMORY_EXTRA_MB
     assert streamed["segments"] == in_memory["segments"]
     assert streamed["residual_db"] == pytest.approx(in_memory["residual_db"], abs=0.011)
     for name, lufs in in_memory["lufs"].items():
