@@ -123,6 +123,7 @@ def _register_plugins() -> None:
 
     if "worker" not in COMMANDS:
         command("worker", add_worker_args)(run_worker)
+    from . import cli_automation  # noqa: F401 - registers `status` and `backfill`
 
 
 def build_parser() -> argparse.ArgumentParser:

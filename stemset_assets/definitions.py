@@ -8,7 +8,8 @@ fingerprints); it imports neither torch nor Demucs: separation imports them when
 - asset checks: declared on each stem multi-asset (see :mod:`stemset_assets.checks`);
 - resources: ``media_store`` (config ``storage``) and ``separator`` (config ``gpu``);
 - job ``process_recordings``: ``recording`` plus the stems of every profile's default strategies,
-  partitioned by ``recordings``.
+  partitioned by ``recordings``;
+- sensors: ``new_recordings`` and ``auto_reprocess_<strategy>`` (see :mod:`stemset_assets.sensors`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .assets.recording import recording
 from .assets.stems import build_stems_asset, fingerprints, stem_keys
 from .config import StemsetConfig, load_config
 from .resources import MediaStoreResource, SeparatorResource
+from .sensors import build_sensors
 
 PROCESS_JOB = "process_recordings"
 
@@ -44,6 +46,7 @@ def build_definitions(config: StemsetConfig | None = None, *, resources: dict | 
     return Definitions(
         assets=[recording, *stems, build_catalog_asset(config, fps)],
         jobs=[process],
+        sensors=build_sensors(config),
         resources={
             "media_store": MediaStoreResource.from_config(config),
             "separator": SeparatorResource.from_config(config),

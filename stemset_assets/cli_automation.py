@@ -1,0 +1,112 @@
+"""`stemset status` and `stemset backfill`: per-file staleness and strategy backfills from the CLI.
+
+Both read the Dagster instance of :func:`stemset_assets.runs.dagster_instance` (``$DAGSTER_HOME``,
+else ``./.dagster_home``) and the media store of config.yaml (one input listing per profile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .cli import command
+
+
+def _status_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", "-p", default=None, help="only this profile's recordings")
+    p.add_argument("--strategy", "-s", action="append", default=None, help="only this strategy (repeatable)")
+    p.add_argument("--json", action="store_true", help="machine-readable: summary and one row per file x strategy")
+    p.add_argument("--files", action="store_true", help="also list every stale or missing file")
+
+
+@command("status", _status_args)
+def cmd_status(args: argparse.Namespace) -> int:
+    """Per profile x strategy: how many stem sets are current, stale or missing (from Dagster's metadata)."""
+    from .config import load_config
+    from .runs import dagster_instance
+    from .staleness import staleness, summary
+
+    config = load_config(args.config)
+    instance = dagster_instance(config)
+    df = staleness(instance, config, args.strategy, args.profile)
+    table = summary(df)
+    if args.json:
+        rows = json.loads(df.to_json(orient="records"))
+        print(json.dumps({"summary": json.loads(table.to_json(orient="records")), "files": rows}, indent=1))
+        return 0
+    if table.empty:
+        print("No recordings registered yet: drop files into inputs/<profile>/ (the new_recordings sensor "
+              "picks them up) or run `stemset process`.")
+        return 0
+    print(table.to_string(index=False))
+    lost = df[df["input_present"] == False]  # noqa: E712
+    if not lost.empty:
+        print(f"\n{lost['partition'].nunique()} recording(s) whose input file is gone (partition kept).")
+    todo = df[df["state"] != "current"]
+    if args.files and not todo.empty:
+        print()
+        print(todo[["partition", "strategy", "state", "reason", "duration_s"]].to_string(index=False))
+    return 0
+
+
+def _backfill_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strategy", "-s", required=True, help="the strategy whose stem sets to redo")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--stale-only", dest="mode", action="store_const", const="stale",
+                       help="only stale stem sets (the default)")
+    which.add_argument("--missing-only", dest="mode", action="store_const", const="missing",
+                       help="only recordings never separated with the strategy")
+    which.add_argument("--all", dest="mode", action="store_const", const="all", help="stale, missing and current")
+    p.set_defaults(mode="stale")
+    p.add_argument("--profile", "-p", default=None, help="only this profile's recordings")
+    p.add_argument("--dry-run", "-n", action="store_true", help="print the count and estimate; launch nothing")
+    p.add_argument("--webserver", default=None,
+                   help="dagster-webserver URL to launch through (default: dagster.webserver_url in config.yaml)")
+    p.add_argument("--json", action="store_true", help="print the plan (and result) as JSON")
+
+
+@command("backfill", _backfill_args)
+def cmd_backfill(args: argparse.Namespace) -> int:
+    """Redo a strategy's stale (or missing, or all) stem sets: count, audio hours and cost first, then a Dagster backfill."""
+    from .backfill import launch_backfill, plan_backfill
+    from .config import load_config
+    from .runs import dagster_instance
+
+    config = load_config(args.config)
+    instance = dagster_instance(config)
+    plan = plan_backfill(instance, config, args.strategy, args.mode, args.profile)
+    if args.json and args.dry_run:
+        print(json.dumps({**plan.as_dict(), "dry_run": True}, indent=1))
+        return 0
+    if not args.json:
+        print(plan.describe())
+    if args.dry_run:
+        print("dry run: nothing launched")
+        return 0
+    if not plan.partitions:
+        if not args.json:
+            print("nothing to do")
+        else:
+            print(json.dumps({**plan.as_dict(), "dry_run": False, "path": "nothing"}, indent=1))
+        return 0
+    from tqdm import tqdm
+
+    bar = tqdm(total=plan.count, unit="file", desc=f"backfill {args.strategy}", disable=True if args.quiet else None)
+
+    def progress(done: int, total: int, outcome) -> None:
+        bar.update(1)
+        if not outcome.success:
+            bar.write(f"failed: {outcome.partition}: {outcome.error}")
+
+    try:
+        result = launch_backfill(plan, config, instance, url=args.webserver, progress=progress,
+                                 say=lambda m: print(m, file=sys.stderr))
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps({**plan.as_dict(), "dry_run": False, "path": result.path, "backfill_id": result.backfill_id,
+                          "failed": [o.partition for o in result.outcomes if not o.success]}, indent=1))
+    else:
+        print(result.message)
+    return 1 if result.failed else 0
