@@ -439,16 +439,6 @@ def test_stems_without_a_recording_fail_clearly(small_world: World):
     assert "materialise the `recording` asset for this partition first" in failure_text(result)
 
 
-def test_remote_separator_backends_say_when_they_arrive(local_store):
-    job = SeparationJob(job_id="j", input_key="a.flac", output_prefix="out", strategy_name="s", strategy={},
-                        fingerprint="f", storage=MediaStoreResource(root="/tmp/x").storage_ref())
-    for backend in ("modal", "http"):
-        with pytest.raises(Failure, match="Modal worker issue"):
-            SeparatorResource(backend=backend).separate(job, local_store)
-        with pytest.raises(Failure, match="Modal worker issue"):
-            SeparatorResource(backend=backend).separate_many([job], local_store)
-
-
 # --------------------------------------------------------------------------- checks, resources, definitions
 
 

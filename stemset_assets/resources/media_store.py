@@ -15,6 +15,7 @@ any secret (the worker brings its own credentials).
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from stemset_assets.config import StemsetConfig
 
 MAX_PRESIGN_S = 7 * 24 * 3600  # the SigV4 maximum
-_WHOLE_VAR = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+_WHOLE_VAR = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)(:-[^}]*)?\}$")
 
 
 class MediaStoreResource(ConfigurableResource):
@@ -101,36 +102,39 @@ class MediaStoreResource(ConfigurableResource):
             return cls(backend="local", root=str(storage.local.root))
         s3 = storage.s3
         assert s3 is not None
-        raw = _raw_s3_section(config)
+        raw = raw_section(config, "storage", "s3")
         return cls(
             backend="s3",
             root=str(storage.local.root),
             endpoint_url=s3.endpoint_url,
             bucket=s3.bucket,
             region=s3.region,
-            access_key_id=_env_or_value(raw.get("access_key_id"), s3.access_key_id),
-            secret_access_key=_env_or_value(raw.get("secret_access_key"), s3.secret_access_key),
+            access_key_id=env_or_value(raw.get("access_key_id"), s3.access_key_id),
+            secret_access_key=env_or_value(raw.get("secret_access_key"), s3.secret_access_key),
             public_url=s3.public_url,
         )
 
 
-def _raw_s3_section(config: "StemsetConfig") -> dict[str, Any]:
-    """``storage.s3`` as written in the file, before ``${VAR}`` substitution."""
+def raw_section(config: "StemsetConfig", *path: str) -> dict[str, Any]:
+    """A section (``"storage", "s3"``) as written in the file, before ``${VAR}`` substitution."""
     import yaml
 
     from stemset_assets.config import DEFAULT_CONFIG_YAML
 
     try:
         text = config.path.read_text(encoding="utf-8") if config.path is not None else DEFAULT_CONFIG_YAML
-        data = yaml.safe_load(text) or {}
-        section = (data.get("storage") or {}).get("s3") or {}
+        section = yaml.safe_load(text) or {}
+        for name in path:
+            section = section.get(name) or {}
         return section if isinstance(section, dict) else {}
     except (OSError, ValueError, yaml.YAMLError, AttributeError):
         return {}
 
 
-def _env_or_value(raw: Any, value: str | None) -> Any:
+def env_or_value(raw: Any, value: str | None) -> Any:
+    """``EnvVar(VAR)`` when the file says just ``${VAR}`` (or ``${VAR:-...}`` and VAR holds the
+    value), so the Dagster UI shows the variable's name instead of the secret; else ``value``."""
     match = _WHOLE_VAR.match(raw) if isinstance(raw, str) else None
-    if match and value:
+    if match and value and (match.group(2) is None or os.environ.get(match.group(1)) == value):
         return EnvVar(match.group(1))
     return value

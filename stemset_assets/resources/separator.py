@@ -7,8 +7,15 @@ published in the media store.
 
 - ``local``: :func:`gpu_worker.worker.run_job` in this process (CPU, or a local CUDA GPU),
   reading and writing through the media store the asset passes in. Cost 0.
-- ``modal`` / ``http``: the same job JSON sent to the deployed worker; these arrive with the
-  Modal worker issue and fail clearly until then.
+- ``modal``: the deployed ``Separator`` class of the Modal app ``gpu.app``
+  (:class:`~stemset_assets.resources.remote_separators.ModalSeparatorClient`): ``.remote`` for
+  one job, ``.map`` over many (one container per input, up to Modal's autoscaling).
+- ``http``: a Stemset worker at ``gpu.url`` (``stemset worker serve`` on any GPU host), with the
+  bearer token ``gpu.token`` (:class:`~stemset_assets.resources.remote_separators.HttpSeparatorClient`).
+
+Remote workers read the input from, and publish the stems to, the bucket themselves with their
+own credentials; the job carries only where (never secrets, never this machine's model folder:
+the worker uses its own).
 
 Cost: ``billed_seconds x price per hour / 3600`` for remote backends, 0 for local runs
 (:meth:`SeparatorResource.cost_usd`, through :mod:`stemset_assets.cost`).
@@ -21,11 +28,13 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from dagster import ConfigurableResource, Failure
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from gpu_worker.job import SeparationJob, SeparationResult
 from gpu_worker.objects import ObjectStore
 from stemset_assets.cost import cost_usd, price_per_hour_for
+
+from .media_store import env_or_value, raw_section
 
 if TYPE_CHECKING:
     from stemset_assets.config import GpuConfig, StemsetConfig
@@ -55,6 +64,12 @@ class SeparatorResource(ConfigurableResource):
     price_per_hour: float = Field(default=2.50, description="US$ per hour of gpu_type, for cost_usd")
     prices_per_hour: dict[str, float] = Field(default_factory=dict, description="US$ per hour by GPU type")
     device: str = Field(default="auto", description="local backend: auto | cpu | cuda | cuda:N")
+    app_name: str = Field(default="stemset-gpu", description="modal: the deployed app's name")
+    url: str | None = Field(default=None, description="http: the worker's base URL")
+    token: str | None = Field(default=None, description="http: the worker's bearer token (an env var)")
+    timeout_s: float = Field(default=1800.0, description="remote: the longest one job may take")
+
+    _client: object | None = PrivateAttr(default=None)
 
     def separate(self, job: SeparationJob, store: ObjectStore) -> SeparationResult:
         """Run one job; ``store`` is the media store (used directly by the local backend)."""
@@ -64,13 +79,45 @@ class SeparatorResource(ConfigurableResource):
             if job.device == "auto" and self.device != "auto":
                 job = replace(job, device=self.device)
             return run_job(job, store=store, backend="local")
-        raise self._not_yet()
+        return self.remote_client().separate(self._for_remote(job))
 
-    def separate_many(self, jobs: Sequence[SeparationJob], store: ObjectStore) -> list[SeparationResult]:
-        """Run several jobs (one after another locally; remote backends fan them out)."""
+    def separate_many(self, jobs: Sequence[SeparationJob], store: ObjectStore) -> list[SeparationResult | Exception]:
+        """Run several jobs: one after another locally, fanned out by remote backends. A job that
+        fails is its exception in place (the others still run); trouble reaching the backend raises."""
         if self.backend == "local":
-            return [self.separate(job, store) for job in jobs]
-        raise self._not_yet()
+            from gpu_worker.errors import StemsetError
+
+            out: list[SeparationResult | Exception] = []
+            for job in jobs:
+                try:
+                    out.append(self.separate(job, store))
+                except StemsetError as err:
+                    out.append(err)
+            return out
+        return list(self.remote_client().separate_many([self._for_remote(job) for job in jobs]))
+
+    def remote_client(self):
+        """The Modal or HTTP client for this backend (made once per resource instance)."""
+        if self._client is None:
+            from .remote_separators import HttpSeparatorClient, ModalSeparatorClient
+
+            if self.backend == "modal":
+                self._client = ModalSeparatorClient(self.app_name)
+            elif self.backend == "http":
+                self._client = HttpSeparatorClient(self.url or "", self.token, timeout_s=self.timeout_s)
+            else:
+                raise Failure(description=f"Unknown separator backend {self.backend!r}; use one of "
+                                          f"{', '.join(BACKENDS)} (gpu.backend in config.yaml).", allow_retries=False)
+        return self._client
+
+    def _for_remote(self, job: SeparationJob) -> SeparationJob:
+        if self.backend == "modal" and job.storage.backend == "local":
+            raise Failure(description=(
+                "The modal separator cannot reach local storage: a Modal container reads inputs from, and "
+                "writes stems to, the bucket. Set storage.backend: s3 (e.g. Cloudflare R2) in config.yaml, "
+                "or use gpu.backend: local or http."), allow_retries=False)
+        # The worker loads models from its own folder or Demucs' download, not this machine's.
+        return replace(job, model_repo=None, gpu_type=job.gpu_type or self.gpu_type)
 
     def price(self, result: SeparationResult) -> float:
         """US$ per hour of the GPU ``result`` ran on (the configured type's price if unknown)."""
@@ -82,19 +129,6 @@ class SeparatorResource(ConfigurableResource):
     def cost_usd(self, result: SeparationResult) -> float:
         return cost_usd(result, self.price(result))
 
-    def _not_yet(self) -> Failure:
-        if self.backend in ("modal", "http"):
-            return Failure(
-                description=(
-                    f"The {self.backend!r} separator backend is not available yet: it arrives with the "
-                    "Modal worker issue (deployed Modal class / `stemset worker serve`). Set gpu.backend: "
-                    "local in config.yaml to separate in this process meanwhile."
-                ),
-                allow_retries=False,
-            )
-        return Failure(description=f"Unknown separator backend {self.backend!r}; use one of {', '.join(BACKENDS)}.",
-                       allow_retries=False)
-
     @classmethod
     def from_config(cls, config: "StemsetConfig") -> "SeparatorResource":
         gpu = config.gpu
@@ -103,4 +137,6 @@ class SeparatorResource(ConfigurableResource):
         except Exception:  # an unknown GPU type: cost 0 rather than no definitions at all
             price = 0.0
         return cls(backend=gpu.backend, gpu_type=gpu.type, price_per_hour=price,
-                   prices_per_hour=dict(gpu.prices_per_hour))
+                   prices_per_hour=dict(gpu.prices_per_hour), app_name=gpu.app, url=gpu.url or None,
+                   token=env_or_value(raw_section(config, "gpu").get("token"), gpu.token),
+                   timeout_s=gpu.timeout_s)
