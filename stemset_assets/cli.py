@@ -123,6 +123,10 @@ def _register_plugins() -> None:
 
     if "worker" not in COMMANDS:
         command("worker", add_worker_args)(run_worker)
+    if "api" not in COMMANDS:
+        from . import cli_process
+
+        cli_process.register()
     from . import cli_automation  # noqa: F401 - registers `status` and `backfill`
 
 

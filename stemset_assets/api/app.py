@@ -1,0 +1,259 @@
+"""The Stemset web API and page (Starlette).
+
+Routes (JSON; every ``/api/`` route needs ``Authorization: Bearer <api.token>`` unless auth is
+explicitly off; the page and its static files are public and hold no data):
+
+- ``POST /api/upload/{profile}``: multipart form with ``file`` (and optional ``strategy``);
+  ``202 {job_id, partition, status, object_key}``. 404 unknown profile, 411 no length,
+  413 over ``api.max_upload_mb``, 415 not an audio file, 400 unreadable audio.
+- ``GET /api/jobs/{job_id}``: ``{status: queued|running|complete|error, stems: {name: url}, error, ...}``.
+- ``GET /api/recordings``: the catalog as JSON (one entry per recording, its strategies' states
+  and stem URLs, and totals).
+- ``GET /api/config``: profiles and strategies, for the page.
+- ``GET /api/media/{key}``: a stem, peaks file or canonical recording, streamed from the store.
+- ``GET /``: the player page; ``/static/...`` its script and style; ``GET /healthz``.
+
+Errors are ``{"error": {"type", "message"}}``; neither the token nor storage credentials ever
+appear in a response or a log line.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from gpu_worker.errors import StemsetError
+from gpu_worker.objects import LocalObjectStore, ObjectStore, guess_content_type
+
+from ..intake import UploadRejected, check_audio_file, ingest_file, safe_filename
+from ..layout import OUTPUTS, RECORDINGS
+from .jobs import JobManager
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).with_name("static")
+MiB = 1024 * 1024
+FORM_OVERHEAD = 64 * 1024  # multipart boundaries and small fields around the file
+MEDIA_PREFIXES = (f"{OUTPUTS}/", f"{RECORDINGS}/")
+
+
+class ApiConfigError(StemsetError):
+    """The API was asked to start in an unsafe way (auth on without a token, public bind without one)."""
+
+
+def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/NaT/inf -> None, timestamps -> ISO text, numpy scalars -> Python."""
+    if value is None:
+        return None
+    if hasattr(value, "isoformat"):
+        try:
+            return None if value != value else value.isoformat()  # NaT != NaT
+        except (TypeError, ValueError):
+            return None
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def catalog_json(store: ObjectStore, config, partition_keys, media_url) -> dict[str, Any]:
+    """The catalog grouped by recording: ``{recordings: [{partition, profile, name, duration_s,
+    strategies: {name: {state, reason, default, stems: {stem: url}, cost_usd, ...}}}], totals}``."""
+    from ..assets.catalog import build_catalog, totals
+    from ..intake import read_manifest
+
+    df = build_catalog(store, config, partition_keys)
+    recordings: dict[str, dict[str, Any]] = {}
+    for row in df.to_dict(orient="records"):
+        row = {k: _clean(v) for k, v in row.items()}
+        pk = row["partition"]
+        rec = recordings.setdefault(pk, {
+            "partition": pk, "profile": row["profile"],
+            "name": (row["original_key"] or pk).rsplit("/", 1)[-1],
+            "duration_s": row["duration_s"], "recording_state": row["recording_state"], "strategies": {},
+        })
+        stems: dict[str, str] = {}
+        if row["state"] != "missing":
+            manifest = read_manifest(store, pk, row["strategy"])
+            if manifest is not None:
+                stems = {name: media_url(stem.key) for name, stem in manifest.stems.items()}
+        rec["strategies"][row["strategy"]] = {
+            "state": row["state"], "reason": row["reason"], "default": bool(row["default"]), "stems": stems,
+            "format": row["format"], "device": row["device"], "gpu_seconds": row["gpu_seconds"],
+            "cost_usd": row["cost_usd"], "made_at": row["made_at"],
+        }
+    return {"recordings": list(recordings.values()), "totals": {k: _clean(v) for k, v in totals(df).items()}}
+
+
+def create_app(config, *, store: ObjectStore, instance, jobs: JobManager, token: str | None,
+               auth: bool = True) -> Starlette:
+    """The app. ``auth=True`` needs ``token`` (compared in constant time); ``auth=False`` serves
+    without one (only :func:`~stemset_assets.api.server.serve` on loopback should allow it)."""
+    if auth and not token:
+        raise ApiConfigError("The web API needs a token: api.auth is true but api.token is empty.",
+                             "Set STEMSET_API_TOKEN (api.token in config.yaml), or for local use only set "
+                             "api.auth: false.")
+    expected = token.encode() if auth and token else None
+    cap = config.api.max_upload_mb * MiB
+
+    def denied(request: Request) -> JSONResponse | None:
+        if expected is None:
+            return None
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and given and hmac.compare_digest(given.strip().encode(), expected):
+            return None
+        what = "was rejected" if given else "is missing"
+        return _error(401, "AuthError", f"The bearer token {what}. Send 'Authorization: Bearer <token>' "
+                                        "with the API's token (STEMSET_API_TOKEN on the server).",
+                      headers={"WWW-Authenticate": 'Bearer realm="stemset"'})
+
+    def media_url(request: Request):
+        base = str(request.base_url).rstrip("/")
+        return lambda key: f"{base}/api/media/{key}"
+
+    async def upload(request: Request) -> Response:
+        if (no := denied(request)) is not None:
+            return no
+        profile = request.path_params["profile"]
+        if profile not in config.profiles:
+            return _error(404, "NotFound", f"No profile named {profile[:64]!r} (known: {', '.join(config.profiles)}).")
+        length = request.headers.get("content-length")
+        if length is None or not length.isdigit():
+            return _error(411, "LengthRequired", "Send the upload with a Content-Length header.")
+        if int(length) > cap + FORM_OVERHEAD:
+            return _error(413, "TooLarge", f"The upload is {int(length) / MiB:.1f} MB; the limit is "
+                                           f"{config.api.max_upload_mb} MB (api.max_upload_mb).")
+        try:
+            form = await request.form(max_files=1, max_fields=8)
+        except Exception as err:  # noqa: BLE001 - malformed multipart
+            return _error(400, "BadRequest", f"The body is not a multipart form with a file: {type(err).__name__}.")
+        async with form:
+            file = form.get("file")
+            if not isinstance(file, UploadFile):
+                return _error(400, "BadRequest", "The form has no file field named 'file'.")
+            strategy = form.get("strategy")
+            if isinstance(strategy, str) and strategy:
+                if strategy not in config.strategies:
+                    return _error(400, "BadRequest", f"No strategy named {strategy[:64]!r} "
+                                                     f"(known: {', '.join(config.strategies)}).")
+                strategies = [strategy]
+            else:
+                strategies = list(config.profiles[profile].strategies)
+            if not strategies:
+                return _error(400, "BadRequest", f"Profile {profile!r} runs no strategy; choose one.")
+            name = safe_filename(file.filename or "upload")
+            with tempfile.TemporaryDirectory(prefix="stemset-upload-") as tmp:
+                path = Path(tmp) / "upload"
+                size = await run_in_threadpool(_spool, file, path)
+                if size > cap:
+                    return _error(413, "TooLarge", f"{name!r} is {size / MiB:.1f} MB; the limit is "
+                                                   f"{config.api.max_upload_mb} MB (api.max_upload_mb).")
+                try:
+                    await run_in_threadpool(check_audio_file, path, name)
+                    ingested = await run_in_threadpool(ingest_file, store, instance, profile, path, name)
+                except UploadRejected as err:
+                    return _error(err.status, "UnsupportedMedia" if err.status == 415 else "BadAudio", str(err))
+                except StemsetError as err:
+                    log.warning("upload of %r failed: %s", name, err.message)
+                    return _error(503, type(err).__name__, str(err))
+        job = await run_in_threadpool(jobs.submit, ingested.partition, strategies)
+        log.info("upload %s -> %s (job %s)", ingested.object_key, ingested.partition, job.job_id)
+        return JSONResponse({"job_id": job.job_id, "partition": ingested.partition, "status": job.status,
+                             "object_key": ingested.object_key, "name": name, "strategies": strategies},
+                            status_code=202)
+
+    async def get_job(request: Request) -> Response:
+        if (no := denied(request)) is not None:
+            return no
+        job_id = request.path_params["job_id"]
+        job = await run_in_threadpool(jobs.get, job_id)
+        if job is None:
+            return _error(404, "NotFound", f"No job {job_id[:64]!r}.")
+        return JSONResponse(await run_in_threadpool(jobs.to_dict, job, media_url(request)))
+
+    async def recordings(request: Request) -> Response:
+        if (no := denied(request)) is not None:
+            return no
+        from ..partitions import RECORDINGS_PARTITIONS
+
+        def build() -> dict[str, Any]:
+            keys = instance.get_dynamic_partitions(RECORDINGS_PARTITIONS)
+            return catalog_json(store, config, keys, media_url(request))
+
+        return JSONResponse(await run_in_threadpool(build))
+
+    async def api_config(request: Request) -> Response:
+        if (no := denied(request)) is not None:
+            return no
+        return JSONResponse({
+            "profiles": {n: {"description": p.description, "strategies": list(p.strategies)}
+                         for n, p in config.profiles.items()},
+            "strategies": {n: list(s.stems) for n, s in config.strategies.items()},
+            "max_upload_mb": config.api.max_upload_mb,
+        })
+
+    async def media(request: Request) -> Response:
+        if (no := denied(request)) is not None:
+            return no
+        key = request.path_params["key"]
+        parts = key.split("/")
+        if not key.startswith(MEDIA_PREFIXES) or any(p in ("", ".", "..") for p in parts) or "\x00" in key:
+            return _error(404, "NotFound", "No such media object.")
+        info = await run_in_threadpool(store.head, key)
+        if info is None:
+            return _error(404, "NotFound", "No such media object.")
+        content_type = guess_content_type(key) or "application/octet-stream"
+        if isinstance(store, LocalObjectStore):
+            return FileResponse(store.uri(key), media_type=content_type)
+        reader = await run_in_threadpool(store.open_read, key)
+
+        def chunks():
+            with reader:
+                while block := reader.read(256 * 1024):
+                    yield block
+
+        return StreamingResponse(chunks(), media_type=content_type, headers={"Content-Length": str(info.size)})
+
+    async def index(request: Request) -> Response:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    async def healthz(request: Request) -> Response:
+        via = "webserver" if jobs.webserver is not None else "in-process"
+        return JSONResponse({"ok": True, "auth": expected is not None, "jobs": via})
+
+    return Starlette(routes=[
+        Route("/", index),
+        Route("/healthz", healthz),
+        Route("/api/config", api_config),
+        Route("/api/upload/{profile}", upload, methods=["POST"]),
+        Route("/api/jobs/{job_id}", get_job),
+        Route("/api/recordings", recordings),
+        Route("/api/media/{key:path}", media),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ])
+
+
+def _spool(file: UploadFile, path: Path) -> int:
+    """Copy the uploaded part to ``path``; returns its size in bytes."""
+    file.file.seek(0)
+    with open(path, "wb") as out:
+        shutil.copyfileobj(file.file, out, 1024 * 1024)
+    return path.stat().st_size

@@ -1,0 +1,274 @@
+"""`stemset process`, `stemset catalog`, `stemset dev` and `stemset api`: the product without the Dagster UI.
+
+Registered into :data:`stemset_assets.cli.COMMANDS` by ``cli._register_plugins``. Runs go through
+Dagster: in this process against the configured instance (:func:`~stemset_assets.runs.dagster_instance`),
+or through a running webserver when ``dagster.webserver_url`` is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpu_worker.errors import StemsetError
+
+from .cli import _existing_file, command
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Row:
+    """One line of the summary: a file (partition) x strategy."""
+
+    file: str
+    partition: str
+    strategy: str
+    ok: bool
+    stems: str = ""
+    seconds: float = 0.0
+    cost: float = 0.0
+    error: str | None = None
+    folder: Path | None = None
+
+
+# --------------------------------------------------------------------------- process
+
+
+def _process_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("profile", metavar="PROFILE", help="profile from config.yaml (e.g. h4n)")
+    p.add_argument("files", nargs="*", type=Path, metavar="FILE",
+                   help="audio files to upload and process (none: every input of the profile that is not current)")
+    p.add_argument("--strategy", "-s", action="append", default=None, metavar="S",
+                   help="strategy to run (repeatable; default: the profile's strategies)")
+    p.add_argument("--local", action="store_true",
+                   help="separate in this process with the local separator (ignores gpu.backend and the webserver)")
+    p.add_argument("--out", "-o", type=Path, default=Path("media"),
+                   help="where stems are downloaded: OUT/<profile>/<slug>/ (default ./media)")
+
+
+@command("process", _process_args)
+def cmd_process(args: argparse.Namespace) -> int:
+    """Upload files to a profile's inputs, separate them through Dagster and download the stems."""
+    from tqdm import tqdm
+
+    from .config import load_config
+    from .intake import UploadRejected, check_audio_file, ingest_file, open_store
+    from .runs import dagster_instance, selection_for
+
+    config = load_config(args.config)
+    profile = config.profile(args.profile)
+    strategies = list(dict.fromkeys(args.strategy or profile.strategies))
+    if not strategies:
+        raise StemsetError(f"Profile {profile.name!r} runs no strategy.", "Name one with --strategy.")
+    selection_for(config, strategies)  # unknown strategies: a clear error before anything is uploaded
+    if args.local:
+        config = dataclasses.replace(config, gpu=dataclasses.replace(config.gpu, backend="local"))
+    store = open_store(config)
+    instance = dagster_instance(config)
+    quiet = True if args.quiet else None
+    rows: list[Row] = []
+    names: dict[str, str] = {}  # partition -> file name shown
+    if args.files:
+        files = [_existing_file(f) for f in args.files]
+        for path in tqdm(files, desc="upload", unit="file", disable=quiet):
+            try:
+                check_audio_file(path, path.name)
+            except UploadRejected as err:
+                rows += [Row(path.name, "-", s, False, error=err.message) for s in strategies]
+                continue
+            ingested = ingest_file(store, instance, profile.name, path)
+            names[ingested.partition] = path.name
+    else:
+        names = _not_current(store, instance, config, profile.name, strategies)
+        if not names:
+            print(f"Every input of {profile.name!r} is current for {', '.join(strategies)}: nothing to do.")
+            return 0
+    keys = list(names)
+    timings = _run(config, instance, keys, strategies, local=args.local, quiet=quiet)
+    out = args.out.expanduser().absolute()
+    for pk in keys:
+        seconds, error = timings.get(pk, (0.0, "not run"))
+        for strategy in strategies:
+            rows.append(_collect(store, config, pk, names[pk], strategy, seconds, error, out, len(strategies)))
+    _print_summary(rows)
+    failed = [r for r in rows if not r.ok]
+    if failed:
+        print(f"\n{len(failed)} of {len(rows)} stem set(s) failed:", file=sys.stderr)
+        for r in failed:
+            print(f"  {r.file} [{r.strategy}]: {r.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _not_current(store, instance, config, profile: str, strategies: list[str]) -> dict[str, str]:
+    """``{partition: file name}`` of the profile's inputs whose stem sets are not current (by the
+    materialisation metadata, :mod:`stemset_assets.staleness`); inputs never seen are registered."""
+    from .partitions import RECORDINGS_PARTITIONS, assign_partition_keys, list_inputs
+    from .runs import register_partitions
+    from .staleness import partition_states
+
+    existing = instance.get_dynamic_partitions(RECORDINGS_PARTITIONS)
+    by_object = assign_partition_keys(profile, list_inputs(store, profile), existing)
+    register_partitions(instance, by_object.values())
+    names = {pk: obj.rsplit("/", 1)[-1] for obj, pk in by_object.items()}
+    states = partition_states(instance, config, strategies, profile, store=store, partitions=list(names))
+    return {s.partition: names[s.partition] for s in states if s.state != "current"}
+
+
+def _run(config, instance, keys: list[str], strategies: list[str], *, local: bool, quiet) -> dict[str, tuple[float, str | None]]:
+    """Run every partition; ``{partition: (seconds, error or None)}``."""
+    from tqdm import tqdm
+
+    from .runs import RUN_DONE, WebserverClient, materialize_in_process, selection_for
+
+    out: dict[str, tuple[float, str | None]] = {}
+    url = config.dagster.webserver_url
+    with tqdm(total=len(keys), desc="separate", unit="file", disable=quiet) as bar:
+        if url and not local:
+            client = WebserverClient(url)
+            selection = selection_for(config, strategies)
+            launched = {pk: (client.launch_run(pk, selection, tags={"stemset/launched_by": "stemset process"}),
+                             time.monotonic()) for pk in keys}
+            pending = dict(launched)
+            while pending:
+                for pk, (run_id, t0) in list(pending.items()):
+                    status = client.run_status(run_id)
+                    if status in RUN_DONE:
+                        error = None if status == "SUCCESS" else f"run {run_id} ended {status}; see it in the Dagster UI"
+                        out[pk] = (time.monotonic() - t0, error)
+                        del pending[pk]
+                        bar.update(1)
+                if pending:
+                    time.sleep(1.0)
+            return out
+        t0 = [time.monotonic()]
+
+        def progress(done: int, total: int, outcome) -> None:
+            now = time.monotonic()
+            out[outcome.partition] = (now - t0[0], None if outcome.success else outcome.error)
+            t0[0] = now
+            bar.set_postfix_str(outcome.partition[-30:])
+            bar.update(1)
+
+        materialize_in_process(config, instance, keys, strategies, progress=progress)
+    return out
+
+
+def _collect(store, config, pk: str, name: str, strategy: str, seconds: float, error: str | None,
+             out: Path, n_strategies: int) -> Row:
+    from .cost import cost_usd
+    from .intake import download_stems, read_manifest
+    from .resources.separator import price_for
+
+    if error is not None:
+        return Row(name, pk, strategy, False, seconds=seconds, error=error)
+    manifest = read_manifest(store, pk, strategy)
+    if manifest is None:
+        return Row(name, pk, strategy, False, seconds=seconds, error="the run succeeded but wrote no stem set")
+    folder = out / pk if n_strategies == 1 else out / pk / strategy
+    download_stems(store, manifest, folder)
+    return Row(name, pk, strategy, True, stems=", ".join(manifest.stems), seconds=seconds,
+               cost=cost_usd(manifest, price_for(manifest, config.gpu)), folder=folder)
+
+
+def _print_summary(rows: list[Row]) -> None:
+    table = [("file", "strategy", "stems", "seconds", "cost", "where")]
+    for r in rows:
+        table.append((r.file, r.strategy, r.stems if r.ok else "FAILED", f"{r.seconds:.1f}", f"${r.cost:.4f}",
+                      str(r.folder) if r.folder else "-"))
+    print(format_table(table))
+
+
+def format_table(table: list[tuple[str, ...]]) -> str:
+    """A plain aligned text table; the first row is the header."""
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(table[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- catalog
+
+
+def _catalog_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", "-f", choices=["table", "csv", "json"], default="table")
+
+
+@command("catalog", _catalog_args)
+def cmd_catalog(args: argparse.Namespace) -> int:
+    """Print the catalog: every recording x strategy with its state, stems and cost."""
+    import json
+
+    from .assets.catalog import build_catalog, totals
+    from .config import load_config
+    from .partitions import RECORDINGS_PARTITIONS
+    from .intake import open_store
+    from .runs import dagster_instance
+
+    config = load_config(args.config)
+    store = open_store(config)
+    keys = dagster_instance(config).get_dynamic_partitions(RECORDINGS_PARTITIONS)
+    df = build_catalog(store, config, keys)
+    if args.format == "csv":
+        sys.stdout.write(df.to_csv(index=False))
+    elif args.format == "json":
+        print(json.dumps({"rows": json.loads(df.to_json(orient="records", date_format="iso")),
+                          "totals": totals(df)}, indent=1))
+    else:
+        cols = ["partition", "strategy", "state", "duration_s", "stems", "cost_usd"]
+        table = [tuple(cols)] + [tuple("" if v is None or v != v else (f"{v:.4g}" if isinstance(v, float) else str(v))
+                                       for v in row) for row in df[cols].itertuples(index=False)]
+        print(format_table(table))
+        t = totals(df)
+        print(f"\n{t['recordings']} recordings, {t['audio_hours'] * 60:.1f} min of audio, {t['current']} current / "
+              f"{t['stale']} stale / {t['missing']} missing stem sets, {t['gpu_hours']:.3f} GPU-hours, ${t['cost_usd']:.2f}")
+    return 0
+
+
+# --------------------------------------------------------------------------- dev
+
+
+def _dev_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dagster_args", nargs=argparse.REMAINDER, help="passed on to `dagster dev` (e.g. -p 3001)")
+
+
+def dev_command(config_path: str | None, extra: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The `dagster dev` command line and environment `stemset dev` runs."""
+    from .runs import DEFAULT_HOME
+
+    workspace = Path("workspace.yaml")
+    if not workspace.is_file():
+        workspace = ROOT / "workspace.yaml"
+    if not workspace.is_file():
+        raise StemsetError("No workspace.yaml here or in the Stemset checkout.",
+                           "Run `stemset dev` from the project folder (the one with workspace.yaml).")
+    env = dict(env)
+    if not env.get("DAGSTER_HOME"):
+        env["DAGSTER_HOME"] = str(Path(DEFAULT_HOME).absolute())
+    Path(env["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
+    if config_path:
+        env["STEMSET_CONFIG"] = str(Path(config_path).expanduser().absolute())
+    extra = [a for a in extra if a != "--"]
+    return [sys.executable, "-m", "dagster", "dev", "-w", str(workspace.absolute()), *extra], env
+
+
+@command("dev", _dev_args)
+def cmd_dev(args: argparse.Namespace) -> int:
+    """Run `dagster dev -w workspace.yaml` (DAGSTER_HOME defaults to ./.dagster_home)."""
+    argv, env = dev_command(args.config, args.dagster_args, dict(os.environ))
+    print(f"DAGSTER_HOME={env['DAGSTER_HOME']}", flush=True)
+    return subprocess.call(argv, env=env)
+
+
+def register() -> None:
+    """Add `stemset api` (the decorators above registered the rest on import)."""
+    from .api.server import add_api_args, run_api
+
+    command("api", add_api_args)(run_api)
