@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Set up, then run the main job (recording + default stems + catalog) on the embedded defaults:
-# local ./media storage, the local separator, a SQLite Dagster instance under ./.dagster_home.
+# Set up, then run the main job on the embedded defaults: local ./media storage, the local
+# separator, a SQLite Dagster instance in ./.dagster_home. Drops a synthesised demo take into
+# media/inputs/h4n/ if that folder is empty, registers every input as a partition, materialises
+# `recording` and the profile's default stems for each, then the `catalog`.
+#   STEMSET_DEMO_MODELS=1  use tiny random-weight models (no download; the stems are noise)
+# Afterwards: `dagster dev -w workspace.yaml` shows the runs, assets and catalog.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || bash scripts/setup.sh
@@ -11,24 +15,4 @@ if [ "${STEMSET_DEMO_MODELS:-}" = 1 ]; then
   export STEMSET_MODEL_REPO=$PWD/.stemset/demo-models
   python -m gpu_worker.demo_models "$STEMSET_MODEL_REPO" >/dev/null
 fi
-python - <<'PY'
-import numpy as np, soundfile as sf
-from pathlib import Path
-from dagster import DagsterInstance, materialize
-from stemset_assets.config import load_config
-from stemset_assets.definitions import build_definitions
-from stemset_assets.partitions import assign_partition_keys
-from stemset_assets.resources import MediaStoreResource
-
-config = load_config()
-inputs = Path(config.storage.local.root) / "inputs" / "h4n"
-inputs.mkdir(parents=True, exist_ok=True)
-if not any(inputs.iterdir()):
-    t = np.arange(6 * 44100) / 44100
-    take = 0.3 * np.sin(2 * np.pi * 110 * t) + 0.2 * np.sin(2 * np.pi * 440 * t) * (t % 0.5 < 0.25)
-    sf.write(str(inputs / "demo take.wav"), np.stack([take, take], 1), 44100, subtype="PCM_24")
-store = MediaStoreResource.from_config(config).get_store()
-instance = DagsterInstance.get()
-keys = assign_partition_keys(store, config, instance) if False else None
-PY
-echo "See README: partitions are registered by the new_recordings sensor (open issue); run 'dagster dev -w workspace.yaml'."
+python -m stemset_assets.quickstart

@@ -115,6 +115,20 @@ def materialize_in_process(
     return outcomes
 
 
+def materialize_catalog(config: "StemsetConfig", instance: "DagsterInstance",
+                        resources: dict[str, Any] | None = None) -> RunOutcome:
+    """Materialise the unpartitioned ``catalog`` asset in this process."""
+    from dagster import AssetKey, AssetSelection, materialize
+
+    from .definitions import build_definitions
+
+    defs = build_definitions(config, resources=resources)
+    result = materialize(list(defs.assets or []), selection=AssetSelection.assets(AssetKey("catalog")),
+                         instance=instance, resources=dict(defs.resources or {}), raise_on_error=False,
+                         tags={"stemset/launched_by": "stemset"})
+    return RunOutcome("catalog", result.success, result.run_id, None if result.success else _failure_message(result))
+
+
 def _failure_message(result) -> str:
     """The first step failure's message (the user-facing part of a Failure or StemsetError)."""
     for event in result.all_events:
