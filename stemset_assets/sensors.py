@@ -4,7 +4,7 @@
 
 1. lists ``inputs/<profile>/`` once per configured profile (:func:`~stemset_assets.partitions.list_inputs`)
    and loads the ``recordings`` partitions once;
-2. skips, with the reason logged: names that are not audio (:data:`AUDIO_EXTENSIONS`), zero-byte
+2. skips, with the reason logged: names that are not audio (:data:`stemset_assets.intake.AUDIO_EXTENSIONS`), zero-byte
    objects, and uploads in progress: temporary names (:data:`TEMP_SUFFIXES`, ``~``/``.`` prefixes)
    or objects modified less than ``sensors.settle_s`` seconds ago (they are looked at again next tick);
 3. takes the not yet handled objects, oldest first, at most ``sensors.max_new_per_tick``, adds
@@ -53,6 +53,7 @@ from gpu_worker.objects import ObjectInfo
 
 from .assets.stems import stem_keys
 from .config import StemsetConfig
+from .intake import AUDIO_EXTENSIONS
 from .partitions import RECORDINGS_PARTITIONS, assign_partition_keys, list_inputs, recordings, relative_name
 from .resources.media_store import MediaStoreResource
 
@@ -215,9 +216,12 @@ def _today() -> str:
 
 
 def select_for_reprocess(states, cap: int, per_partition_cost, spent: float, ceiling: float):
-    """Stale partitions with their input present, oldest stem set first, at most ``cap``, while
+    """Stale partitions that can be redone (input present, or only the stems to redo), oldest stem set first, at most ``cap``, while
     ``spent`` + their estimated cost stays within ``ceiling``. Returns ``(chosen, spent, held_back)``."""
-    stale = [s for s in states if s.state == "stale" and s.input_present is not False]
+    from .backfill import NEEDS_RECORDING
+
+    stale = [s for s in states if s.state == "stale"
+             and (s.input_present is not False or not any(r in NEEDS_RECORDING for r in s.reasons))]
     stale.sort(key=lambda s: (s.materialized_at or 0.0, s.partition))
     chosen, held = [], 0
     for s in stale:

@@ -207,9 +207,9 @@ def partition_states(instance: "DagsterInstance", config: "StemsetConfig", strat
     inputs: dict[str, Any] | None = None
     if check_inputs:
         if store is None:
-            from .resources.media_store import MediaStoreResource
+            from .intake import open_store
 
-            store = MediaStoreResource.from_config(config).get_store()
+            store = open_store(config)
         profiles = sorted({pk.partition("/")[0] for pk in keys})
         inputs = _inputs_by_partition(store, profiles, keys, original_keys)
 

@@ -24,6 +24,7 @@ import logging
 import math
 import shutil
 import tempfile
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,38 @@ def create_app(config, *, store: ObjectStore, instance, jobs: JobManager, token:
         base = str(request.base_url).rstrip("/")
         return lambda key: f"{base}/api/media/{key}"
 
+    async def take_upload(profile: str, form) -> Response | tuple[Any, str, list[str]]:
+        """Check the form's file and put it in the profile's inputs: (ingested, name, strategies)."""
+        file = form.get("file")
+        if not isinstance(file, UploadFile):
+            return _error(400, "BadRequest", "The form has no file field named 'file'.")
+        strategy = form.get("strategy")
+        if isinstance(strategy, str) and strategy:
+            if strategy not in config.strategies:
+                return _error(400, "BadRequest", f"No strategy named {strategy[:64]!r} "
+                                                 f"(known: {', '.join(config.strategies)}).")
+            strategies = [strategy]
+        else:
+            strategies = list(config.profiles[profile].strategies)
+        if not strategies:
+            return _error(400, "BadRequest", f"Profile {profile!r} runs no strategy; choose one.")
+        name = safe_filename(file.filename or "upload")
+        with tempfile.TemporaryDirectory(prefix="stemset-upload-") as tmp:
+            path = Path(tmp) / "upload"
+            size = await run_in_threadpool(_spool, file, path)
+            if size > cap:
+                return _error(413, "TooLarge", f"{name!r} is {size / MiB:.1f} MB; the limit is "
+                                               f"{config.api.max_upload_mb} MB (api.max_upload_mb).")
+            try:
+                await run_in_threadpool(check_audio_file, path, name)
+                ingested = await run_in_threadpool(ingest_file, store, instance, profile, path, name)
+            except UploadRejected as err:
+                return _error(err.status, "UnsupportedMedia" if err.status == 415 else "BadAudio", str(err))
+            except StemsetError as err:
+                log.warning("upload of %r failed: %s", name, err.message)
+                return _error(503, type(err).__name__, str(err))
+        return ingested, name, strategies
+
     async def upload(request: Request) -> Response:
         if (no := denied(request)) is not None:
             return no
@@ -145,35 +178,13 @@ def create_app(config, *, store: ObjectStore, instance, jobs: JobManager, token:
             form = await request.form(max_files=1, max_fields=8)
         except Exception as err:  # noqa: BLE001 - malformed multipart
             return _error(400, "BadRequest", f"The body is not a multipart form with a file: {type(err).__name__}.")
-        async with form:
-            file = form.get("file")
-            if not isinstance(file, UploadFile):
-                return _error(400, "BadRequest", "The form has no file field named 'file'.")
-            strategy = form.get("strategy")
-            if isinstance(strategy, str) and strategy:
-                if strategy not in config.strategies:
-                    return _error(400, "BadRequest", f"No strategy named {strategy[:64]!r} "
-                                                     f"(known: {', '.join(config.strategies)}).")
-                strategies = [strategy]
-            else:
-                strategies = list(config.profiles[profile].strategies)
-            if not strategies:
-                return _error(400, "BadRequest", f"Profile {profile!r} runs no strategy; choose one.")
-            name = safe_filename(file.filename or "upload")
-            with tempfile.TemporaryDirectory(prefix="stemset-upload-") as tmp:
-                path = Path(tmp) / "upload"
-                size = await run_in_threadpool(_spool, file, path)
-                if size > cap:
-                    return _error(413, "TooLarge", f"{name!r} is {size / MiB:.1f} MB; the limit is "
-                                                   f"{config.api.max_upload_mb} MB (api.max_upload_mb).")
-                try:
-                    await run_in_threadpool(check_audio_file, path, name)
-                    ingested = await run_in_threadpool(ingest_file, store, instance, profile, path, name)
-                except UploadRejected as err:
-                    return _error(err.status, "UnsupportedMedia" if err.status == 415 else "BadAudio", str(err))
-                except StemsetError as err:
-                    log.warning("upload of %r failed: %s", name, err.message)
-                    return _error(503, type(err).__name__, str(err))
+        try:
+            taken = await take_upload(profile, form)
+        finally:
+            await form.close()
+        if isinstance(taken, Response):
+            return taken
+        ingested, name, strategies = taken
         job = await run_in_threadpool(jobs.submit, ingested.partition, strategies)
         log.info("upload %s -> %s (job %s)", ingested.object_key, ingested.partition, job.job_id)
         return JSONResponse({"job_id": job.job_id, "partition": ingested.partition, "status": job.status,
@@ -239,7 +250,12 @@ def create_app(config, *, store: ObjectStore, instance, jobs: JobManager, token:
         via = "webserver" if jobs.webserver is not None else "in-process"
         return JSONResponse({"ok": True, "auth": expected is not None, "jobs": via})
 
-    return Starlette(routes=[
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        yield
+        await run_in_threadpool(jobs.close)  # stop the job worker after the job in hand
+
+    return Starlette(lifespan=lifespan, routes=[
         Route("/", index),
         Route("/healthz", healthz),
         Route("/api/config", api_config),

@@ -54,9 +54,7 @@ def build_app(config, *, host: str = "127.0.0.1", resources: dict | None = None)
             raise StemsetError(f"The Dagster webserver at {config.dagster.webserver_url} does not answer.",
                                "Start it (`stemset dev`), or unset DAGSTER_WEBSERVER_URL to run jobs in-process.")
     jobs = JobManager(config, instance, store, webserver=webserver, resources=resources)
-    app = create_app(config, store=store, instance=instance, jobs=jobs, token=config.api.token, auth=config.api.auth)
-    app.add_event_handler("shutdown", jobs.close)
-    return app
+    return create_app(config, store=store, instance=instance, jobs=jobs, token=config.api.token, auth=config.api.auth)
 
 
 def add_api_args(p: argparse.ArgumentParser) -> None:
