@@ -1,0 +1,124 @@
+"""A real `stemset api serve` on a free loopback port for the API and browser tests: local media
+folder, tiny models, its own Dagster home; stopped (SIGTERM, then SIGKILL) when the test is done."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTUP_TIMEOUT_S = 60.0
+
+CONFIG = """
+storage:
+  backend: local
+  local: {root: %(root)s}
+models:
+  repo: %(repo)s
+api:
+  token: ${STEMSET_API_TOKEN:-}
+  auth: %(auth)s
+  max_upload_mb: 1
+profiles:
+  h4n:
+    description: Zoom H4n stereo takes
+    strategies: [htdemucs]
+    output: {format: flac}
+strategies:
+  htdemucs: {_: htdemucs, drums: drums, bass: bass, other: other, vocals: vocals}
+"""
+
+
+@dataclass
+class ApiServer:
+    url: str
+    token: str | None
+    media: Path
+    log_path: Path
+    process: subprocess.Popen
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(folder: Path, repo: Path, auth: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(CONFIG % {"root": folder / "media", "repo": repo, "auth": "true" if auth else "false"})
+    return path
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
+@contextmanager
+def api_server(folder: Path, repo: Path, token: str | None = "t0ken-" + os.urandom(8).hex()) -> Iterator[ApiServer]:
+    config = write_config(folder, repo, auth=token is not None)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_WEBSERVER_URL", "STEMSET_API_TOKEN")}
+    env.update({"DAGSTER_HOME": str(folder / "home"), "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+    if token:
+        env["STEMSET_API_TOKEN"] = token
+    log_path = folder / "api.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from stemset_assets.cli import main; sys.exit(main())", "--config", str(config), "api", "serve",
+             "--host", "127.0.0.1", "--port", str(port)],
+            cwd=folder, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    server = ApiServer(f"http://127.0.0.1:{port}", token, folder / "media", log_path, proc)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the API server exited with {proc.returncode}:\n{server.log()[-3000:]}")
+            try:
+                if httpx.get(f"{server.url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the API server did not answer in {STARTUP_TIMEOUT_S:.0f} s:\n{server.log()[-3000:]}")
+            time.sleep(0.3)
+        yield server
+    finally:
+        stop(proc)
+
+
+def wait_for_job(server: ApiServer, job_id: str, timeout_s: float = 180.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    seen = set()
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{server.url}/api/jobs/{job_id}", headers=server.headers(), timeout=10).json()
+        seen.add(job["status"])
+        if job["status"] in ("complete", "error"):
+            job["seen"] = seen
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not finish in {timeout_s} s (statuses seen: {seen})")
