@@ -1,0 +1,158 @@
+"""Per-file staleness, `stemset backfill --dry-run` numbers, an in-process backfill of exactly the
+stale partitions, and the auto_reprocess sensor: SeaweedFS bucket, SQLite Dagster instance,
+tiny Demucs models, 1 s inputs, three partitions of which two are materialised.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from dagster import AssetKey, build_sensor_context, instance_for_test
+
+from stemset_assets import cli
+from stemset_assets.assets.stems import fingerprints, stem_keys
+from stemset_assets.backfill import launch_backfill, plan_backfill
+from stemset_assets.sensors import build_auto_reprocess_sensor, build_new_recordings_sensor
+from stemset_assets.staleness import staleness, summary
+from tests.audio_fixtures import music_like
+from tests.test_assets import World, model_repo, write_config  # noqa: F401 - model_repo is a fixture
+
+PARAMS = "__params: {shifts: 1, overlap: 0.25}"
+SENSORS = "\nsensors: {settle_s: 0, max_new_per_tick: 50}\n"
+
+
+def rows(df):
+    return {(r.partition, r.strategy): r for r in df.itertuples()}
+
+
+@pytest.fixture
+def world(tmp_path, model_repo, seaweed, monkeypatch):  # noqa: F811
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    from stemset_assets.resources import MediaStoreResource
+
+    media = MediaStoreResource(backend="s3", endpoint_url=seaweed.endpoint_url, bucket=seaweed.make_bucket(),
+                               region=seaweed.region, access_key_id=seaweed.access_key_id,
+                               secret_access_key=seaweed.secret_access_key, max_attempts=2)
+    with instance_for_test(temp_dir=str(home)) as instance:
+        config = write_config(tmp_path / "cfg", model_repo, extra=SENSORS)
+        yield World(config, media, instance, tmp_path)
+
+
+def tick_new_recordings(world: World) -> list[str]:
+    result = build_new_recordings_sensor(world.config)(
+        build_sensor_context(instance=world.instance, resources={"media_store": world.media}))
+    for req in result.dynamic_partitions_requests or []:
+        world.instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+    return [r.partition_key for r in result.run_requests or []]
+
+
+def cli_config(path, world: World, monkeypatch):
+    """The config file at ``path`` pointed at the test bucket (credentials through the environment)."""
+    media = world.media
+    monkeypatch.setenv("TEST_S3_KEY", media.access_key_id)
+    monkeypatch.setenv("TEST_S3_SECRET", media.secret_access_key)
+    text = path.read_text()
+    local = "storage:\n  backend: local\n  local: {root: ./media}"
+    assert local in text
+    path.write_text(text.replace(local, (
+        f"storage:\n  backend: s3\n  s3:\n    endpoint_url: {media.endpoint_url}\n    bucket: {media.bucket}\n"
+        f"    region: {media.region}\n    access_key_id: ${{TEST_S3_KEY}}\n    secret_access_key: ${{TEST_S3_SECRET}}")))
+    return path
+
+
+def test_staleness_dry_run_backfill_and_auto_reprocess(world: World, model_repo, tmp_path, capsys,  # noqa: F811
+                                                       monkeypatch):
+    store = world.store
+    for i, name in enumerate(["a", "b", "c"]):
+        world.put_input(f"inputs/h4n/{name}.wav", music_like(1.0, seed=i), 44100)
+    assert sorted(tick_new_recordings(world)) == ["h4n/a", "h4n/b", "h4n/c"]
+    for pk in ("h4n/a", "h4n/b"):
+        assert world.run(pk, ["htdemucs"]).success
+
+    # Under the config they were made with: a, b current; c registered but never run.
+    df = staleness(world.instance, world.config, ["htdemucs", "htdemucs_6s"], store=store)
+    r = rows(df)
+    assert r[("h4n/a", "htdemucs")].state == "current" and r[("h4n/b", "htdemucs")].reason == "up_to_date"
+    assert r[("h4n/c", "htdemucs")].state == "missing"
+    assert r[("h4n/c", "htdemucs")].reason == "recording_not_materialised"
+    assert {r[(pk, "htdemucs_6s")].state for pk in ("h4n/a", "h4n/b", "h4n/c")} == {"missing"}
+    assert r[("h4n/a", "htdemucs")].duration_s == pytest.approx(1.0, abs=1e-3)
+
+    # The strategy's params change: exactly the processed partitions go stale; others untouched.
+    changed = write_config(tmp_path / "cfg2", model_repo, extra=SENSORS,
+                           replace=(PARAMS, "__params: {shifts: 1, overlap: 0.5}"))
+    assert fingerprints(changed)["htdemucs"] != fingerprints(world.config)["htdemucs"]
+    store.delete("inputs/h4n/b.wav")  # a deleted input: kept and reported, nothing crashes
+    df = staleness(world.instance, changed, store=store)
+    r = rows(df)
+    assert r[("h4n/a", "htdemucs")].state == "stale" and r[("h4n/a", "htdemucs")].reason == "strategy_changed"
+    assert r[("h4n/b", "htdemucs")].state == "stale"
+    assert r[("h4n/b", "htdemucs")].reason == "strategy_changed;input_missing"
+    assert r[("h4n/b", "htdemucs")].input_present is False
+    assert r[("h4n/c", "htdemucs")].state == "missing"
+    assert r[("h4n/a", "htdemucs_ft")].state == "missing"
+    table = summary(df).set_index("strategy")
+    assert table.loc["htdemucs", ["current", "stale", "missing", "inputs_missing"]].tolist() == [0, 2, 1, 1]
+
+    # --dry-run: numbers from the CLI, through the same instance (DAGSTER_HOME) and bucket.
+    cfg2 = str(cli_config(tmp_path / "cfg2" / "config.yaml", world, monkeypatch))
+    assert cli.main(["--config", cfg2, "backfill", "--strategy", "htdemucs", "--stale-only", "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["count"] == 2 and sorted(plan["partitions"]) == ["h4n/a", "h4n/b"]
+    assert plan["audio_hours"] == pytest.approx(2.0 / 3600, abs=1e-4)
+    assert plan["estimate_source"].startswith("recorded") and plan["estimated_cost_usd"] == 0
+    assert plan["include_recording"] is False
+    assert cli.main(["--config", cfg2, "backfill", "-s", "htdemucs", "--missing-only", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "1 missing partition(s)" in out and "dry run: nothing launched" in out
+    # On a billed GPU backend: audio seconds x the configured rate x the price.
+    billed = write_config(tmp_path / "cfg3", model_repo, extra=SENSORS + "backfill: {billed_seconds_per_audio_second: 30}\n",
+                          replace=(PARAMS, "__params: {shifts: 1, overlap: 0.5}"))
+    billed = type(billed)(**{**billed.__dict__, "gpu": type(billed.gpu)(backend="modal", type="H100")})
+    p = plan_backfill(world.instance, billed, "htdemucs", "stale", store=store)
+    assert p.count == 2 and p.estimate.source.startswith("config default")
+    assert p.cost_usd == pytest.approx(2.0 * 30 * 4.00 / 3600, rel=1e-2)
+    assert cli.main(["--config", cfg2, "backfill", "-s", "nope", "--dry-run"]) == 1
+    assert "Use one of: htdemucs, htdemucs_ft" in capsys.readouterr().err
+    assert cli.main(["--config", cfg2, "status", "--profile", "nope"]) == 1
+    assert "Use one of: h4n, memos" in capsys.readouterr().err
+    assert cli.main(["--config", cfg2, "status", "--strategy", "htdemucs"]) == 0
+    out = capsys.readouterr().out
+    assert "h4n" in out and "1 recording(s) whose input file is gone" in out
+
+    # auto_reprocess: one stale partition per tick (the cap); a zero ceiling on a billed backend holds all back.
+    auto_cfg = write_config(tmp_path / "cfg4", model_repo, replace=(PARAMS, "__params: {shifts: 1, overlap: 0.5}"),
+                            extra="\nsensors:\n  settle_s: 0\n  auto_reprocess:\n    htdemucs: {enabled: true, max_per_tick: 1}\n")
+    ctx = build_sensor_context(instance=world.instance, resources={"media_store": world.media})
+    result = build_auto_reprocess_sensor(auto_cfg, "htdemucs")(ctx)
+    assert len(result.run_requests) == 1
+    req = result.run_requests[0]
+    assert req.partition_key in ("h4n/a", "h4n/b") and set(req.asset_selection) == set(stem_keys(auto_cfg, ["htdemucs"]))
+    broke = type(auto_cfg)(**{**auto_cfg.__dict__, "gpu": type(auto_cfg.gpu)(backend="modal", type="H100"),
+                              "sensors": type(auto_cfg.sensors)(auto_reprocess={"htdemucs": type(
+                                  auto_cfg.sensors.auto_reprocess["htdemucs"])(True, 5, 0.0)})})
+    result = build_auto_reprocess_sensor(broke, "htdemucs")(ctx)
+    assert not result.run_requests and "cost ceiling" in result.skip_reason.skip_message
+
+    # The backfill, in-process (the configured webserver is unreachable): only the stale ones run.
+    said = []
+    plan = plan_backfill(world.instance, changed, "htdemucs", "stale", store=store)
+    launched = launch_backfill(plan, changed, world.instance, url="http://127.0.0.1:9", resources=world.resources(),
+                               say=said.append)
+    assert launched.path == "in_process" and "not reachable" in said[0]
+    assert sorted(o.partition for o in launched.outcomes) == ["h4n/a", "h4n/b"]
+    assert all(o.success for o in launched.outcomes), [o.error for o in launched.outcomes]
+    r = rows(staleness(world.instance, changed, ["htdemucs"], store=store))
+    assert r[("h4n/a", "htdemucs")].state == "current" and r[("h4n/b", "htdemucs")].state == "current"
+    assert r[("h4n/c", "htdemucs")].state == "missing"
+    assert world.instance.get_latest_materialization_event(AssetKey("recording")) is not None
+    assert not list(store.list("recordings/h4n/c/")) and not list(store.list("outputs/h4n/c/"))
+
+    # A re-upload with other content: stale (input_changed) until the recording is redone.
+    world.put_input("inputs/h4n/a.wav", music_like(1.0, seed=42), 44100)
+    r = rows(staleness(world.instance, changed, ["htdemucs"], store=store))
+    assert r[("h4n/a", "htdemucs")].state == "stale" and r[("h4n/a", "htdemucs")].reason == "input_changed"
+    assert plan_backfill(world.instance, changed, "htdemucs", "stale", store=store).include_recording is True
