@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
@@ -104,6 +104,16 @@ def _secret(value: str | None) -> str:
     return "None" if value is None else "'***'"
 
 
+SECRET_FIELDS = frozenset({"access_key_id", "secret_access_key", "token"})
+
+
+def _masked_repr(self) -> str:
+    """A dataclass repr with every field in SECRET_FIELDS masked: secrets are never printed."""
+    parts = (f"{f.name}={_secret(getattr(self, f.name)) if f.name in SECRET_FIELDS else repr(getattr(self, f.name))}"
+             for f in fields(self))
+    return f"{type(self).__name__}({', '.join(parts)})"
+
+
 @dataclass(frozen=True, kw_only=True)
 class S3Storage:
     """An S3-compatible bucket. ``None`` credentials mean boto3's own credential chain."""
@@ -115,14 +125,7 @@ class S3Storage:
     secret_access_key: str | None = field(default=None, repr=False)
     public_url: str | None = None
 
-    def __repr__(self) -> str:  # credentials masked, never printed
-        return (
-            f"S3Storage(endpoint_url={self.endpoint_url!r}, bucket={self.bucket!r}, "
-            f"region={self.region!r}, access_key_id={_secret(self.access_key_id)}, "
-            f"secret_access_key={_secret(self.secret_access_key)}, public_url={self.public_url!r})"
-        )
-
-    __str__ = __repr__
+    __repr__ = __str__ = _masked_repr  # credentials masked, never printed
 
 
 @dataclass(frozen=True)
@@ -155,14 +158,7 @@ class GpuConfig:
             f"Add it to gpu.prices_per_hour in config.yaml, e.g. `{gpu_type}: 1.50` ($ per hour).",
         )
 
-    def __repr__(self) -> str:  # token masked, never printed
-        return (
-            f"GpuConfig(backend={self.backend!r}, type={self.type!r}, app={self.app!r}, "
-            f"url={self.url!r}, token={_secret(self.token)}, "
-            f"prices_per_hour={self.prices_per_hour!r}, timeout_s={self.timeout_s!r})"
-        )
-
-    __str__ = __repr__
+    __repr__ = __str__ = _masked_repr  # token masked, never printed
 
 
 @dataclass(frozen=True)
@@ -202,10 +198,7 @@ class ApiConfig:
     auth: bool = True
     max_upload_mb: int = 500
 
-    def __repr__(self) -> str:  # token masked, never printed
-        return f"ApiConfig(token={_secret(self.token)}, auth={self.auth!r}, max_upload_mb={self.max_upload_mb!r})"
-
-    __str__ = __repr__
+    __repr__ = __str__ = _masked_repr  # token masked, never printed
 
 
 @dataclass(frozen=True)
