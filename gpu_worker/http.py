@@ -31,7 +31,7 @@ import logging
 import os
 import sys
 from contextlib import asynccontextmanager
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -122,16 +122,19 @@ def create_app(*, runner: Any, token: str | None, require_token: bool = False,
         record, created = out
         return JSONResponse(record.to_dict(), status_code=202 if created else 200)
 
-    async def get_job(request: Request) -> JSONResponse:
+    async def lookup(request: Request, param: str, find: Callable[[str], Any], missing: str) -> Any:
+        """The authorised request's record named by a path parameter, or the error response."""
         denied = unauthorized(request)
         if denied is not None:
             return denied
-        job_id = request.path_params["job_id"]
-        record = await run_in_threadpool(runner.get, job_id)
-        if record is None:
-            return _error(404, "NotFound", f"This worker knows no job {job_id!r} (it may have restarted); "
-                                           "submit the job again: job ids make that safe.")
-        return JSONResponse(record.to_dict())
+        key = request.path_params[param]
+        record = await run_in_threadpool(find, key)
+        return _error(404, "NotFound", missing.format(key=key)) if record is None else record
+
+    async def get_job(request: Request) -> JSONResponse:
+        record = await lookup(request, "job_id", runner.get, "This worker knows no job {key!r} (it may have "
+                              "restarted); submit the job again: job ids make that safe.")
+        return record if isinstance(record, JSONResponse) else JSONResponse(record.to_dict())
 
     async def post_seed(request: Request) -> JSONResponse:
         out = await submit(request)
@@ -142,13 +145,10 @@ def create_app(*, runner: Any, token: str | None, require_token: bool = False,
                             status_code=202)
 
     async def get_result(request: Request) -> JSONResponse:
-        denied = unauthorized(request)
-        if denied is not None:
-            return denied
+        record = await lookup(request, "call_id", runner.get_call, "No call {key!r} on this worker.")
+        if isinstance(record, JSONResponse):
+            return record
         call_id = request.path_params["call_id"]
-        record = await run_in_threadpool(runner.get_call, call_id)
-        if record is None:
-            return _error(404, "NotFound", f"No call {call_id!r} on this worker.")
         out: dict[str, Any] = {"call_id": call_id, "job_id": record.job_id,
                                "status": {"queued": "pending", "running": "pending"}.get(record.status, record.status)}
         if record.result is not None:
