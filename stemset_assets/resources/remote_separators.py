@@ -24,7 +24,7 @@ from gpu_worker.errors import StemsetError
 from gpu_worker.job import SeparationJob, SeparationResult
 from gpu_worker.remote import decode_response, error_from_info
 
-DEPLOY_HINT = "Deploy it with `modal deploy gpu_worker/modal_app.py` (README: "Separating on a GPU")."
+DEPLOY_HINT = "Deploy it with `modal deploy gpu_worker/modal_app.py` (README: 'Separating on a GPU')."
 TOKEN_HINT = "Run `modal token new` (or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET) on this machine."
 
 
