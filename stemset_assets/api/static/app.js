@@ -78,7 +78,7 @@ async function loadRecordings() {
       el("td", {}, ...cells)));
   }
   const t = data.totals;
-  $("#totals").textContent = `${t.recordings} recordings · ${(t.audio_hours * 60).toFixed(1)} min of audio · ` +
+  $("#totals").textContent = `${t.recordings} recordings · ${fmtTime(t.audio_hours * 3600)} of audio · ` +
     `${t.current} current, ${t.stale} stale, ${t.missing} missing stem sets · $${t.cost_usd.toFixed(2)}`;
 }
 
@@ -325,7 +325,7 @@ function drawWave(canvas, data, at) {
   const split = Math.floor(at * w);
   for (let x = 0; x < w; x++) {
     g.fillStyle = x < split ? "#4f8cff" : "#9aa4b2";
-    const lo = data[2 * x] / top, hi = data[2 * x + 1] / top;
+    const lo = (0.9 * data[2 * x]) / top, hi = (0.9 * data[2 * x + 1]) / top;
     const y0 = (1 - hi) * h / 2, y1 = (1 - lo) * h / 2;
     g.fillRect(x, y0, 1, Math.max(1, y1 - y0));
   }
