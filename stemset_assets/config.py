@@ -66,7 +66,7 @@ _KEYS = {
     "models": ("repo",),
     "sensors": ("max_new_per_tick", "interval_s", "settle_s", "auto_reprocess"),
     "auto_reprocess": ("enabled", "max_per_tick", "daily_cost_ceiling_usd"),
-    "backfill": ("max_partitions_per_run", "billed_seconds_per_audio_second"),
+    "backfill": ("billed_seconds_per_audio_second",),
     "api": ("token", "auth", "max_upload_mb"),
     "dagster": ("webserver_url",),
     "profile": ("description", "strategies", "output"),
@@ -185,7 +185,6 @@ class SensorsConfig:
 
 @dataclass(frozen=True)
 class BackfillConfig:
-    max_partitions_per_run: int = 10  # the stem assets' BackfillPolicy.multi_run
     billed_seconds_per_audio_second: float = 0.1  # cost estimate before any recorded run on this backend
 
 
@@ -640,9 +639,6 @@ class _Reader:
     def read_backfill(self, raw: Any) -> BackfillConfig:
         sec = self.section(raw, "backfill", _KEYS["backfill"])
         return BackfillConfig(
-            max_partitions_per_run=self.integer(
-                self.get(sec, "max_partitions_per_run", "backfill", 10), "backfill.max_partitions_per_run", 1, 1000
-            ),
             billed_seconds_per_audio_second=self.number(
                 self.get(sec, "billed_seconds_per_audio_second", "backfill", 0.1),
                 "backfill.billed_seconds_per_audio_second", 0, "seconds per audio second",
