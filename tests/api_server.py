@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,26 +15,17 @@ from typing import Iterator
 
 import httpx
 
+from tests.configs import tiny_config_yaml
+from tests.remote_fixtures import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 60.0
 
-CONFIG = """
-storage:
-  backend: local
-  local: {root: %(root)s}
-models:
-  repo: %(repo)s
+API = """\
 api:
   token: ${STEMSET_API_TOKEN:-}
   auth: %(auth)s
   max_upload_mb: 1
-profiles:
-  h4n:
-    description: Zoom H4n stereo takes
-    strategies: [htdemucs]
-    output: {format: flac}
-strategies:
-  htdemucs: {_: htdemucs, drums: drums, bass: bass, other: other, vocals: vocals}
 """
 
 
@@ -54,16 +44,10 @@ class ApiServer:
         return self.log_path.read_text(errors="replace")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def write_config(folder: Path, repo: Path, auth: bool = True) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.yaml"
-    path.write_text(CONFIG % {"root": folder / "media", "repo": repo, "auth": "true" if auth else "false"})
+    path.write_text(tiny_config_yaml(repo, folder / "media", sections=API % {"auth": "true" if auth else "false"}))
     return path
 
 

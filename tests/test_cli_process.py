@@ -16,10 +16,11 @@ from stemset_assets.cli_process import dev_command
 from stemset_assets.layout import manifest_key
 from stemset_assets.partitions import RECORDINGS_PARTITIONS
 from tests.audio_fixtures import music_like, write_audio
+from tests.configs import tiny_config_yaml
 from tests.model_fixtures import make_model_repo
 
 STEMS = ["drums", "bass", "other", "vocals"]
-CONFIG = """
+STORAGE = """\
 storage:
   backend: %(backend)s
   local: {root: %(root)s}
@@ -29,15 +30,6 @@ storage:
     region: auto
     access_key_id: ${TEST_S3_KEY:-}
     secret_access_key: ${TEST_S3_SECRET:-}
-models:
-  repo: %(repo)s
-profiles:
-  h4n:
-    strategies: [htdemucs]
-    output: {format: flac}
-strategies:
-  htdemucs: {_: htdemucs, drums: drums, bass: bass, other: other, vocals: vocals}
-  vocals_only: {_: htdemucs, vocals: vocals}
 """
 
 
@@ -48,8 +40,8 @@ def model_repo(tmp_path_factory) -> Path:
 
 def write_config(tmp: Path, repo: Path, backend="local", endpoint="http://127.0.0.1:1", bucket="unused") -> Path:
     path = tmp / "config.yaml"
-    path.write_text(CONFIG % {"backend": backend, "root": tmp / "media", "repo": repo, "endpoint": endpoint,
-                              "bucket": bucket})
+    storage = STORAGE % {"backend": backend, "root": tmp / "media", "endpoint": endpoint, "bucket": bucket}
+    path.write_text(tiny_config_yaml(repo, storage=storage, strategies=("vocals_only: {_: htdemucs, vocals: vocals}",)))
     return path
 
 

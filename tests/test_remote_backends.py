@@ -19,28 +19,18 @@ from stemset_assets.layout import manifest_key
 from stemset_assets.partitions import RECORDINGS_PARTITIONS
 from stemset_assets.resources import MediaStoreResource, SeparatorResource
 from stemset_assets.resources.remote_separators import ModalSeparatorClient
+from tests.configs import tiny_config_yaml
 from tests.model_fixtures import make_model_repo
 from tests.remote_fixtures import WorkerProcess, aws_env, free_port, make_job, upload_input
 from tests.test_remote_separators import local_factory
 
 TOKEN = "remote-backend-token-3c9e1a"
-CONFIG = """
-storage:
-  backend: local
-  local: {root: ./media}
+GPU = """\
 gpu:
   backend: http
   type: L4
   url: http://127.0.0.1:9
   token: ${GPU_WORKER_TOKEN:-}
-models:
-  repo: %(repo)s
-profiles:
-  h4n:
-    strategies: [htdemucs]
-    output: {format: flac}
-strategies:
-  htdemucs: {_: htdemucs, drums: drums, bass: bass, other: other, vocals: vocals}
 """
 
 
@@ -78,7 +68,7 @@ def _run(config, media, separator, pk):
 
 def test_http_backend_materialises_stems_on_the_worker_with_its_cost(tmp_path, seaweed, model_repo, worker):
     config_path = tmp_path / "config.yaml"
-    config_path.write_text(CONFIG % {"repo": model_repo})
+    config_path.write_text(tiny_config_yaml(model_repo, sections=GPU))
     config = load_config(config_path, env={})
     media = _media(seaweed)
     store = media.get_store()
@@ -157,7 +147,7 @@ def test_http_backend_without_url_and_unknown_backend_fail_clearly(tmp_path):
 def test_from_config_keeps_the_worker_token_out_of_the_ui(tmp_path, model_repo, monkeypatch):
     monkeypatch.setenv("GPU_WORKER_TOKEN", TOKEN)
     config_path = tmp_path / "config.yaml"
-    config_path.write_text(CONFIG % {"repo": model_repo})
+    config_path.write_text(tiny_config_yaml(model_repo, sections=GPU))
     config = load_config(config_path)
     resource = SeparatorResource.from_config(config)
     assert resource.backend == "http" and resource.gpu_type == "L4" and resource.price_per_hour == 0.70

@@ -4,7 +4,6 @@ SQLite instance, and through a real dagster-webserver's GraphQL on loopback."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,24 +19,12 @@ from stemset_assets.layout import manifest_key
 from stemset_assets.partitions import RECORDINGS_PARTITIONS, assign_partition_keys, list_inputs
 from stemset_assets.runs import WebserverClient, dagster_instance, materialize_in_process, register_partitions, selection_for
 from tests.audio_fixtures import music_like, write_audio
+from tests.configs import tiny_config_yaml
 from tests.model_fixtures import make_model_repo
+from tests.remote_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
-CONFIG = """
-storage:
-  backend: local
-  local: {root: %(root)s}
-models:
-  repo: %(repo)s
-profiles:
-  h4n:
-    strategies: [htdemucs]
-    output: {format: flac}
-strategies:
-  htdemucs: {_: htdemucs, drums: drums, bass: bass, other: other, vocals: vocals}
-  htdemucs_ft: {_: htdemucs_ft, vocals: vocals}
-"""
 
 
 @pytest.fixture
@@ -45,7 +32,8 @@ def project(tmp_path: Path):
     """A project folder: config (local storage, tiny models), two inputs (one of them not audio)."""
     repo = make_model_repo(tmp_path / "models")
     config_path = tmp_path / "config.yaml"
-    config_path.write_text(CONFIG % {"root": tmp_path / "media", "repo": repo})
+    config_path.write_text(tiny_config_yaml(repo, tmp_path / "media",
+                                            strategies=("htdemucs_ft: {_: htdemucs_ft, vocals: vocals}",)))
     config = load_config(config_path, env={})
     store = LocalObjectStore(tmp_path / "media")
     write_audio(tmp_path / "take.wav", music_like(1.5, seed=3), 44100)
@@ -85,19 +73,10 @@ def test_unknown_strategy_names_the_valid_ones(project):
 
 
 def test_unreachable_webserver_is_a_clear_error():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    client = WebserverClient(f"http://127.0.0.1:{port}", timeout_s=2)
+    client = WebserverClient(f"http://127.0.0.1:{free_port()}", timeout_s=2)
     assert not client.reachable()
     with pytest.raises(StemsetError, match="unreachable"):
         client.run_status("x")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_runs_and_backfills_through_a_real_webserver(project, tmp_path):
@@ -110,7 +89,7 @@ def test_runs_and_backfills_through_a_real_webserver(project, tmp_path):
         "telemetry:\n  enabled: false\n")
     env = {**os.environ, "DAGSTER_HOME": str(home), "STEMSET_CONFIG": str(config_path),
            "PYTHONPATH": str(ROOT)}
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "dagster_webserver", "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1",
          "-p", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
