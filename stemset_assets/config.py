@@ -66,7 +66,7 @@ _KEYS = {
     "models": ("repo",),
     "sensors": ("max_new_per_tick", "interval_s", "settle_s", "auto_reprocess"),
     "auto_reprocess": ("enabled", "max_per_tick", "daily_cost_ceiling_usd"),
-    "backfill": ("billed_seconds_per_audio_second",),
+    "backfill": ("billed_seconds_per_audio_second", "max_partitions_per_run"),
     "api": ("token", "auth", "max_upload_mb"),
     "dagster": ("webserver_url",),
     "profile": ("description", "strategies", "output"),
@@ -186,6 +186,7 @@ class SensorsConfig:
 @dataclass(frozen=True)
 class BackfillConfig:
     billed_seconds_per_audio_second: float = 0.1  # cost estimate before any recorded run on this backend
+    max_partitions_per_run: int = 10  # a Dagster backfill groups this many partitions' stems per run
 
 
 @dataclass(frozen=True)
@@ -643,6 +644,8 @@ class _Reader:
                 self.get(sec, "billed_seconds_per_audio_second", "backfill", 0.1),
                 "backfill.billed_seconds_per_audio_second", 0, "seconds per audio second",
             ),
+            max_partitions_per_run=self.integer(
+                self.get(sec, "max_partitions_per_run", "backfill", 10), "backfill.max_partitions_per_run", 1, 1000),
         )
 
     def read_api(self, raw: Any) -> ApiConfig:

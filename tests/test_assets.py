@@ -529,3 +529,58 @@ def test_definitions_load_without_torch_and_validate(tmp_path, model_repo):
     proc = subprocess.run([str(dagster_cli), "definitions", "validate", "-w", "workspace.yaml"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------- several partitions per run
+
+
+class CountingSeparator(SeparatorResource):
+    """The local separator, counting how the stems asset calls it."""
+
+    def separate_many(self, jobs, store):
+        BATCHES.append([job.metadata["partition_key"] for job in jobs])
+        return super().separate_many(jobs, store)
+
+
+BATCHES: list[list[str]] = []
+
+
+def test_a_backfill_run_separates_its_partitions_together_and_reports_each(tmp_path, model_repo):
+    world = local_world(tmp_path, write_config(tmp_path / "cfg", model_repo))
+    for i, name in enumerate(["a", "b", "c", "d"]):
+        world.put_input(f"inputs/h4n/{name}.wav", music_like(1.0 + 0.25 * i, seed=i), 44100)
+    assert list(world.register("h4n").values()) == ["h4n/a", "h4n/b", "h4n/c", "h4n/d"]
+    for pk in ("h4n/a", "h4n/b", "h4n/d"):  # h4n/c gets no recording: its stems must fail alone
+        assert materialize([recording], instance=world.instance, partition_key=pk,
+                           resources=world.resources()).success
+    assert world.run("h4n/b", ["htdemucs"], with_recording=False).success  # b is current already
+
+    stems = build_stems_asset(world.config, "htdemucs")
+    assert stems.backfill_policy.max_partitions_per_run == world.config.backfill.max_partitions_per_run
+    BATCHES.clear()
+    result = materialize([stems], instance=world.instance, raise_on_error=False,
+                         resources={"media_store": world.media, "separator": CountingSeparator()},
+                         tags={"dagster/asset_partition_range_start": "h4n/a",
+                               "dagster/asset_partition_range_end": "h4n/d"})
+    assert not result.success
+    assert BATCHES == [["h4n/a", "h4n/d"]]  # one call for the two that needed separating
+    text = failure_text(result)
+    assert "1 of 4 partition(s) failed" in text and "h4n/c" in text and "recording" in text
+    events = [e.event_specific_data.materialization for e in result.get_asset_materialization_events()]
+    vocals = {m.partition: m for m in events if m.asset_key.to_user_string() == "stems/htdemucs/vocals"}
+    assert sorted(vocals) == ["h4n/a", "h4n/b", "h4n/d"]
+    assert meta(vocals["h4n/b"], "reused") is True and meta(vocals["h4n/a"], "reused") is False
+    assert meta(vocals["h4n/d"], "duration_s") == pytest.approx(1.75, abs=0.01)
+    fps = fingerprints(world.config)
+    assert vocals["h4n/a"].tags["dagster/code_version"] == fps["htdemucs"]
+    record = read_record(world.store, "h4n/d")
+    assert vocals["h4n/d"].tags["dagster/data_version"] == data_version(record.sha256, fps["htdemucs"])
+    checked = {(e.partition, e.check_name) for e in result.get_asset_check_evaluations()}
+    assert ("h4n/d", "duration_matches_input") in checked and ("h4n/a", "set_reconstructs_mix") in checked
+    assert not any(p == "h4n/c" for p, _ in checked)
+    for pk in ("h4n/a", "h4n/d"):
+        assert world.store.exists(manifest_key(pk, "htdemucs"))
+    assert not world.store.exists(manifest_key("h4n/c", "htdemucs"))
+    # the instance sees a materialisation per partition, each with its own metadata
+    latest = world.instance.fetch_materializations(AssetKey(["stems", "htdemucs", "vocals"]), limit=10).records
+    assert {r.asset_materialization.partition for r in latest} >= {"h4n/a", "h4n/d"}

@@ -3,9 +3,11 @@
 Each has one :class:`~dagster.AssetSpec` per output stem (``stems/<strategy>/<stem>``), depends
 on ``recording``, is partitioned by ``recordings`` and carries the strategy's fingerprint as
 ``code_version`` (so a strategy change shows the stems as changed in the UI). The set is made
-as a whole (``can_subset=False``): the separator resource runs one
-:class:`~gpu_worker.job.SeparationJob` that reads the canonical FLAC and publishes
-``outputs/<profile>/<slug>/<strategy>/<stem>.<ext>`` plus ``manifest.json`` (last).
+as a whole: the separator resource runs one :class:`~gpu_worker.job.SeparationJob` per partition
+that reads the canonical FLAC and publishes ``outputs/<profile>/<slug>/<strategy>/<stem>.<ext>``
+plus ``manifest.json`` (last). A Dagster backfill groups up to ``backfill.max_partitions_per_run``
+partitions per run (``BackfillPolicy.multi_run``); such a run sends all its jobs to the separator
+at once (the model loads once; the modal backend fans them out with ``.map``).
 
 A partition whose stored manifest was made from the same canonical FLAC (sha256) with the same
 fingerprint, in the profile's output format, with every listed stem present, is reused: no
@@ -25,10 +27,14 @@ Data version: a hash of the recording's sha256 and the fingerprint.
 
 import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from dagster import (
+    AssetCheckEvaluation,
     AssetExecutionContext,
     AssetKey,
+    AssetMaterialization,
+    BackfillPolicy,
     AssetsDefinition,
     AssetSpec,
     DataVersion,
@@ -37,6 +43,7 @@ from dagster import (
     MetadataValue,
     multi_asset,
 )
+from dagster._core.definitions.data_version import CODE_VERSION_TAG, DATA_VERSION_TAG
 
 from gpu_worker.errors import StemsetError
 from gpu_worker.job import SeparationJob, SeparationResult
@@ -99,7 +106,10 @@ def build_stems_asset(config: StemsetConfig, name: str, fp: str | None = None) -
         specs=specs,
         check_specs=checks.check_specs(name, stems, recordings),
         partitions_def=recordings,
-        can_subset=False,
+        # The set is always made whole; subsetting only narrows what a run reports (and lets a
+        # several-partition run report per partition instead of through required outputs).
+        can_subset=True,
+        backfill_policy=BackfillPolicy.multi_run(config.backfill.max_partitions_per_run),
         description=f"Separate a recording into {', '.join(stems)} with strategy {name!r} ({models}).",
         op_tags={"stemset/strategy": name},
     )
@@ -131,14 +141,21 @@ def _reusable(store: ObjectStore, manifest: SeparationResult | None, record: Rec
     return all(present.get(f.key) == f.bytes for f in manifest.stems.values())
 
 
-def materialize_stem_set(context: AssetExecutionContext, config: StemsetConfig, name: str, fp: str,
-                         media_store: MediaStoreResource,
-                         separator: SeparatorResource) -> Iterator[MaterializeResult | object]:
-    pk = context.partition_key
+@dataclass
+class _Planned:
+    """One partition of the run: its recording, the stored set, and the job if it must be made."""
+
+    pk: str
+    record: RecordingRecord
+    old: SeparationResult | None
+    reused: bool
+    job: SeparationJob | None
+
+
+def _plan(context: AssetExecutionContext, config: StemsetConfig, name: str, fp: str, store: ObjectStore,
+          media_store: MediaStoreResource, separator: SeparatorResource, pk: str) -> _Planned:
     profile_name, _slug = split_partition_key(pk)
-    store = media_store.get_store()
     strategy = config.strategy(name)
-    stems = strategy.stems
     profile = config.profiles.get(profile_name)
     if profile is None:
         raise Failure(description=(f"Partition {pk!r} belongs to profile {profile_name!r}, which config.yaml does "
@@ -152,76 +169,138 @@ def materialize_stem_set(context: AssetExecutionContext, config: StemsetConfig, 
     fmt, bitrate = profile.output.format, profile.output.bitrate
     prefix, mkey = stems_prefix(pk, name), manifest_key(pk, name)
     old = read_manifest(store, mkey)
-
-    reused = _reusable(store, old, record, fp, stems, fmt, prefix)
-    if reused:
+    if _reusable(store, old, record, fp, strategy.stems, fmt, prefix):
         context.log.info(f"{pk}: stems of {name!r} are current (fingerprint {fp}); reusing {store.uri(mkey)}")
-    else:
-        job = SeparationJob(
-            job_id=_job_id(context.run.run_id, pk, name), input_key=record.source_key, output_prefix=prefix,
-            strategy_name=name, strategy=strategy.to_tree(), fingerprint=fp, storage=media_store.storage_ref(),
-            output_format=fmt, bitrate_kbps=bitrate, model_repo=model_repo(config), gpu_type=separator.gpu_type,
-            metadata={"partition_key": pk, "recording_sha256": record.sha256, "run_id": context.run.run_id},
-        )
-        why = "no stem set yet" if old is None else "stored set is out of date"
-        context.log.info(f"{pk}: separating with {name!r} on the {separator.backend} separator ({why})")
-        try:
-            separator.separate(job, store)
-        except Failure:
-            raise
-        except StemsetError as err:
-            raise Failure(description=f"{pk}: separation with {name!r} failed: {err}", allow_retries=False) from err
+        return _Planned(pk, record, old, True, None)
+    job = SeparationJob(
+        job_id=_job_id(context.run.run_id, pk, name), input_key=record.source_key, output_prefix=prefix,
+        strategy_name=name, strategy=strategy.to_tree(), fingerprint=fp, storage=media_store.storage_ref(),
+        output_format=fmt, bitrate_kbps=bitrate, model_repo=model_repo(config), gpu_type=separator.gpu_type,
+        metadata={"partition_key": pk, "recording_sha256": record.sha256, "run_id": context.run.run_id},
+    )
+    why = "no stem set yet" if old is None else "stored set is out of date"
+    context.log.info(f"{pk}: separating with {name!r} on the {separator.backend} separator ({why})")
+    return _Planned(pk, record, old, False, job)
 
+
+def _stored_set(store: ObjectStore, plan: _Planned, name: str) -> SeparationResult:
+    """The set as published, after removing files of the old set the new one did not overwrite."""
+    mkey = manifest_key(plan.pk, name)
     stored = read_manifest(store, mkey)
     if stored is None:
         raise Failure(description=f"The separator finished but {store.uri(mkey)} is missing or unreadable.")
-    if old is not None and not reused:  # stems of the old set that the new one did not overwrite
-        for key in {f.key for f in old.stems.values()} - {f.key for f in stored.stems.values()}:
+    if plan.old is not None and not plan.reused:
+        for key in {f.key for f in plan.old.stems.values()} - {f.key for f in stored.stems.values()}:
             store.delete(key)
+    return stored
 
+
+def materialize_stem_set(context: AssetExecutionContext, config: StemsetConfig, name: str, fp: str,
+                         media_store: MediaStoreResource,
+                         separator: SeparatorResource) -> Iterator[MaterializeResult | object]:
+    """Make the run's partitions' stem sets. One partition: MaterializeResults (with their checks).
+    Several (a backfill run): their jobs go to the separator together (``separate_many``: the model
+    loads once; Modal fans them out), and each partition gets its own materialisation and check
+    events; partitions that fail are listed in one Failure after the others are recorded."""
+    store = media_store.get_store()
+    keys = list(context.partition_keys)
+    selected = set(context.selected_asset_keys)
+    if len(keys) == 1:
+        plan = _plan(context, config, name, fp, store, media_store, separator, keys[0])
+        if plan.job is not None:
+            try:
+                separator.separate(plan.job, store)
+            except StemsetError as err:
+                raise Failure(description=f"{plan.pk}: separation with {name!r} failed: {err}",
+                              allow_retries=False) from err
+        stored = _stored_set(store, plan, name)
+        for key, metadata, version in _stem_events(config, name, fp, store, media_store, separator, plan, stored):
+            if key in selected:
+                yield MaterializeResult(asset_key=key, data_version=version, metadata=metadata)
+        yield from (r for r in checks.evaluate(name, config.strategy(name).stems, stored,
+                                               mix_peak_dbfs=plan.record.peak_dbfs) if r.asset_key in selected)
+        return
+
+    failed: dict[str, str] = {}
+    plans: list[_Planned] = []
+    for pk in keys:
+        try:
+            plans.append(_plan(context, config, name, fp, store, media_store, separator, pk))
+        except Failure as err:
+            failed[pk] = err.description or str(err)
+    todo = [plan for plan in plans if plan.job is not None]
+    context.log.info(f"{len(plans)} partition(s) of {name!r}: {len(todo)} to separate, "
+                     f"{len(plans) - len(todo)} current")
+    outcomes = dict(zip((plan.pk for plan in todo), separator.separate_many([p.job for p in todo], store)))
+    for plan in plans:
+        outcome = outcomes.get(plan.pk)
+        if isinstance(outcome, Exception):
+            failed[plan.pk] = f"separation with {name!r} failed: {outcome}"
+            continue
+        try:
+            stored = _stored_set(store, plan, name)
+        except Failure as err:
+            failed[plan.pk] = err.description or str(err)
+            continue
+        for key, metadata, version in _stem_events(config, name, fp, store, media_store, separator, plan, stored):
+            if key in selected:
+                yield AssetMaterialization(key, partition=plan.pk, metadata=metadata,
+                                           tags={DATA_VERSION_TAG: version.value, CODE_VERSION_TAG: fp})
+        for result in checks.evaluate(name, config.strategy(name).stems, stored, mix_peak_dbfs=plan.record.peak_dbfs):
+            if result.asset_key in selected:
+                yield AssetCheckEvaluation(
+                    asset_key=result.asset_key, check_name=result.check_name, passed=result.passed,
+                    metadata=result.metadata, severity=result.severity, description=result.description,
+                    partition=plan.pk)
+    if failed:
+        lines = "\n".join(f"- {pk}: {why}" for pk, why in failed.items())
+        raise Failure(description=f"{len(failed)} of {len(keys)} partition(s) failed:\n{lines}", allow_retries=False)
+
+
+def _stem_events(config: StemsetConfig, name: str, fp: str, store: ObjectStore, media_store: MediaStoreResource,
+                 separator: SeparatorResource, plan: _Planned,
+                 stored: SeparationResult) -> Iterator[tuple[AssetKey, dict, DataVersion]]:
+    """``(asset key, metadata, data version)`` of every stem of a stored set."""
+    record, pk, reused = plan.record, plan.pk, plan.reused
+    mkey = manifest_key(pk, name)
     price = separator.price(stored)
     cost = separator.cost_usd(stored)
     version = DataVersion(data_version(record.sha256, fp))
-    for stem in stems:
+    for stem in config.strategy(name).stems:
         f = stored.stems.get(stem)
         if f is None:
             raise Failure(description=f"{store.uri(mkey)} lists no stem {stem!r} (it has {', '.join(stored.stems)}).")
-        yield MaterializeResult(
-            asset_key=checks.stem_asset_key(name, stem),
-            data_version=version,
-            metadata={
-                "uri": store.uri(f.key),
-                "url": MetadataValue.url(media_store.playback_url(f.key)),
-                "format": f.format,
-                "bytes": int(f.bytes),
-                "duration_s": round(float(f.duration_s), 3),
-                "lufs": _num(f.lufs),
-                "peak_dbfs": _num(f.peak_dbfs),
-                "rms_dbfs": _num(f.rms_dbfs),
-                "suggested_gain_db": suggested_gain_db(f.lufs, f.peak_dbfs),
-                "nonfinite_samples": int(f.nonfinite_samples),
-                "partition": pk,
-                "strategy": name,
-                "fingerprint": fp,
-                "input_sha256": record.sha256,
-                "source_sha256": stored.input_sha256,
-                "backend": stored.backend,
-                "device": stored.device,
-                "gpu_type": stored.gpu_type or MetadataValue.null(),
-                "timings": MetadataValue.json(stored.timings),
-                "total_s": float(stored.timings.get("total", 0.0)),
-                "billed_seconds": float(stored.billed_seconds),
-                "price_per_hour": price,
-                "cost_usd": cost,
-                "run_cost_usd": 0.0 if reused else cost,
-                "residual_db": _num(stored.residual_db),
-                "reused": reused,
-                "job_id": stored.job_id,
-                "manifest": store.uri(mkey),
-                "engine_version": stored.engine_version,
-            },
-        )
-    yield from checks.evaluate(name, stems, stored, mix_peak_dbfs=record.peak_dbfs)
+        yield checks.stem_asset_key(name, stem), {
+            "uri": store.uri(f.key),
+            "url": MetadataValue.url(media_store.playback_url(f.key)),
+            "format": f.format,
+            "bytes": int(f.bytes),
+            "duration_s": round(float(f.duration_s), 3),
+            "lufs": _num(f.lufs),
+            "peak_dbfs": _num(f.peak_dbfs),
+            "rms_dbfs": _num(f.rms_dbfs),
+            "suggested_gain_db": suggested_gain_db(f.lufs, f.peak_dbfs),
+            "nonfinite_samples": int(f.nonfinite_samples),
+            "partition": pk,
+            "strategy": name,
+            "fingerprint": fp,
+            "input_sha256": record.sha256,
+            "source_sha256": stored.input_sha256,
+            "backend": stored.backend,
+            "device": stored.device,
+            "gpu_type": stored.gpu_type or MetadataValue.null(),
+            "timings": MetadataValue.json(stored.timings),
+            "total_s": float(stored.timings.get("total", 0.0)),
+            "billed_seconds": float(stored.billed_seconds),
+            "price_per_hour": price,
+            "cost_usd": cost,
+            "run_cost_usd": 0.0 if reused else cost,
+            "residual_db": _num(stored.residual_db),
+            "reused": reused,
+            "job_id": stored.job_id,
+            "manifest": store.uri(mkey),
+            "engine_version": stored.engine_version,
+        }, version
 
 
 def _num(value: float | None):
