@@ -7,7 +7,7 @@ fingerprints); it imports neither torch nor Demucs: separation imports them when
 - assets: ``recording`` -> ``stems/<strategy>/<stem>`` (one multi-asset per strategy) -> ``catalog``;
 - asset checks: declared on each stem multi-asset (see :mod:`stemset_assets.checks`);
 - resources: ``media_store`` (config ``storage``) and ``separator`` (config ``gpu``);
-- job ``process_recordings``: ``recording`` plus the stems of every profile's default strategies,
+- jobs ``process_<profile>``: ``recording`` plus the stems of that profile's default strategies,
   partitioned by ``recordings``;
 - sensors: ``new_recordings`` and ``auto_reprocess_<strategy>`` (see :mod:`stemset_assets.sensors`).
 """
@@ -23,13 +23,9 @@ from .config import StemsetConfig, load_config
 from .resources import MediaStoreResource, SeparatorResource
 from .sensors import build_sensors
 
-PROCESS_JOB = "process_recordings"
-
-
-def default_strategies(config: StemsetConfig) -> list[str]:
-    """The strategies some profile runs on every new input, in config order."""
-    wanted = {name for profile in config.profiles.values() for name in profile.strategies}
-    return [name for name in config.strategies if name in wanted]
+def process_job_name(profile: str) -> str:
+    """``process_<profile>``: ``recording`` plus the stems of the profile's default strategies."""
+    return f"process_{profile}"
 
 
 def build_definitions(config: StemsetConfig | None = None, *, resources: dict | None = None) -> Definitions:
@@ -38,14 +34,19 @@ def build_definitions(config: StemsetConfig | None = None, *, resources: dict | 
     config = config if config is not None else load_config()
     fps = fingerprints(config)
     stems = [build_stems_asset(config, name, fps[name]) for name in config.strategies]
-    process = define_asset_job(
-        PROCESS_JOB,
-        selection=AssetSelection.assets(AssetKey("recording"), *stem_keys(config, default_strategies(config))),
-        description="Canonicalise a recording and separate it with its profile's default strategies.",
-    )
+    # One job per profile: a partition of profile P gets exactly P's default strategies.
+    jobs = [
+        define_asset_job(
+            process_job_name(name),
+            selection=AssetSelection.assets(AssetKey("recording"), *stem_keys(config, profile.strategies)),
+            description=f"Canonicalise a recording of profile {name!r} and separate it with "
+                        f"{', '.join(profile.strategies) or 'no strategy'}.",
+        )
+        for name, profile in config.profiles.items()
+    ]
     return Definitions(
         assets=[recording, *stems, build_catalog_asset(config, fps)],
-        jobs=[process],
+        jobs=jobs,
         sensors=build_sensors(config),
         resources={
             "media_store": MediaStoreResource.from_config(config),

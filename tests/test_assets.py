@@ -38,7 +38,7 @@ from stemset_assets.assets.catalog import build_catalog, build_catalog_asset, ma
 from stemset_assets.assets.recording import recording
 from stemset_assets.assets.stems import build_stems_asset, fingerprints
 from stemset_assets.config import StemsetConfig, load_config
-from stemset_assets.definitions import PROCESS_JOB, build_definitions
+from stemset_assets.definitions import build_definitions, process_job_name
 from stemset_assets.layout import manifest_key, read_record, source_key, stems_prefix
 from stemset_assets.partitions import RECORDINGS_PARTITIONS, assign_partition_keys, hashed_key, list_inputs
 from stemset_assets.resources import MediaStoreResource, SeparatorResource
@@ -502,16 +502,18 @@ def test_media_store_from_config_keeps_secrets_out_of_the_ui(tmp_path, seaweed):
     assert live.playback_url("inputs/h4n/a b.wav").startswith(seaweed.endpoint_url)
 
 
-def test_process_recordings_job_runs_the_default_strategies(small_world: World):
+def test_each_profile_job_runs_exactly_its_default_strategies(small_world: World):
     defs = build_definitions(small_world.config, resources=small_world.resources())
-    job = defs.resolve_job_def(PROCESS_JOB)
+    # h4n runs htdemucs, memos runs htdemucs_6s: each profile's job selects only its own.
+    memos = defs.resolve_job_def(process_job_name("memos"))
+    assert {k.to_user_string() for k in memos.asset_layer.selected_asset_keys} == {
+        "recording", *(f"stems/htdemucs_6s/{s}" for s in ("drums", "bass", "other", "vocals", "guitar", "piano"))}
+    job = defs.resolve_job_def(process_job_name("h4n"))
     result = job.execute_in_process(partition_key="h4n/take3", instance=small_world.instance)
     assert result.success
     done = {k.to_user_string() for k in
             (ev.event_specific_data.materialization.asset_key for ev in result.get_asset_materialization_events())}
-    # h4n runs htdemucs, memos runs htdemucs_6s: the job selects both strategies' stems.
-    assert done == {"recording", *(f"stems/htdemucs/{s}" for s in ("drums", "bass", "other", "vocals")),
-                    *(f"stems/htdemucs_6s/{s}" for s in ("drums", "bass", "other", "vocals", "guitar", "piano"))}
+    assert done == {"recording", *(f"stems/htdemucs/{s}" for s in ("drums", "bass", "other", "vocals"))}
 
 
 def test_definitions_load_without_torch_and_validate(tmp_path, model_repo):
