@@ -57,6 +57,13 @@ def test_upload_job_stems_and_catalog(server, tmp_path):
     assert job["error"] is None and job["progress"] == 1.0 and job["run_id"]
     assert set(job["stems"]) == STEMS and job["stem_sets"] == {"htdemucs": job["stems"]}
     assert {s["step"] for s in job["steps"]} >= {"recording"}
+    # the run happened in the worker process, not in the API server's own process
+    from dagster import DagsterInstance
+
+    instance = DagsterInstance.from_config(str(server.media.parent / "home"))
+    pids = {r.event_log_entry.dagster_event.pid for r in instance.get_records_for_run(job["run_id"]).records
+            if r.event_log_entry.dagster_event is not None}
+    assert pids and server.process.pid not in pids
     for name, url in job["stems"].items():
         got = httpx.get(url, headers=server.headers(), timeout=10)
         assert got.status_code == 200 and got.content[:4] == b"fLaC", name

@@ -1,10 +1,11 @@
 """The web API's jobs: one Dagster run per uploaded file.
 
 A job is launched through the Dagster webserver's GraphQL when ``dagster.webserver_url`` is set
-(and reachable), else run in this process on one background worker thread (jobs queue up and
-run one at a time: the model cache is shared and the SQLite instance sees one writer). Either
-way the run carries the tag ``stemset/job_id``, so a job can be found again in the instance
-after the API restarts, and its steps show its progress.
+(and reachable), else run in a worker process (spawned once, kept for later jobs so its model
+cache stays warm; jobs queue up and run one at a time, so the SQLite instance sees one writer).
+Separation never runs inside the API server's process: a crash or a memory spike there takes
+down one job, not the server. Either way the run carries the tag ``stemset/job_id``, so a job
+can be found again in the instance after the API restarts, and its steps show its progress.
 
 Status: ``queued`` (waiting for the worker or the run coordinator), ``running``, ``complete``
 (every stem set requested has its manifest), ``error`` (with the run's first failure).
@@ -13,10 +14,13 @@ Status: ``queued`` (waiting for the worker or the run coordinator), ``running``,
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import queue
 import threading
 import time
 import uuid
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -69,6 +73,7 @@ class JobManager:
         self._lock = threading.Lock()
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._worker: threading.Thread | None = None
+        self._pool: ProcessPoolExecutor | None = None
 
     # ------------------------------------------------------------------ submitting
 
@@ -97,22 +102,26 @@ class JobManager:
                 self._worker.start()
 
     def _work(self) -> None:
-        from ..runs import materialize_in_process
-
         while True:
             job = self._queue.get()
             if job is None:
                 return
             job.status = RUNNING
+            tags = {JOB_TAG: job.job_id, STRATEGIES_TAG: ",".join(job.strategies)}
             try:
-                (outcome,) = materialize_in_process(
-                    self.config, self.instance, [job.partition], job.strategies, resources=self.resources,
-                    tags={JOB_TAG: job.job_id, STRATEGIES_TAG: ",".join(job.strategies)})
+                if self._pool is None:
+                    self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+                outcome = self._pool.submit(_materialize_in_worker, self.config, job.partition, job.strategies,
+                                            tags, self.resources).result()
                 job.run_id = outcome.run_id
                 if outcome.success:
                     self._finish(job, COMPLETE)
                 else:
                     self._finish(job, ERROR, outcome.error or "the run failed")
+            except BrokenProcessPool:
+                self._pool = None  # a fresh worker for the next job
+                self._finish(job, ERROR, "the worker process died during the job (out of memory?); "
+                                         "upload again to retry, and see the API server's log")
             except Exception as err:  # noqa: BLE001 - the job fails, the worker goes on
                 log.exception("job %s failed", job.job_id)
                 message = str(err) if isinstance(err, StemsetError) else f"{type(err).__name__}: {err}"
@@ -126,6 +135,8 @@ class JobManager:
         if self._worker is not None and self._worker.is_alive():
             self._queue.put(None)
             self._worker.join(timeout_s)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ reading
 
@@ -223,3 +234,14 @@ class JobManager:
             "progress": 1.0 if job.status == COMPLETE else round(min(done / total, 0.99), 3),
             "created_at": job.created_at, "finished_at": job.finished_at,
         }
+
+
+def _materialize_in_worker(config: "StemsetConfig", partition: str, strategies: list[str], tags: dict[str, str],
+                           resources: dict[str, Any] | None):
+    """In the worker process: one run of ``partition`` against the instance of ``$DAGSTER_HOME``
+    (inherited from the API process, which set it)."""
+    from ..runs import dagster_instance, materialize_in_process
+
+    (outcome,) = materialize_in_process(config, dagster_instance(config), [partition], strategies,
+                                        resources=resources, tags=tags)
+    return outcome
