@@ -109,13 +109,18 @@ def _folder_name(path: Path) -> str:
 
 
 def _common_args(p: argparse.ArgumentParser, default=None) -> None:
-    # Given to the main parser and to every subcommand, so they work before or after it.
-    p.add_argument("--config", "-c", default=default,
-                   help="config file (default: $STEMSET_CONFIG, else ./config.yaml, else built-in defaults)")
-    p.add_argument("--debug", action="store_true", default=default if default is not None else False,
-                   help="show tracebacks")
-    p.add_argument("--quiet", "-q", action="store_true", default=default if default is not None else False,
-                   help="no progress bars")
+    # Given to the main parser and to every subcommand, so they work before or after it
+    # (a subcommand that defines one of them itself keeps its own).
+    flag = default if default is not None else False
+    options = [
+        (("--config", "-c"), {"default": default,
+                              "help": "config file (default: $STEMSET_CONFIG, else ./config.yaml, else built-in defaults)"}),
+        (("--debug",), {"action": "store_true", "default": flag, "help": "show tracebacks"}),
+        (("--quiet", "-q"), {"action": "store_true", "default": flag, "help": "no progress bars"}),
+    ]
+    for names, kwargs in options:
+        if not any(name in p._option_string_actions for name in names):
+            p.add_argument(*names, **kwargs)
 
 
 def _register_plugins() -> None:
@@ -130,6 +135,16 @@ def _register_plugins() -> None:
     from . import cli_automation  # noqa: F401 - registers `status` and `backfill`
 
 
+def _with_nested(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """``parser`` and every sub-subcommand parser below it (``api serve``, ``worker serve``)."""
+    out = [parser]
+    for action in parser._actions:  # argparse offers no public walk over subparsers
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                out += _with_nested(child)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     _register_plugins()
     parser = argparse.ArgumentParser(
@@ -142,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         doc = (run.__doc__ or "").strip()
         sub = subs.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc or None)
         add_args(sub)
-        _common_args(sub, default=argparse.SUPPRESS)
+        for parser_ in _with_nested(sub):  # `stemset api serve --debug` works as well as `stemset --debug api serve`
+            _common_args(parser_, default=argparse.SUPPRESS)
         sub.set_defaults(run=run)
     return parser
 

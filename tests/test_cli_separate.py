@@ -144,3 +144,12 @@ def test_debug_shows_traceback(env):
 def test_missing_file(env, capsys):
     assert main(["separate", str(env / "nope.wav"), "-q"]) == 1
     assert "nope.wav" in capsys.readouterr().err
+
+
+def test_common_options_work_before_and_after_nested_subcommands():
+    from stemset_assets.cli import build_parser
+
+    for argv in (["api", "serve", "--debug", "-q", "--config", "x.yaml"], ["--debug", "-q", "--config", "x.yaml", "api", "serve"],
+                 ["worker", "serve", "--debug", "-q", "--config", "x.yaml"]):
+        args = build_parser().parse_args(argv)
+        assert (args.debug, args.quiet, args.config) == (True, True, "x.yaml"), argv

@@ -62,7 +62,6 @@ def add_api_args(p: argparse.ArgumentParser) -> None:
     serve = sub.add_parser("serve", help="serve the upload/jobs API and the player page")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    serve.add_argument("--config", "-c", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def run_api(args: argparse.Namespace) -> int:
