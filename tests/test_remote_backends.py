@@ -121,27 +121,18 @@ def test_modal_backend_fans_out_with_map_and_keeps_order(monkeypatch, seaweed, m
     assert store.exists("outputs/t/0/manifest.json") and not store.exists("outputs/t/1/manifest.json")
 
 
-def test_modal_backend_refuses_local_storage_clearly(tmp_path):
-    from gpu_worker.job import SeparationJob
-
-    local = MediaStoreResource(backend="local", root=str(tmp_path))
-    j = SeparationJob(job_id="j", input_key="a.flac", output_prefix="o", strategy_name="s", strategy={},
-                      fingerprint="f", storage=local.storage_ref())
-    with pytest.raises(Failure, match="storage.backend: s3"):
-        SeparatorResource(backend="modal").separate(j, local.get_store())
-
-
-def test_http_backend_without_url_and_unknown_backend_fail_clearly(tmp_path):
+def test_misconfigured_backends_fail_clearly(tmp_path):
     from gpu_worker.errors import StemsetError
     from gpu_worker.job import SeparationJob
 
     local = MediaStoreResource(backend="local", root=str(tmp_path))
-    j = SeparationJob(job_id="j", input_key="a.flac", output_prefix="o", strategy_name="s", strategy={},
-                      fingerprint="f", storage=local.storage_ref())
-    with pytest.raises(StemsetError, match="gpu.url"):
-        SeparatorResource(backend="http").separate(j, local.get_store())
-    with pytest.raises(Failure, match="local, modal, http"):
-        SeparatorResource(backend="tpu").separate(j, local.get_store())
+    job = SeparationJob(job_id="j", input_key="a.flac", output_prefix="o", strategy_name="s", strategy={},
+                        fingerprint="f", storage=local.storage_ref())
+    for backend, error, message in [("modal", Failure, "storage.backend: s3"),  # Modal cannot see this disk
+                                    ("http", StemsetError, "gpu.url"),  # no worker URL configured
+                                    ("tpu", Failure, "local, modal, http")]:
+        with pytest.raises(error, match=message):
+            SeparatorResource(backend=backend).separate(job, local.get_store())
 
 
 def test_from_config_keeps_the_worker_token_out_of_the_ui(tmp_path, model_repo, monkeypatch):
