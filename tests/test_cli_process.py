@@ -18,6 +18,7 @@ from stemset_assets.partitions import RECORDINGS_PARTITIONS
 from tests.audio_fixtures import music_like, write_audio
 from tests.configs import tiny_config_yaml
 from tests.model_fixtures import make_model_repo
+from tests.webserver import dagster_webserver
 
 STEMS = ["drums", "bass", "other", "vocals"]
 STORAGE = """\
@@ -110,6 +111,27 @@ def test_process_catalog_local(tmp_path, model_repo, home, capsys):
     assert main(["--config", str(cfg), "catalog"]) == 0
     table = capsys.readouterr().out
     assert "h4n/second" in table and "missing" in table and "2 recordings" in table
+
+
+def test_process_through_the_webserver(tmp_path, model_repo, home, capsys, monkeypatch):
+    """With dagster.webserver_url set, `process` launches the runs through the webserver's GraphQL
+    (they run in the webserver's subprocesses, not here) and still downloads the stems."""
+    cfg = write_config(tmp_path, model_repo)
+    good = take(tmp_path / "takes", "Good.wav", 1.0, seed=3)
+    bad = tmp_path / "takes" / "notes.wav"
+    bad.write_bytes(b"RIFF but not really a wave file" * 20)
+    with dagster_webserver(home, cfg) as client:
+        monkeypatch.setenv("DAGSTER_WEBSERVER_URL", client.url)
+        via = tmp_path / "via-webserver.yaml"
+        via.write_text(cfg.read_text() + "dagster:\n  webserver_url: ${DAGSTER_WEBSERVER_URL}\n")
+        rc = main(["--config", str(via), "-q", "process", "h4n", str(good), str(bad), "--out", str(tmp_path / "out")])
+        captured = capsys.readouterr()
+    assert rc == 1 and "notes.wav" in captured.err + captured.out
+    assert sorted(p.name for p in (tmp_path / "out" / "h4n" / "good").iterdir()) == sorted(f"{s}.flac" for s in STEMS)
+    runs = DagsterInstance.from_config(str(home)).get_runs()
+    # the non-audio file is refused before upload; the good one ran in the webserver's run launcher
+    assert {r.tags["dagster/partition"]: r.status.value for r in runs} == {"h4n/good": "SUCCESS"}
+    assert all(r.tags.get("stemset/launched_by") == "stemset process" for r in runs)
 
 
 def test_process_on_seaweedfs_reports_failures(tmp_path, model_repo, home, seaweed, capsys, monkeypatch):

@@ -3,10 +3,6 @@ SQLite instance, and through a real dagster-webserver's GraphQL on loopback."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +18,7 @@ from tests.audio_fixtures import music_like, write_audio
 from tests.configs import tiny_config_yaml
 from tests.model_fixtures import make_model_repo
 from tests.remote_fixtures import free_port
+from tests.webserver import dagster_webserver
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,24 +79,7 @@ def test_unreachable_webserver_is_a_clear_error():
 def test_runs_and_backfills_through_a_real_webserver(project, tmp_path):
     config, config_path, store, keys = project
     home = tmp_path / "home"
-    home.mkdir()
-    # Runs start at once in a subprocess of the webserver (no daemon needed for single runs).
-    (home / "dagster.yaml").write_text(
-        "run_coordinator:\n  module: dagster._core.run_coordinator\n  class: DefaultRunCoordinator\n"
-        "telemetry:\n  enabled: false\n")
-    env = {**os.environ, "DAGSTER_HOME": str(home), "STEMSET_CONFIG": str(config_path),
-           "PYTHONPATH": str(ROOT)}
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dagster_webserver", "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1",
-         "-p", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        client = WebserverClient(f"http://127.0.0.1:{port}", timeout_s=5)
-        deadline = time.monotonic() + 120
-        while not client.reachable():
-            assert proc.poll() is None, proc.stderr.read().decode(errors="replace")[-2000:]
-            assert time.monotonic() < deadline, "webserver did not come up in 120 s"
-            time.sleep(1)
+    with dagster_webserver(home, config_path) as client:
         instance = DagsterInstance.from_config(str(home))
         good = keys["inputs/h4n/Take One.wav"]
         register_partitions(instance, keys.values())
@@ -117,10 +97,3 @@ def test_runs_and_backfills_through_a_real_webserver(project, tmp_path):
             AssetKey("recording")).get_partition_keys()) == set(keys.values())
         bad_run = client.launch_run(keys["inputs/h4n/notes.wav"], selection_for(config, ["htdemucs"]))
         assert client.wait(bad_run, timeout_s=240, poll_s=1) == "FAILURE"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)

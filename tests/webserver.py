@@ -1,0 +1,48 @@
+"""A real dagster-webserver on loopback for tests: Stemset's workspace.yaml with a test config,
+runs launched at once in subprocesses (no daemon), stopped on exit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from stemset_assets.runs import WebserverClient
+from tests.remote_fixtures import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTUP_TIMEOUT_S = 120
+
+
+@contextmanager
+def dagster_webserver(home: Path, config_path: Path) -> Iterator[WebserverClient]:
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").write_text(
+        "run_coordinator:\n  module: dagster._core.run_coordinator\n  class: DefaultRunCoordinator\n"
+        "telemetry:\n  enabled: false\n")
+    env = {**os.environ, "DAGSTER_HOME": str(home), "STEMSET_CONFIG": str(config_path), "PYTHONPATH": str(ROOT)}
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dagster_webserver", "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1",
+         "-p", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        client = WebserverClient(f"http://127.0.0.1:{port}", timeout_s=5)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not client.reachable():
+            if proc.poll() is not None:
+                raise RuntimeError(proc.stderr.read().decode(errors="replace")[-2000:])
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"dagster-webserver did not come up in {STARTUP_TIMEOUT_S} s")
+            time.sleep(1)
+        yield client
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
