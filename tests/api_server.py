@@ -44,10 +44,10 @@ class ApiServer:
         return self.log_path.read_text(errors="replace")
 
 
-def write_config(folder: Path, repo: Path, auth: bool = True) -> Path:
+def write_config(folder: Path, repo: Path, auth: bool = True, sections: str = "") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.yaml"
-    path.write_text(tiny_config_yaml(repo, folder / "media", sections=API % {"auth": "true" if auth else "false"}))
+    path.write_text(tiny_config_yaml(repo, folder / "media", sections=API % {"auth": "true" if auth else "false"} + sections))
     return path
 
 
@@ -62,8 +62,9 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def api_server(folder: Path, repo: Path, token: str | None = "t0ken-" + os.urandom(8).hex()) -> Iterator[ApiServer]:
-    config = write_config(folder, repo, auth=token is not None)
+def api_server(folder: Path, repo: Path, token: str | None = "t0ken-" + os.urandom(8).hex(),
+               sections: str = "") -> Iterator[ApiServer]:
+    config = write_config(folder, repo, auth=token is not None, sections=sections)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_WEBSERVER_URL", "STEMSET_API_TOKEN")}
     env.update({"DAGSTER_HOME": str(folder / "home"), "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})

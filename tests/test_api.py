@@ -14,6 +14,7 @@ from stemset_assets.api.server import check_bind, is_loopback
 from stemset_assets.cli import main
 from stemset_assets.intake import UploadRejected, check_audio_file, safe_filename, sniff_audio
 from tests.api_server import api_server, wait_for_job, write_config
+from tests.webserver import dagster_webserver
 from tests.audio_fixtures import music_like, write_audio
 from tests.model_fixtures import make_model_repo
 
@@ -155,3 +156,17 @@ def test_serve_refuses_unsafe_binds(tmp_path, model_repo, monkeypatch, capsys):
     cfg = write_config(tmp_path / "off", model_repo, auth=False)
     assert main(["--config", str(cfg), "api", "serve", "--host", "0.0.0.0", "--port", "1"]) == 1
     assert "Refusing to serve the web API on 0.0.0.0 without a token" in capsys.readouterr().err
+
+
+def test_jobs_go_through_the_webserver_when_one_is_configured(tmp_path, model_repo):
+    from dagster import DagsterInstance
+
+    folder = tmp_path / "api"
+    with dagster_webserver(folder / "home", write_config(folder, model_repo)) as client:
+        with api_server(folder, model_repo, sections=f"dagster:\n  webserver_url: {client.url}\n") as server:
+            body = upload(server, "Through the webserver.wav", wav_bytes(1.0, 4, tmp_path)).json()
+            job = wait_for_job(server, body["job_id"])
+    assert job["status"] == "complete" and job["via"] == "webserver", job
+    assert set(job["stems"]) == STEMS
+    run = DagsterInstance.from_config(str(folder / "home")).get_run_by_id(job["run_id"])
+    assert run.tags["stemset/job_id"] == body["job_id"] and run.tags["dagster/partition"] == body["partition"]
