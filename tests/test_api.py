@@ -3,7 +3,6 @@ the catalog, auth, and bad input (too big, not audio, hostile names, unknown pro
 
 from __future__ import annotations
 
-import io
 import unicodedata
 from pathlib import Path
 
