@@ -7,18 +7,32 @@ stem set is
   made from the recording's latest data version (input sha256);
 - ``stale``: made with another fingerprint (``strategy_changed``), from an older recording
   (``recording_changed``), or the input object was rewritten after the recording was last
-  materialised (``input_changed``: the new content is not canonicalised yet);
+  materialised (``input_changed``: the listing's ETag differs from the ``input_etag`` the
+  recording recorded, so the new content is not canonicalised yet);
 - ``missing``: registered but never separated with this strategy (``not_separated``).
 
 A deleted input keeps its partition: the row is reported with ``input_missing`` among its
 reasons and ``input_present`` False, whatever its state.
 
-How it scales (10,000 partitions): per asset key, one query for the latest materialisation's
-storage id of every partition (:meth:`DagsterInstance.get_latest_storage_id_by_partition`),
-then those records fetched by storage id in pages of :data:`PAGE`; the stem set is read
-through its first stem's asset key (the set is materialised as a whole). Plus one listing of
-``inputs/<profile>/`` per profile. No per-partition instance query and no per-partition
-bucket round trip.
+``input_changed`` is the ETag comparison: on S3 the ETag is the content's MD5 (single-part
+uploads), so a re-upload of identical bytes is not a change; on local storage it is
+``size-mtime-inode`` (:class:`gpu_worker.objects.LocalObjectStore`), so a ``touch`` counts as a
+rewrite until the recording is re-materialised (which then keeps its FLAC: same sha256).
+Recording materialisations made before ``input_etag`` was recorded fall back to the old guess:
+modified more than :data:`MTIME_SLACK_S` after the materialisation, or another size.
+
+How it scales (10,000 partitions): per asset key (``recording`` and each strategy's first stem;
+the set is materialised as a whole), one query for the latest materialisation's storage id of
+every partition (:meth:`DagsterInstance.get_latest_storage_id_by_partition`). The few facts
+used here (:data:`RECORDING_FACTS`, :data:`STEM_FACTS` and the timestamp) are kept per
+partition in the instance's key-value store (``daemon_cursor_storage``, one value per asset
+key), each entry under the storage id it was read from: events never change, so an entry is
+valid exactly while its storage id is still the partition's latest, and only the partitions
+materialised since the last call are read from the event log (by storage id, :data:`PAGE` at a
+time). Plus one listing of ``inputs/<profile>/`` per profile. No per-partition instance query
+and no per-partition bucket round trip; the first call after N new materialisations pays for
+deserialising those N events once (about 1 ms each, the recording's carrying its inline
+waveform image).
 
 Module import is Dagster-free apart from types; :func:`staleness` returns a pandas DataFrame
 (columns :data:`COLUMNS`), :func:`partition_states` the same rows as dataclasses.
@@ -27,7 +41,7 @@ Module import is Dagster-free apart from types; :func:`staleness` returns a pand
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gpu_worker.errors import StemsetError
@@ -56,6 +70,7 @@ INPUT_MISSING = "input_missing"
 NOT_SEPARATED = "not_separated"
 NOT_RECORDED = "recording_not_materialised"
 UP_TO_DATE = "up_to_date"
+STALE_REASONS = frozenset({STRATEGY_CHANGED, RECORDING_CHANGED, INPUT_CHANGED})
 
 COLUMNS = [
     "partition", "profile", "strategy", "state", "reason", "duration_s", "input_present", "original_key",
@@ -107,34 +122,87 @@ class StrategyHistory:
 # --------------------------------------------------------------------------- instance reads
 
 
-def latest_materializations(instance: "DagsterInstance", asset_key: "AssetKey",
-                            partitions: Iterable[str] | None = None) -> dict[str, "EventLogRecord"]:
-    """``{partition: latest materialisation record}`` of ``asset_key``: one latest-id query,
-    then the records by storage id, :data:`PAGE` at a time."""
+RECORDING_FACTS = ("sha256", "duration_s", "original_key", "input_etag", "input_bytes")
+"""Metadata of the ``recording`` materialisations that staleness uses."""
+STEM_FACTS = ("fingerprint", "input_sha256", "duration_s", "billed_seconds", "cost_usd", "backend")
+"""Metadata of a stem materialisation that staleness uses (read from the strategy's first stem)."""
+CACHE_KEY = "stemset/staleness/v1/"
+"""Prefix of the key-value store entries holding the facts, one per asset key."""
+TIMESTAMP = "timestamp"
+
+
+def _facts(record: "EventLogRecord", fields: Sequence[str]) -> dict[str, Any]:
+    metadata = record.asset_materialization.metadata if record.asset_materialization is not None else {}
+    out: dict[str, Any] = {TIMESTAMP: record.timestamp}
+    for name in fields:
+        value = metadata.get(name)
+        out[name] = None if value is None else value.value
+    return out
+
+
+def _cache_read(instance: "DagsterInstance", key: str, fields: Sequence[str]) -> dict[str, list]:
+    """``{partition: [storage id, timestamp, *fields]}`` as last stored, or empty when there is
+    none, it was written for other fields, or the instance has no key-value store."""
+    import json
+
+    try:
+        raw = instance.daemon_cursor_storage.get_cursor_values({key}).get(key)
+        stored = json.loads(raw) if raw else {}
+    except Exception:  # noqa: BLE001 - a cache: an instance without a usable store just reads the events
+        return {}
+    if not isinstance(stored, dict) or stored.get("fields") != list(fields):
+        return {}
+    rows = stored.get("rows")
+    return rows if isinstance(rows, dict) else {}
+
+
+def _cache_write(instance: "DagsterInstance", key: str, fields: Sequence[str], rows: dict[str, list]) -> None:
+    import json
+
+    try:
+        instance.daemon_cursor_storage.set_cursor_values(
+            {key: json.dumps({"fields": list(fields), "rows": rows}, separators=(",", ":"))})
+    except Exception:  # noqa: BLE001 - a cache: failing to store it costs the next call time, not correctness
+        pass
+
+
+def latest_facts(instance: "DagsterInstance", asset_key: "AssetKey", fields: Sequence[str],
+                 partitions: Iterable[str] | None = None, *, cache: bool = True) -> dict[str, dict[str, Any]]:
+    """``{partition: {field: metadata value, "timestamp": ...}}`` of each partition's latest
+    materialisation of ``asset_key``: one latest-id query, then the facts from the cache for the
+    partitions whose latest event is the cached one, and from the event log (by storage id,
+    :data:`PAGE` at a time) for the others, which then join the cache."""
     from dagster import AssetRecordsFilter, DagsterEventType
 
     ids = instance.get_latest_storage_id_by_partition(asset_key, DagsterEventType.ASSET_MATERIALIZATION)
-    if partitions is not None:
-        wanted = set(partitions)
-        ids = {pk: sid for pk, sid in ids.items() if pk in wanted}
-    ordered = sorted(ids.values())
-    out: dict[str, EventLogRecord] = {}
-    for start in range(0, len(ordered), PAGE):
-        chunk = ordered[start:start + PAGE]
+    wanted = ids if partitions is None else {pk: ids[pk] for pk in set(partitions) if pk in ids}
+    key = CACHE_KEY + asset_key.to_user_string()
+    stored = _cache_read(instance, key, fields) if cache else {}
+    out: dict[str, dict[str, Any]] = {}
+    todo: list[int] = []
+    for pk, sid in wanted.items():
+        hit = stored.get(pk)
+        if hit is not None and hit[0] == sid:
+            out[pk] = dict(zip((TIMESTAMP, *fields), hit[1:]))
+        else:
+            todo.append(sid)
+    todo.sort()
+    fresh: dict[str, list] = {}
+    for start in range(0, len(todo), PAGE):
+        chunk = todo[start:start + PAGE]
         result = instance.fetch_materializations(
             AssetRecordsFilter(asset_key=asset_key, storage_ids=chunk), limit=len(chunk)
         )
         for record in result.records:
             if record.partition_key is not None:
-                out[record.partition_key] = record
+                facts = _facts(record, fields)
+                out[record.partition_key] = facts
+                fresh[record.partition_key] = [record.storage_id, *(facts[f] for f in (TIMESTAMP, *fields))]
+    if cache:
+        kept = {pk: row for pk, row in stored.items() if ids.get(pk) == row[0]}
+        if fresh or len(kept) != len(stored):
+            _cache_write(instance, key, fields, {**kept, **fresh})
     return out
-
-
-def _meta(record: "EventLogRecord | None", key: str, default: Any = None) -> Any:
-    if record is None or record.asset_materialization is None:
-        return default
-    value = record.asset_materialization.metadata.get(key)
-    return default if value is None or value.value is None else value.value
 
 
 # --------------------------------------------------------------------------- checks of names
@@ -164,20 +232,34 @@ def check_profile(config: "StemsetConfig", profile: str | None) -> str | None:
 def _inputs_by_partition(store: "ObjectStore", profiles: Iterable[str], partitions: Sequence[str],
                          original_keys: Mapping[str, str]) -> dict[str, Any]:
     """``{partition: ObjectInfo}`` for the inputs present, one listing per profile. A
-    materialised partition is matched by its recorded object key, others as the sensor keys them."""
+    materialised partition is matched by its recorded object key, others as the sensor keys them
+    (that assignment is skipped when every partition has a recorded key)."""
     out: dict[str, Any] = {}
     for profile in profiles:
         infos = list_inputs(store, profile)
         by_key = {info.key: info for info in infos}
         mine = [pk for pk in partitions if pk.startswith(f"{profile}/")]
-        keyed = assign_partition_keys(profile, infos, mine)
-        by_partition = {pk: by_key[obj] for obj, pk in keyed.items()}
+        by_partition: dict[str, Any] = {}
+        if any(pk not in original_keys for pk in mine):
+            keyed = assign_partition_keys(profile, infos, mine)
+            by_partition = {pk: by_key[obj] for obj, pk in keyed.items()}
         for pk in mine:
             original = original_keys.get(pk)
             info = by_key.get(original) if original else by_partition.get(pk)
             if info is not None:
                 out[pk] = info
     return out
+
+
+def input_changed(rec: Mapping[str, Any], info: Any) -> bool:
+    """Whether the input object ``info`` (from the listing) was rewritten since the recording
+    ``rec`` (its facts) read it: another ETag than the recorded ``input_etag``; for recordings
+    made before that was recorded, modified after the materialisation or another size."""
+    etag = rec.get("input_etag")
+    if etag is not None:
+        return str(etag) != info.etag
+    size = rec.get("input_bytes")
+    return info.last_modified > rec[TIMESTAMP] + MTIME_SLACK_S or (size is not None and int(size) != info.size)
 
 
 def partition_states(instance: "DagsterInstance", config: "StemsetConfig", strategies: Sequence[str] | None = None,
@@ -201,8 +283,8 @@ def partition_states(instance: "DagsterInstance", config: "StemsetConfig", strat
     if profile is not None:
         keys = [k for k in keys if k.startswith(f"{profile}/")]
     fps = fingerprints(config)
-    recordings = latest_materializations(instance, AssetKey("recording"), keys)
-    original_keys = {pk: _meta(rec, "original_key") for pk, rec in recordings.items() if _meta(rec, "original_key")}
+    recordings = latest_facts(instance, AssetKey("recording"), RECORDING_FACTS, keys)
+    original_keys = {pk: rec["original_key"] for pk, rec in recordings.items() if rec.get("original_key")}
 
     inputs: dict[str, Any] | None = None
     if check_inputs:
@@ -213,34 +295,38 @@ def partition_states(instance: "DagsterInstance", config: "StemsetConfig", strat
         profiles = sorted({pk.partition("/")[0] for pk in keys})
         inputs = _inputs_by_partition(store, profiles, keys, original_keys)
 
+    none: dict[str, Any] = {}
     rows: list[PartitionState] = []
     for name in names:
         first_stem = config.strategy(name).stems[0]
-        stems = latest_materializations(instance, stem_asset_key(name, first_stem), keys)
+        stems = latest_facts(instance, stem_asset_key(name, first_stem), STEM_FACTS, keys)
         hist = StrategyHistory()
         for pk in keys:
             rec, st = recordings.get(pk), stems.get(pk)
+            rf, sf = rec or none, st or none  # facts (empty when never materialised)
             try:
                 prof, _ = split_partition_key(pk)
             except ValueError:
                 continue
-            rec_sha = _meta(rec, "sha256")
-            duration = _meta(rec, "duration_s", _meta(st, "duration_s"))
+            rec_sha = rf.get("sha256")
+            duration = rf.get("duration_s")
+            if duration is None:
+                duration = sf.get("duration_s")
             reasons: list[str] = []
             if st is None:
                 state = MISSING
                 reasons.append(NOT_RECORDED if rec is None else NOT_SEPARATED)
             else:
-                if _meta(st, "fingerprint") != fps[name]:
+                if sf.get("fingerprint") != fps[name]:
                     reasons.append(STRATEGY_CHANGED)
-                if rec_sha is not None and _meta(st, "input_sha256") != rec_sha:
+                if rec_sha is not None and sf.get("input_sha256") != rec_sha:
                     reasons.append(RECORDING_CHANGED)
-                billed, audio = _meta(st, "billed_seconds"), _meta(st, "duration_s")
+                billed, audio = sf.get("billed_seconds"), sf.get("duration_s")
                 if billed and audio:
                     hist.runs += 1
                     hist.audio_seconds += float(audio)
                     hist.billed_seconds += float(billed)
-                    b = str(_meta(st, "backend", "local"))
+                    b = str(sf.get("backend") or "local")
                     a0, b0 = hist.by_backend.get(b, (0.0, 0.0))
                     hist.by_backend[b] = (a0 + float(audio), b0 + float(billed))
             present: bool | None = None
@@ -249,21 +335,18 @@ def partition_states(instance: "DagsterInstance", config: "StemsetConfig", strat
                 present = info is not None
                 if info is None:
                     reasons.append(INPUT_MISSING)
-                elif rec is not None and (
-                    info.last_modified > rec.timestamp + MTIME_SLACK_S
-                    or (_meta(rec, "input_bytes") is not None and int(_meta(rec, "input_bytes")) != info.size)
-                ):
+                elif rec is not None and input_changed(rec, info):
                     reasons.append(INPUT_CHANGED)
             if st is not None:
-                state = STALE if any(r in (STRATEGY_CHANGED, RECORDING_CHANGED, INPUT_CHANGED) for r in reasons) else CURRENT
+                state = STALE if STALE_REASONS.intersection(reasons) else CURRENT
             rows.append(PartitionState(
                 partition=pk, profile=prof, strategy=name, state=state,
                 reason=";".join(reasons) or UP_TO_DATE,
                 duration_s=None if duration is None else float(duration), input_present=present,
-                original_key=original_keys.get(pk), fingerprint=_meta(st, "fingerprint"),
-                current_fingerprint=fps[name], input_sha256=_meta(st, "input_sha256"), recording_sha256=rec_sha,
-                backend=_meta(st, "backend"), billed_seconds=_meta(st, "billed_seconds"),
-                cost_usd=_meta(st, "cost_usd"), materialized_at=st.timestamp if st is not None else None,
+                original_key=original_keys.get(pk), fingerprint=sf.get("fingerprint"),
+                current_fingerprint=fps[name], input_sha256=sf.get("input_sha256"), recording_sha256=rec_sha,
+                backend=sf.get("backend"), billed_seconds=sf.get("billed_seconds"),
+                cost_usd=sf.get("cost_usd"), materialized_at=sf.get(TIMESTAMP),
             ))
         if history is not None:
             history[name] = hist
@@ -276,7 +359,7 @@ def staleness(instance: "DagsterInstance", config: "StemsetConfig", strategies: 
     import pandas as pd
 
     rows = partition_states(instance, config, strategies, profile, **kwargs)
-    return pd.DataFrame([asdict(r) for r in rows], columns=COLUMNS)
+    return pd.DataFrame([vars(r) for r in rows], columns=COLUMNS)  # flat scalars: no asdict deep copy
 
 
 def summary(df: "pd.DataFrame") -> "pd.DataFrame":

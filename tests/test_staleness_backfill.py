@@ -156,3 +156,152 @@ def test_staleness_dry_run_backfill_and_auto_reprocess(world: World, model_repo,
     r = rows(staleness(world.instance, changed, ["htdemucs"], store=store))
     assert r[("h4n/a", "htdemucs")].state == "stale" and r[("h4n/a", "htdemucs")].reason == "input_changed"
     assert plan_backfill(world.instance, changed, "htdemucs", "stale", store=store).include_recording is True
+
+
+# --------------------------------------------------------------------------- input_changed by ETag
+
+ETAG_CONFIG = """
+storage: {backend: local, local: {root: ./media}}
+profiles:
+  h4n: {strategies: [htdemucs]}
+strategies:
+  htdemucs: {_: htdemucs, drums: drums, bass: bass, other: other, vocals: vocals}
+"""
+
+
+class RecordingOnly:
+    """The real ``recording`` asset on a store and a SQLite instance; the stem set is reported as a
+    runless event carrying what the stems asset records, so no model runs."""
+
+    def __init__(self, tmp_path, media, instance):
+        from stemset_assets.config import load_config
+
+        (tmp_path / "cfg").mkdir()
+        (tmp_path / "cfg" / "config.yaml").write_text(ETAG_CONFIG)
+        self.config = load_config(tmp_path / "cfg" / "config.yaml", env={})
+        self.media, self.instance, self.tmp = media, instance, tmp_path
+        self.store = media.get_store()
+
+    def put(self, key: str, seed: int) -> None:
+        from tests.audio_fixtures import write_audio
+
+        local = self.tmp / "upload" / key.rsplit("/", 1)[-1]
+        local.parent.mkdir(parents=True, exist_ok=True)
+        write_audio(local, music_like(1.0, seed=seed), 44100)
+        self.store.upload(local, key)
+
+    def record(self, pk: str):
+        from dagster import materialize
+
+        from stemset_assets.assets.recording import recording
+
+        if pk not in self.instance.get_dynamic_partitions("recordings"):
+            self.instance.add_dynamic_partitions("recordings", [pk])
+        result = materialize([recording], instance=self.instance, partition_key=pk,
+                             resources={"media_store": self.media})
+        assert result.success
+        (event,) = result.get_asset_materialization_events()
+        return {k: v.value for k, v in event.event_specific_data.materialization.metadata.items()}
+
+    def separated(self, pk: str, sha: str) -> None:
+        from dagster import AssetMaterialization
+
+        fp = fingerprints(self.config)["htdemucs"]
+        self.instance.report_runless_asset_event(AssetMaterialization(
+            stem_keys(self.config, ["htdemucs"])[0], partition=pk,
+            metadata={"fingerprint": fp, "input_sha256": sha, "duration_s": 1.0, "billed_seconds": 0.5,
+                      "backend": "local", "cost_usd": 0.0}))
+
+    def row(self, pk: str):
+        return rows(staleness(self.instance, self.config, store=self.store))[(pk, "htdemucs")]
+
+
+def test_input_changed_is_the_etag_on_s3(tmp_path, seaweed):
+    """SeaweedFS: the ETag is the content's MD5, so an identical re-upload is no change (even well
+    after the materialisation, where the old modification-time guess said input_changed) and new
+    content of the very same size is."""
+    import time
+
+    from stemset_assets.resources import MediaStoreResource
+
+    media = MediaStoreResource(backend="s3", endpoint_url=seaweed.endpoint_url, bucket=seaweed.make_bucket(),
+                               region=seaweed.region, access_key_id=seaweed.access_key_id,
+                               secret_access_key=seaweed.secret_access_key, max_attempts=2)
+    (tmp_path / "dagster").mkdir()
+    with instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
+        w = RecordingOnly(tmp_path, media, instance)
+        w.put("inputs/h4n/a.wav", seed=1)
+        meta = w.record("h4n/a")
+        head = w.store.head("inputs/h4n/a.wav")
+        assert meta["input_etag"] == head.etag and meta["original_key"] == "inputs/h4n/a.wav"
+        w.separated("h4n/a", meta["sha256"])
+        assert w.row("h4n/a").reason == "up_to_date"
+
+        time.sleep(3.5)  # well past MTIME_SLACK_S (S3 times are whole seconds): by time alone, a rewrite
+        w.put("inputs/h4n/a.wav", seed=1)  # the same bytes again
+        again = w.store.head("inputs/h4n/a.wav")
+        assert again.etag == head.etag and again.last_modified > head.last_modified
+        r = w.row("h4n/a")
+        assert r.state == "current" and r.reason == "up_to_date"
+
+        w.put("inputs/h4n/a.wav", seed=2)  # other content, same length and size
+        changed = w.store.head("inputs/h4n/a.wav")
+        assert changed.size == head.size and changed.etag != head.etag
+        r = w.row("h4n/a")
+        assert r.state == "stale" and r.reason == "input_changed"
+
+        meta2 = w.record("h4n/a")  # the recording is redone: the stem set is now behind it, not the input
+        assert meta2["input_etag"] == changed.etag and meta2["sha256"] != meta["sha256"]
+        r = w.row("h4n/a")
+        assert r.state == "stale" and r.reason == "recording_changed"
+
+
+def test_touch_on_local_storage_is_input_changed_until_recorded(tmp_path):
+    """Local storage's ETag is size-mtime-inode (LocalObjectStore), so a touch with identical
+    content is reported as input_changed; re-materialising the recording reuses its FLAC (same
+    sha256), records the new ETag, and the stem set is current again. A recording materialised
+    before input_etag was recorded falls back to the size / modification-time guess."""
+    import os
+
+    from dagster import AssetKey, AssetMaterialization
+
+    from stemset_assets.resources import MediaStoreResource
+    from stemset_assets.staleness import RECORDING_FACTS, latest_facts
+
+    media = MediaStoreResource(backend="local", root=str(tmp_path / "media"))
+    (tmp_path / "dagster").mkdir()
+    with instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
+        w = RecordingOnly(tmp_path, media, instance)
+        w.put("inputs/h4n/a.wav", seed=1)
+        meta = w.record("h4n/a")
+        w.separated("h4n/a", meta["sha256"])
+        assert w.row("h4n/a").reason == "up_to_date"
+
+        path = tmp_path / "media" / "inputs" / "h4n" / "a.wav"
+        before = w.store.head("inputs/h4n/a.wav")
+        later = path.stat().st_mtime + 10
+        os.utime(path, (later, later))  # touch: same bytes, new modification time
+        assert w.store.head("inputs/h4n/a.wav").etag != before.etag
+        r = w.row("h4n/a")
+        assert r.state == "stale" and r.reason == "input_changed"
+
+        again = w.record("h4n/a")
+        assert again["reused"] is True and again["sha256"] == meta["sha256"]
+        assert again["input_etag"] == w.store.head("inputs/h4n/a.wav").etag
+        r = w.row("h4n/a")
+        assert r.state == "current" and r.reason == "up_to_date"
+        # The facts cache (instance key-value store) answers as the event log does.
+        assert latest_facts(instance, AssetKey("recording"), RECORDING_FACTS) == \
+            latest_facts(instance, AssetKey("recording"), RECORDING_FACTS, cache=False)
+
+        # An old-style recording materialisation without input_etag: the size / time guess.
+        w.put("inputs/h4n/b.wav", seed=3)
+        old = w.store.head("inputs/h4n/b.wav")
+        instance.add_dynamic_partitions("recordings", ["h4n/b"])
+        instance.report_runless_asset_event(AssetMaterialization(AssetKey("recording"), partition="h4n/b", metadata={
+            "original_key": "inputs/h4n/b.wav", "sha256": "b" * 64, "duration_s": 1.0, "input_bytes": old.size}))
+        w.separated("h4n/b", "b" * 64)
+        assert w.row("h4n/b").reason == "up_to_date"
+        path.with_name("b.wav").write_bytes(path.with_name("b.wav").read_bytes() + b"\0\0")  # another size
+        r = w.row("h4n/b")
+        assert r.state == "stale" and r.reason == "input_changed"

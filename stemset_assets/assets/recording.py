@@ -167,6 +167,7 @@ def _result(store: ObjectStore, media_store: MediaStoreResource, record: Recordi
         "bit_depth": record.bit_depth if record.bit_depth is not None else MetadataValue.null(),
         "duration_s": round(record.duration_s, 3),
         "input_bytes": record.input_bytes,
+        "input_etag": record.input_etag,  # staleness compares it with the listing (input_changed)
         "lufs": record.lufs if record.lufs is not None else MetadataValue.null(),
         "peak_dbfs": record.peak_dbfs if record.peak_dbfs is not None else MetadataValue.null(),
         "uri": store.uri(record.source_key),
