@@ -132,7 +132,7 @@ def _register_plugins() -> None:
         from . import cli_process
 
         cli_process.register()
-    from . import cli_automation  # noqa: F401 - registers `status` and `backfill`
+    from . import cli_automation  # noqa: F401  (importing it registers `status` and `backfill`)
 
 
 def _with_nested(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:

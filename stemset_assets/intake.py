@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 
     from .config import StemsetConfig
 
+# What soundfile or PyAV decodes; the sensor and uploads both go by it.
 AUDIO_EXTENSIONS = (".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".mp4", ".aac",
-                    ".aif", ".aiff", ".aifc", ".webm", ".mka", ".bwf", ".rf64")
+                    ".aif", ".aiff", ".aifc", ".caf", ".webm", ".mka", ".wma", ".bwf", ".rf64")
 MAX_NAME_BYTES = 120  # of the file name, UTF-8, extension included
 _FORBIDDEN = set('<>:"|?*\\/')
 

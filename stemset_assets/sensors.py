@@ -58,10 +58,6 @@ from .partitions import RECORDINGS_PARTITIONS, assign_partition_keys, list_input
 from .resources.media_store import MediaStoreResource
 
 NEW_RECORDINGS = "new_recordings"
-AUDIO_EXTENSIONS = frozenset({
-    ".wav", ".wave", ".flac", ".mp3", ".m4a", ".aac", ".mp4", ".ogg", ".oga", ".opus", ".aif", ".aiff",
-    ".aifc", ".caf", ".wma", ".webm", ".alac",
-})
 TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".upload", ".uploading", ".filepart")
 DIGEST_BYTES = 6
 LOG_EXAMPLES = 5

@@ -26,12 +26,11 @@ from dagster import (
     DagsterEventType,
     DagsterInstance,
     EnvVar,
-    Failure,
     materialize,
 )
 
 from gpu_worker import audio
-from gpu_worker.job import SeparationJob, SeparationResult, StemFile
+from gpu_worker.job import SeparationResult, StemFile
 from gpu_worker.objects import ObjectStore
 from stemset_assets import checks
 from stemset_assets.assets.catalog import build_catalog, build_catalog_asset, markdown_table

@@ -8,7 +8,6 @@ progress. No materialisation here: the sensor only lists, registers partitions a
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from pathlib import Path
 
