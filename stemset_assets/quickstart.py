@@ -81,6 +81,8 @@ def main() -> int:
         return 1
     print(f"catalog: {store.uri(CATALOG_CSV)}; stems under {OUTPUTS}/ in {store.uri(CATALOG_CSV).rsplit('/catalog/', 1)[0]}")
     print("Browse the runs and assets with: dagster dev -w workspace.yaml")
+    if failed:
+        print(f"{failed} recording(s) failed: see the 'failed:' lines above.", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -130,13 +130,16 @@ def materialize_catalog(config: "StemsetConfig", instance: "DagsterInstance",
 
 
 def _failure_message(result) -> str:
-    """The first step failure's message (the user-facing part of a Failure or StemsetError)."""
+    """The first step failure's user-facing text: a Failure's description, else the error's
+    message without Dagster's exception class prefix."""
     for event in result.all_events:
-        if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
-            error = event.step_failure_data.error
-            while error.cause is not None and "StemsetError" not in error.cls_name and error.cls_name != "Failure":
-                error = error.cause
-            return f"{event.step_key}: {error.message.strip()}"
+        data = event.step_failure_data if event.is_step_failure else None
+        if data is None:
+            continue
+        if data.user_failure_data is not None and data.user_failure_data.description:
+            return f"{event.step_key}: {data.user_failure_data.description.strip()}"
+        if data.error is not None:
+            return f"{event.step_key}: {data.error.message.strip().split(': ', 1)[-1]}"
     return "the run failed; see its logs in the Dagster UI"
 
 
