@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 
 from dagster import (
     AssetExecutionContext,
+    BackfillPolicy,
     DataVersion,
     Failure,
     MaterializeResult,
@@ -61,6 +62,7 @@ def _round(value: float | None, digits: int = 2) -> float | None:
     code_version=RECORDING_CODE_VERSION,
     group_name="recordings",
     kinds={"audio", "flac"},
+    backfill_policy=BackfillPolicy.multi_run(1),  # decoding is cheap: one partition per run keeps it simple
     description=(
         "An input recording (inputs/<profile>/<file>) as canonical 44.1 kHz stereo FLAC at "
         "recordings/<profile>/<slug>/source.flac, with its format, loudness, peak and waveform. "
