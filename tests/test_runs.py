@@ -3,6 +3,7 @@ SQLite instance, and through a real dagster-webserver's GraphQL on loopback."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from tests.audio_fixtures import music_like, write_audio
 from tests.configs import tiny_config_yaml
 from tests.model_fixtures import make_model_repo
 from tests.remote_fixtures import free_port
-from tests.webserver import dagster_webserver
+from tests.webserver import dagster_daemon, dagster_webserver
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,3 +98,36 @@ def test_runs_and_backfills_through_a_real_webserver(project, tmp_path):
             AssetKey("recording")).get_partition_keys()) == set(keys.values())
         bad_run = client.launch_run(keys["inputs/h4n/notes.wav"], selection_for(config, ["htdemucs"]))
         assert client.wait(bad_run, timeout_s=240, poll_s=1) == "FAILURE"
+
+
+def test_a_daemon_backfill_groups_the_stem_partitions_into_one_run(tmp_path):
+    """A real backfill (webserver GraphQL + dagster-daemon): `recording` one run per partition,
+    then the stems of all partitions in one run (BackfillPolicy.multi_run)."""
+    repo = make_model_repo(tmp_path / "models")
+    config_path = tmp_path / "config.yaml"
+    # settle_s: the new_recordings sensor, running in the daemon too, leaves these inputs alone
+    config_path.write_text(tiny_config_yaml(repo, tmp_path / "media", sections="sensors:\n  settle_s: 86400\n"))
+    config = load_config(config_path, env={})
+    store = LocalObjectStore(tmp_path / "media")
+    for i in range(3):
+        write_audio(tmp_path / f"t{i}.wav", music_like(1.0, seed=i), 44100)
+        store.upload(tmp_path / f"t{i}.wav", f"inputs/h4n/t{i}.wav")
+    keys = list(assign_partition_keys("h4n", list_inputs(store, "h4n")).values())
+    home = tmp_path / "home"
+    with dagster_webserver(home, config_path) as client:
+        instance = DagsterInstance.from_config(str(home))
+        register_partitions(instance, keys)
+        with dagster_daemon(home, config_path):
+            backfill_id = client.launch_partition_backfill(keys, selection_for(config, ["htdemucs"]))
+            deadline = time.monotonic() + 300
+            while instance.get_backfill(backfill_id).status.value == "REQUESTED":
+                assert time.monotonic() < deadline, "the backfill did not finish in 300 s"
+                time.sleep(2)
+    assert instance.get_backfill(backfill_id).status.value == "COMPLETED_SUCCESS"
+    runs = [r for r in instance.get_runs() if r.status.value == "SUCCESS"]
+    stem_runs = [r for r in runs if AssetKey(["stems", "htdemucs", "vocals"]) in (r.asset_selection or ())]
+    assert len(stem_runs) == 1
+    tags = stem_runs[0].tags
+    assert (tags["dagster/asset_partition_range_start"], tags["dagster/asset_partition_range_end"]) == (keys[0], keys[-1])
+    assert sum(AssetKey("recording") in (r.asset_selection or ()) for r in runs) == 3
+    assert all(store.exists(manifest_key(k, "htdemucs")) for k in keys)

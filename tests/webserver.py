@@ -1,5 +1,5 @@
-"""A real dagster-webserver on loopback for tests: Stemset's workspace.yaml with a test config,
-runs launched at once in subprocesses (no daemon), stopped on exit."""
+"""A real dagster-webserver on loopback for tests (Stemset's workspace.yaml with a test config,
+runs launched at once in subprocesses), and the dagster-daemon for backfills; both stopped on exit."""
 
 from __future__ import annotations
 
@@ -40,9 +40,25 @@ def dagster_webserver(home: Path, config_path: Path) -> Iterator[WebserverClient
             time.sleep(1)
         yield client
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        _stop(proc)
+
+
+@contextmanager
+def dagster_daemon(home: Path, config_path: Path) -> Iterator[subprocess.Popen]:
+    """`dagster-daemon run` on the same instance (needs the webserver's dagster.yaml in ``home``)."""
+    env = {**os.environ, "DAGSTER_HOME": str(home), "STEMSET_CONFIG": str(config_path), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "dagster._daemon", "run", "-w", str(ROOT / "workspace.yaml")],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield proc
+    finally:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
