@@ -16,7 +16,7 @@ from typing import Iterator
 import httpx
 
 from tests.configs import tiny_config_yaml
-from tests.remote_fixtures import free_port
+from tests.remote_fixtures import free_port, http_ok, wait_until_up
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 60.0
@@ -79,18 +79,7 @@ def api_server(folder: Path, repo: Path, token: str | None = "t0ken-" + os.urand
             start_new_session=True)
     server = ApiServer(f"http://127.0.0.1:{port}", token, folder / "media", log_path, proc)
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the API server exited with {proc.returncode}:\n{server.log()[-3000:]}")
-            try:
-                if httpx.get(f"{server.url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the API server did not answer in {STARTUP_TIMEOUT_S:.0f} s:\n{server.log()[-3000:]}")
-            time.sleep(0.3)
+        wait_until_up(proc, http_ok(f"{server.url}/healthz"), STARTUP_TIMEOUT_S, "the API server", server.log)
         yield server
     finally:
         stop(proc)

@@ -11,6 +11,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,31 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until_up(proc: subprocess.Popen, ready: Callable[[], bool], timeout_s: float, what: str,
+                  log: Callable[[], str] = lambda: "", poll_s: float = 0.3) -> None:
+    """Poll ``ready()`` until true; raise with ``log()`` if ``proc`` exits or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not answer within {timeout_s:.0f} s:\n{log()[-3000:]}")
+        time.sleep(poll_s)
+
+
+def http_ok(url: str) -> Callable[[], bool]:
+    """A readiness probe: ``GET url`` answers 200."""
+    import httpx
+
+    def probe() -> bool:
+        try:
+            return httpx.get(url, timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    return probe
 
 
 def bucket_store(seaweed: Any) -> S3ObjectStore:
@@ -90,26 +116,18 @@ class WorkerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 60.0) -> "WorkerProcess":
-        import httpx
-
         cmd = [sys.executable, "-m", "gpu_worker.http", "--host", "127.0.0.1", "--port", str(self.port),
                "--log-level", "warning", *self.args]
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"worker not ready within {timeout_s:.0f}s:\n{self.log_tail()}")
+        try:
+            wait_until_up(self.proc, http_ok(self.url + "/healthz"), timeout_s, "the worker", self.log_tail, 0.1)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def kill(self) -> None:
         """SIGKILL the whole process group, no cleanup: a crash."""

@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from stemset_assets.runs import WebserverClient
-from tests.remote_fixtures import free_port
+from tests.remote_fixtures import free_port, wait_until_up
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 120
@@ -26,18 +25,15 @@ def dagster_webserver(home: Path, config_path: Path) -> Iterator[WebserverClient
         "telemetry:\n  enabled: false\n")
     env = {**os.environ, "DAGSTER_HOME": str(home), "STEMSET_CONFIG": str(config_path), "PYTHONPATH": str(ROOT)}
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dagster_webserver", "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1",
-         "-p", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log_path = home / "webserver.log"  # a file, not a pipe: nobody reads a pipe while tests run
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dagster_webserver", "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1",
+             "-p", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         client = WebserverClient(f"http://127.0.0.1:{port}", timeout_s=5)
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not client.reachable():
-            if proc.poll() is not None:
-                raise RuntimeError(proc.stderr.read().decode(errors="replace")[-2000:])
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"dagster-webserver did not come up in {STARTUP_TIMEOUT_S} s")
-            time.sleep(1)
+        wait_until_up(proc, client.reachable, STARTUP_TIMEOUT_S, "dagster-webserver",
+                      lambda: log_path.read_text(errors="replace"), 1.0)
         yield client
     finally:
         _stop(proc)
