@@ -585,3 +585,18 @@ def test_a_backfill_run_separates_its_partitions_together_and_reports_each(tmp_p
     # the instance sees a materialisation per partition, each with its own metadata
     latest = world.instance.fetch_materializations(AssetKey(["stems", "htdemucs", "vocals"]), limit=10).records
     assert {r.asset_materialization.partition for r in latest} >= {"h4n/a", "h4n/d"}
+
+
+def test_selecting_one_stem_makes_the_whole_set_and_reports_only_that_stem(small_world: World):
+    from dagster import AssetSelection
+
+    world, pk = small_world, "h4n/take3"
+    assert materialize([recording], instance=world.instance, partition_key=pk, resources=world.resources()).success
+    vocals = AssetKey(["stems", "htdemucs", "vocals"])
+    result = materialize([build_stems_asset(world.config, "htdemucs")], instance=world.instance, partition_key=pk,
+                         resources=world.resources(), selection=AssetSelection.assets(vocals))
+    assert result.success
+    assert [e.asset_key for e in result.get_asset_materialization_events()] == [vocals]
+    assert {e.asset_key for e in result.get_asset_check_evaluations()} == {vocals}
+    names = sorted(i.key.rsplit("/", 1)[1] for i in world.store.list(stems_prefix(pk, "htdemucs") + "/"))
+    assert names == ["bass.flac", "drums.flac", "manifest.json", "other.flac", "vocals.flac"]

@@ -205,6 +205,7 @@ def materialize_stem_set(context: AssetExecutionContext, config: StemsetConfig, 
     store = media_store.get_store()
     keys = list(context.partition_keys)
     selected = set(context.selected_asset_keys)
+    checked = {(k.asset_key, k.name) for k in context.selected_asset_check_keys}
     if len(keys) == 1:
         plan = _plan(context, config, name, fp, store, media_store, separator, keys[0])
         if plan.job is not None:
@@ -218,7 +219,8 @@ def materialize_stem_set(context: AssetExecutionContext, config: StemsetConfig, 
             if key in selected:
                 yield MaterializeResult(asset_key=key, data_version=version, metadata=metadata)
         yield from (r for r in checks.evaluate(name, config.strategy(name).stems, stored,
-                                               mix_peak_dbfs=plan.record.peak_dbfs) if r.asset_key in selected)
+                                               mix_peak_dbfs=plan.record.peak_dbfs)
+                    if (r.asset_key, r.check_name) in checked)
         return
 
     failed: dict[str, str] = {}
@@ -247,7 +249,7 @@ def materialize_stem_set(context: AssetExecutionContext, config: StemsetConfig, 
                 yield AssetMaterialization(key, partition=plan.pk, metadata=metadata,
                                            tags={DATA_VERSION_TAG: version.value, CODE_VERSION_TAG: fp})
         for result in checks.evaluate(name, config.strategy(name).stems, stored, mix_peak_dbfs=plan.record.peak_dbfs):
-            if result.asset_key in selected:
+            if (result.asset_key, result.check_name) in checked:
                 yield AssetCheckEvaluation(
                     asset_key=result.asset_key, check_name=result.check_name, passed=result.passed,
                     metadata=result.metadata, severity=result.severity, description=result.description,
