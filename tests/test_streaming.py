@@ -26,7 +26,7 @@ from gpu_worker.objects import LocalObjectStore
 from gpu_worker.strategy import SeparationParams, parse_strategy
 from gpu_worker.worker import run_job
 from tests.model_fixtures import make_model_repo
-from tests.test_engine_equivalence import mix
+from tests.test_engine_equivalence import assert_equal_to_demucs, mix
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-4
@@ -88,13 +88,7 @@ def stream(strategy, wav, repo, seed=None, window_s=WINDOW_S, block=7919, stats=
 
 
 def assert_close(ours, ref):
-    assert list(ours) == list(ref)
-    for name in ref:
-        assert ours[name].shape == ref[name].shape, name
-        scale = ref[name].abs().max()
-        assert scale > 0
-        err = ((ours[name] - ref[name]).abs().max() / scale).item()
-        assert err < TOL, f"{name}: max|diff|/max|ref| = {err:.2e}"
+    assert_equal_to_demucs(ours, ref, ordered=True)
 
 
 def tree(model, shifts, **params):
