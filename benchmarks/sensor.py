@@ -10,7 +10,7 @@
    the inline waveform preview and the input's ETag included, and its data version tag) and of the
    4 stems of ``htdemucs`` (or only the first, ``--stems first``: the one status reads) are written
    to the instance; half of them under an older fingerprint. Then
-   :func:`stemset_assets.staleness.staleness` (what ``stemset status`` computes) is timed with the
+   :func:`stemset_assets.defs.staleness.staleness` (what ``stemset status`` computes) is timed with the
    input listing: cold (the first call, which reads every latest event and fills the facts cache
    in the instance's key-value store) and warm (the calls after it), and warm without the listing.
 
@@ -59,7 +59,7 @@ def make_store(kind: str, root: Path, stack):
 
 
 def media_resource(kind: str, root: Path, s3):
-    from stemset_assets.resources import MediaStoreResource
+    from stemset_assets.defs.resources import MediaStoreResource
 
     if kind == "local":
         return MediaStoreResource(backend="local", root=str(root))
@@ -81,7 +81,7 @@ def upload(store, n: int) -> float:
 def bench_sensor(config, instance, media) -> dict:
     from dagster import build_sensor_context
 
-    from stemset_assets.sensors import build_new_recordings_sensor
+    from stemset_assets.defs.sensors import build_new_recordings_sensor
 
     sensor = build_new_recordings_sensor(config)
     cursor, ticks, added, requested = None, [], [], 0
@@ -109,10 +109,11 @@ def seed_events(config, instance, keys: list[str], all_stems: bool = True, store
     import numpy as np
     from dagster import AssetKey, AssetMaterialization, MetadataValue
 
-    from stemset_assets.assets.recording import RECORDING_CODE_VERSION
-    from stemset_assets.assets.stems import fingerprints, stem_keys
-    from stemset_assets.plots import inline_markdown_image, waveform_png
-    from stemset_assets.stemsets import data_version
+    from stemset_assets.defs.assets.recording import RECORDING_CODE_VERSION
+    from stemset_assets.core.stemsets import fingerprints
+    from stemset_assets.defs.asset_keys import stem_keys
+    from stemset_assets.core.plots import inline_markdown_image, waveform_png
+    from stemset_assets.core.stemsets import data_version
 
     fp = fingerprints(config)["htdemucs"]
     rng = np.random.default_rng(0)
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
 
     from benchmarks.common import emit, machine
     from stemset_assets.config import parse_config
-    from stemset_assets.staleness import staleness, summary
+    from stemset_assets.defs.staleness import staleness, summary
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--objects", type=int, default=10_000)

@@ -15,4 +15,4 @@ if [ "${STEMSET_DEMO_MODELS:-}" = 1 ]; then
   export STEMSET_MODEL_REPO=$PWD/.stemset/demo-models
   python -m gpu_worker.demo_models "$STEMSET_MODEL_REPO" >/dev/null
 fi
-python -m stemset_assets.quickstart
+python -m stemset_assets.cli.quickstart

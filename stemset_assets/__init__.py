@@ -1,5 +1,6 @@
-"""Stemset's Dagster side: config, assets, checks, sensors, resources, CLI and web API.
+"""Stemset's Dagster side, in layers that import one way only:
 
-Importing this package imports nothing heavy (no Dagster, no torch); the Dagster
-``Definitions`` live in :mod:`stemset_assets.definitions`.
+``config`` (typed config) -> ``core`` (rules, no Dagster) -> ``defs`` (Dagster definitions and
+the operations on Dagster) -> ``cli`` and ``api`` (interfaces). :mod:`stemset_assets.definitions`
+is the Dagster code location. Importing this package imports nothing.
 """

@@ -73,7 +73,7 @@ def api_server(folder: Path, repo: Path, token: str | None = "t0ken-" + os.urand
     log_path = folder / "api.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from stemset_assets.cli import main; sys.exit(main())", "--config", str(config), "api", "serve",
+            [sys.executable, "-c", "import sys; from stemset_assets.cli.main import main; sys.exit(main())", "--config", str(config), "api", "serve",
              "--host", "127.0.0.1", "--port", str(port)],
             cwd=folder, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)

@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from stemset_assets.api.server import check_bind, is_loopback
-from stemset_assets.cli import main
-from stemset_assets.intake import UploadRejected, check_audio_file, safe_filename, sniff_audio
+from stemset_assets.cli.main import main
+from stemset_assets.core.uploads import UploadRejected, check_audio_file, safe_filename, sniff_audio
 from tests.api_server import api_server, wait_for_job, write_config
 from tests.webserver import dagster_webserver
 from tests.audio_fixtures import music_like, write_audio

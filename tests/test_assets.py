@@ -32,16 +32,18 @@ from dagster import (
 from gpu_worker import audio
 from gpu_worker.job import SeparationResult, StemFile
 from gpu_worker.objects import ObjectStore
-from stemset_assets import checks
-from stemset_assets.assets.catalog import build_catalog, build_catalog_asset, markdown_table
-from stemset_assets.assets.recording import recording
-from stemset_assets.assets.stems import build_stems_asset, fingerprints
+from stemset_assets.defs import checks
+from stemset_assets.defs.assets.catalog import build_catalog, build_catalog_asset, markdown_table
+from stemset_assets.defs.assets.recording import recording
+from stemset_assets.core.stemsets import fingerprints
+from stemset_assets.defs.assets.stems import build_stems_asset
 from stemset_assets.config import StemsetConfig, load_config
-from stemset_assets.definitions import build_definitions, process_job_name
-from stemset_assets.layout import manifest_key, read_record, source_key, stems_prefix
-from stemset_assets.partitions import RECORDINGS_PARTITIONS, assign_partition_keys, hashed_key, list_inputs
-from stemset_assets.resources import MediaStoreResource, SeparatorResource
-from stemset_assets.stemsets import data_version
+from stemset_assets.defs.build import build_definitions, process_job_name
+from stemset_assets.core.layout import manifest_key, read_record, source_key, stems_prefix
+from stemset_assets.core.partition_keys import assign_partition_keys, hashed_key, list_inputs
+from stemset_assets.defs.partitions import RECORDINGS_PARTITIONS
+from stemset_assets.defs.resources import MediaStoreResource, SeparatorResource
+from stemset_assets.core.stemsets import data_version
 from tests.audio_fixtures import music_like, write_audio
 from tests.model_fixtures import make_model_repo, save_model, tiny_htdemucs
 
@@ -515,6 +517,27 @@ def test_each_profile_job_runs_exactly_its_default_strategies(small_world: World
     assert done == {"recording", *(f"stems/htdemucs/{s}" for s in ("drums", "bass", "other", "vocals"))}
 
 
+def test_definitions_module_builds_nothing_at_import(tmp_path):
+    """Dagster's lazy form: importing the code location reads no config; calling ``defs()`` does."""
+    env = dict(os.environ, STEMSET_CONFIG=str(tmp_path / "absent.yaml"))
+    probe = subprocess.run(
+        [sys.executable, "-c", "import stemset_assets.definitions as d\n"
+         "try:\n    d.defs()\nexcept Exception as err:\n    print(type(err).__name__)"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.split() == ["ConfigError"]
+
+
+def test_data_version_tags_are_dagsters_own():
+    """The stem assets spell Dagster's version tag names out (Dagster does not export them); pin them."""
+    from dagster._core.definitions import data_version
+
+    from stemset_assets.defs.assets import stems
+
+    assert stems.DATA_VERSION_TAG == data_version.DATA_VERSION_TAG
+    assert stems.CODE_VERSION_TAG == data_version.CODE_VERSION_TAG
+
+
 def test_definitions_load_without_torch_and_validate(tmp_path, model_repo):
     config = tmp_path / "config.yaml"
     config.write_text(CONFIG % {"repo": model_repo})
@@ -522,7 +545,7 @@ def test_definitions_load_without_torch_and_validate(tmp_path, model_repo):
     (tmp_path / "dagster_home").mkdir()
     probe = subprocess.run(
         [sys.executable, "-c", "import sys, stemset_assets.definitions as d; "
-         "print(len(list(d.defs.resolve_asset_graph().get_all_asset_keys())), 'torch' in sys.modules)"],
+         "print(len(list(d.defs().resolve_asset_graph().get_all_asset_keys())), 'torch' in sys.modules)"],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.split() == [str(1 + 4 + 4 + 6 + 6 + 1), "False"]

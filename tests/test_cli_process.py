@@ -11,10 +11,10 @@ import pytest
 from dagster import DagsterInstance
 
 from gpu_worker.objects import LocalObjectStore, S3ObjectStore
-from stemset_assets.cli import main
-from stemset_assets.cli_process import dev_command
-from stemset_assets.layout import manifest_key
-from stemset_assets.partitions import RECORDINGS_PARTITIONS
+from stemset_assets.cli.main import main
+from stemset_assets.cli.dev import dev_command
+from stemset_assets.core.layout import manifest_key
+from stemset_assets.defs.partitions import RECORDINGS_PARTITIONS
 from tests.audio_fixtures import music_like, write_audio
 from tests.configs import tiny_config_yaml
 from tests.model_fixtures import make_model_repo

@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 
 from gpu_worker import audio
-from stemset_assets.cli import main
+from stemset_assets.cli.main import main
 from tests.audio_fixtures import music_like, write_audio
 from tests.model_fixtures import make_model_repo
 
@@ -147,7 +147,7 @@ def test_missing_file(env, capsys):
 
 
 def test_common_options_work_before_and_after_nested_subcommands():
-    from stemset_assets.cli import build_parser
+    from stemset_assets.cli.main import build_parser
 
     for argv in (["api", "serve", "--debug", "-q", "--config", "x.yaml"], ["--debug", "-q", "--config", "x.yaml", "api", "serve"],
                  ["worker", "serve", "--debug", "-q", "--config", "x.yaml"]):

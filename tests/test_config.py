@@ -401,7 +401,7 @@ def test_remote_gpu_type_without_a_price_is_an_error(tmp_path):
 
 def test_shipped_config_matches_the_embedded_default():
     shipped = (REPO / "config.yaml").read_bytes()
-    packaged = (REPO / "stemset_assets" / "default_config.yaml").read_bytes()
+    packaged = (REPO / "stemset_assets" / "config" / "default_config.yaml").read_bytes()
     assert shipped == packaged
     assert DEFAULT_CONFIG_YAML.encode("utf-8") == packaged
 

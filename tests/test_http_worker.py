@@ -18,11 +18,7 @@ import soundfile as sf
 from gpu_worker.errors import StorageError
 from gpu_worker.http import WorkerConfigError, check_bind, serve
 from gpu_worker.job import SeparationResult
-from stemset_assets.resources.remote_separators import (
-    HttpSeparatorClient,
-    WorkerAuthError,
-    WorkerUnreachableError,
-)
+from stemset_assets.defs.resources.remote_separators import HttpSeparatorClient, WorkerAuthError, WorkerUnreachableError
 from tests.model_fixtures import make_model_repo
 from tests.remote_fixtures import (
     FOUR_STEMS,

@@ -10,9 +10,8 @@ from dagster import DagsterInstance
 
 from gpu_worker.errors import StorageError
 from gpu_worker.objects import LocalObjectStore
-from stemset_assets.layout import RecordingRecord, write_record
-from stemset_assets.partitions import (
-    RECORDINGS_PARTITIONS,
+from stemset_assets.core.layout import RecordingRecord, write_record
+from stemset_assets.core.partition_keys import (
     assign_partition_keys,
     base_slug,
     hashed_key,
@@ -23,6 +22,7 @@ from stemset_assets.partitions import (
     slugify,
     split_partition_key,
 )
+from stemset_assets.defs.partitions import RECORDINGS_PARTITIONS
 
 SAFE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 HOSTILE = [

@@ -1,5 +1,5 @@
 """The README's first command runs the main job on the embedded defaults: here its Python half
-(``python -m stemset_assets.quickstart``) in a fresh folder with the shipped config.yaml, the
+(``python -m stemset_assets.cli.quickstart``) in a fresh folder with the shipped config.yaml, the
 tiny demo models and a SQLite instance, twice (the second run reuses every stem)."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import pandas as pd
 from dagster import DagsterInstance
 
 from gpu_worker.demo_models import make_model_repo
-from stemset_assets.partitions import RECORDINGS_PARTITIONS
+from stemset_assets.defs.partitions import RECORDINGS_PARTITIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _quickstart(cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stemset_assets.quickstart"], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "stemset_assets.cli.quickstart"], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
 
 

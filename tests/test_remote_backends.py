@@ -12,13 +12,13 @@ from dagster import DagsterInstance, EnvVar, Failure, materialize
 
 from gpu_worker.errors import AudioError
 from gpu_worker.job import SeparationResult
-from stemset_assets.assets.recording import recording
-from stemset_assets.assets.stems import build_stems_asset
+from stemset_assets.defs.assets.recording import recording
+from stemset_assets.defs.assets.stems import build_stems_asset
 from stemset_assets.config import load_config
-from stemset_assets.layout import manifest_key
-from stemset_assets.partitions import RECORDINGS_PARTITIONS
-from stemset_assets.resources import MediaStoreResource, SeparatorResource
-from stemset_assets.resources.remote_separators import ModalSeparatorClient
+from stemset_assets.core.layout import manifest_key
+from stemset_assets.defs.partitions import RECORDINGS_PARTITIONS
+from stemset_assets.defs.resources import MediaStoreResource, SeparatorResource
+from stemset_assets.defs.resources.remote_separators import ModalSeparatorClient
 from tests.configs import tiny_config_yaml
 from tests.model_fixtures import make_model_repo
 from tests.remote_fixtures import WorkerProcess, aws_env, free_port, make_job, upload_input

@@ -18,8 +18,8 @@ import pytest
 
 from gpu_worker.errors import AudioError, StorageError
 from gpu_worker.job import SeparationJob, SeparationResult, StorageRef
-from stemset_assets.cost import cost_usd, price_per_hour_for
-from stemset_assets.resources.remote_separators import (
+from stemset_assets.core.cost import cost_usd, price_per_hour_for
+from stemset_assets.defs.resources.remote_separators import (
     HttpSeparatorClient,
     ModalAuthError,
     ModalNotDeployedError,
@@ -168,7 +168,7 @@ def test_modal_client_without_token_says_how_to_log_in(tmp_path):
     env.update(HOME=str(home), PYTHONPATH=str(ROOT), MODAL_SERVER_URL="http://127.0.0.1:9")
     code = textwrap.dedent("""
         from gpu_worker.job import SeparationJob, StorageRef
-        from stemset_assets.resources.remote_separators import ModalSeparatorClient, ModalAuthError
+        from stemset_assets.defs.resources.remote_separators import ModalSeparatorClient, ModalAuthError
         job = SeparationJob(job_id="j1", input_key="a.wav", output_prefix="o", strategy_name="s",
                             strategy={"_": "htdemucs", "vocals": "vocals"}, fingerprint="fp",
                             storage=StorageRef("s3", bucket="b"))

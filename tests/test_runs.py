@@ -1,4 +1,4 @@
-"""Launching runs from outside the UI (:mod:`stemset_assets.runs`): in-process against a real
+"""Launching runs from outside the UI (:mod:`stemset_assets.defs.runs`): in-process against a real
 SQLite instance, and through a real dagster-webserver's GraphQL on loopback."""
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from dagster import AssetKey, DagsterInstance
 from gpu_worker.errors import StemsetError
 from gpu_worker.objects import LocalObjectStore
 from stemset_assets.config import load_config
-from stemset_assets.layout import manifest_key
-from stemset_assets.partitions import RECORDINGS_PARTITIONS, assign_partition_keys, list_inputs
-from stemset_assets.runs import WebserverClient, dagster_instance, materialize_in_process, register_partitions, selection_for
+from stemset_assets.core.layout import manifest_key
+from stemset_assets.core.partition_keys import assign_partition_keys, list_inputs
+from stemset_assets.defs.partitions import RECORDINGS_PARTITIONS, register_partitions
+from stemset_assets.defs.runs import dagster_instance, materialize_in_process, selection_for
+from stemset_assets.defs.webserver import WebserverClient
 from tests.audio_fixtures import music_like, write_audio
 from tests.configs import tiny_config_yaml
 from tests.model_fixtures import make_model_repo

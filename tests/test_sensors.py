@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from dagster import AssetKey, SensorResult, build_sensor_context, instance_for_test
 
-from stemset_assets.assets.stems import stem_keys
+from stemset_assets.defs.asset_keys import stem_keys
 from stemset_assets.config import StemsetConfig, load_config
-from stemset_assets.definitions import build_definitions
-from stemset_assets.partitions import RECORDINGS_PARTITIONS
-from stemset_assets.resources import MediaStoreResource
-from stemset_assets.sensors import (
+from stemset_assets.defs.build import build_definitions
+from stemset_assets.defs.partitions import RECORDINGS_PARTITIONS
+from stemset_assets.defs.resources import MediaStoreResource
+from stemset_assets.defs.sensors import (
     NEW_RECORDINGS,
     build_new_recordings_sensor,
     decode_cursor,

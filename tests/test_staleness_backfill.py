@@ -10,11 +10,12 @@ import json
 import pytest
 from dagster import AssetKey, build_sensor_context, instance_for_test
 
-from stemset_assets import cli
-from stemset_assets.assets.stems import fingerprints, stem_keys
-from stemset_assets.backfill import launch_backfill, plan_backfill
-from stemset_assets.sensors import build_auto_reprocess_sensor, build_new_recordings_sensor
-from stemset_assets.staleness import staleness, summary
+from stemset_assets.cli.main import main
+from stemset_assets.core.stemsets import fingerprints
+from stemset_assets.defs.asset_keys import stem_keys
+from stemset_assets.defs.backfill import launch_backfill, plan_backfill
+from stemset_assets.defs.sensors import build_auto_reprocess_sensor, build_new_recordings_sensor
+from stemset_assets.defs.staleness import staleness, summary
 from tests.audio_fixtures import music_like
 from tests.test_assets import World, model_repo, write_config  # noqa: F401 - model_repo is a fixture
 
@@ -31,7 +32,7 @@ def world(tmp_path, model_repo, seaweed, monkeypatch):  # noqa: F811
     home = tmp_path / "dagster_home"
     home.mkdir()
     monkeypatch.setenv("DAGSTER_HOME", str(home))
-    from stemset_assets.resources import MediaStoreResource
+    from stemset_assets.defs.resources import MediaStoreResource
 
     media = MediaStoreResource(backend="s3", endpoint_url=seaweed.endpoint_url, bucket=seaweed.make_bucket(),
                                region=seaweed.region, access_key_id=seaweed.access_key_id,
@@ -99,13 +100,13 @@ def test_staleness_dry_run_backfill_and_auto_reprocess(world: World, model_repo,
 
     # --dry-run: numbers from the CLI, through the same instance (DAGSTER_HOME) and bucket.
     cfg2 = str(cli_config(tmp_path / "cfg2" / "config.yaml", world, monkeypatch))
-    assert cli.main(["--config", cfg2, "backfill", "--strategy", "htdemucs", "--stale-only", "--dry-run", "--json"]) == 0
+    assert main(["--config", cfg2, "backfill", "--strategy", "htdemucs", "--stale-only", "--dry-run", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["count"] == 2 and sorted(plan["partitions"]) == ["h4n/a", "h4n/b"]
     assert plan["audio_hours"] == pytest.approx(2.0 / 3600, abs=1e-4)
     assert plan["estimate_source"].startswith("recorded") and plan["estimated_cost_usd"] == 0
     assert plan["include_recording"] is False
-    assert cli.main(["--config", cfg2, "backfill", "-s", "htdemucs", "--missing-only", "--dry-run"]) == 0
+    assert main(["--config", cfg2, "backfill", "-s", "htdemucs", "--missing-only", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "1 missing partition(s)" in out and "dry run: nothing launched" in out
     # On a billed GPU backend: audio seconds x the configured rate x the price.
@@ -115,11 +116,11 @@ def test_staleness_dry_run_backfill_and_auto_reprocess(world: World, model_repo,
     p = plan_backfill(world.instance, billed, "htdemucs", "stale", store=store)
     assert p.count == 2 and p.estimate.source.startswith("config default")
     assert p.cost_usd == pytest.approx(2.0 * 30 * 4.00 / 3600, rel=1e-2)
-    assert cli.main(["--config", cfg2, "backfill", "-s", "nope", "--dry-run"]) == 1
+    assert main(["--config", cfg2, "backfill", "-s", "nope", "--dry-run"]) == 1
     assert "Use one of: htdemucs, htdemucs_ft" in capsys.readouterr().err
-    assert cli.main(["--config", cfg2, "status", "--profile", "nope"]) == 1
+    assert main(["--config", cfg2, "status", "--profile", "nope"]) == 1
     assert "Use one of: h4n, memos" in capsys.readouterr().err
-    assert cli.main(["--config", cfg2, "status", "--strategy", "htdemucs"]) == 0
+    assert main(["--config", cfg2, "status", "--strategy", "htdemucs"]) == 0
     out = capsys.readouterr().out
     assert "h4n" in out and "1 recording(s) whose input file is gone" in out
 
@@ -193,7 +194,7 @@ class RecordingOnly:
     def record(self, pk: str):
         from dagster import materialize
 
-        from stemset_assets.assets.recording import recording
+        from stemset_assets.defs.assets.recording import recording
 
         if pk not in self.instance.get_dynamic_partitions("recordings"):
             self.instance.add_dynamic_partitions("recordings", [pk])
@@ -222,7 +223,7 @@ def test_input_changed_is_the_etag_on_s3(tmp_path, seaweed):
     content of the very same size is."""
     import time
 
-    from stemset_assets.resources import MediaStoreResource
+    from stemset_assets.defs.resources import MediaStoreResource
 
     media = MediaStoreResource(backend="s3", endpoint_url=seaweed.endpoint_url, bucket=seaweed.make_bucket(),
                                region=seaweed.region, access_key_id=seaweed.access_key_id,
@@ -265,8 +266,8 @@ def test_touch_on_local_storage_is_input_changed_until_recorded(tmp_path):
 
     from dagster import AssetKey, AssetMaterialization
 
-    from stemset_assets.resources import MediaStoreResource
-    from stemset_assets.staleness import RECORDING_FACTS, latest_facts
+    from stemset_assets.defs.resources import MediaStoreResource
+    from stemset_assets.defs.staleness import RECORDING_FACTS, latest_facts
 
     media = MediaStoreResource(backend="local", root=str(tmp_path / "media"))
     (tmp_path / "dagster").mkdir()

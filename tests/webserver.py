@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from stemset_assets.runs import WebserverClient
+from stemset_assets.defs.webserver import WebserverClient
 from tests.remote_fixtures import free_port, wait_until_up
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -39,8 +39,11 @@ from starlette.staticfiles import StaticFiles
 from gpu_worker.errors import StemsetError
 from gpu_worker.objects import LocalObjectStore, ObjectStore, guess_content_type
 
-from ..intake import UploadRejected, check_audio_file, ingest_file, safe_filename
-from ..layout import OUTPUTS, RECORDINGS
+from ..core.layout import OUTPUTS, RECORDINGS, read_manifest
+from ..core.uploads import UploadRejected, check_audio_file, safe_filename
+from ..defs.assets.catalog import build_catalog, totals
+from ..defs.intake import ingest_file
+from ..defs.partitions import RECORDINGS_PARTITIONS
 from .jobs import JobManager
 
 log = logging.getLogger(__name__)
@@ -78,9 +81,6 @@ def _clean(value: Any) -> Any:
 def catalog_json(store: ObjectStore, config, partition_keys, media_url) -> dict[str, Any]:
     """The catalog grouped by recording: ``{recordings: [{partition, profile, name, duration_s,
     strategies: {name: {state, reason, default, stems: {stem: url}, cost_usd, ...}}}], totals}``."""
-    from ..assets.catalog import build_catalog, totals
-    from ..intake import read_manifest
-
     df = build_catalog(store, config, partition_keys)
     recordings: dict[str, dict[str, Any]] = {}
     for row in df.to_dict(orient="records"):
@@ -203,8 +203,6 @@ def create_app(config, *, store: ObjectStore, instance, jobs: JobManager, token:
     async def recordings(request: Request) -> Response:
         if (no := denied(request)) is not None:
             return no
-        from ..partitions import RECORDINGS_PARTITIONS
-
         def build() -> dict[str, Any]:
             keys = instance.get_dynamic_partitions(RECORDINGS_PARTITIONS)
             return catalog_json(store, config, keys, media_url(request))

@@ -22,18 +22,17 @@ import uuid
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
+
+from dagster import DagsterEventType, DagsterInstance, RunsFilter
 
 from gpu_worker.errors import StemsetError
 from gpu_worker.objects import ObjectStore
 
-from ..intake import read_manifest
-
-if TYPE_CHECKING:
-    from dagster import DagsterInstance
-
-    from ..config import StemsetConfig
-    from ..runs import WebserverClient
+from ..config import StemsetConfig
+from ..core.layout import read_manifest
+from ..defs.runs import dagster_instance, materialize_in_process, selection_for
+from ..defs.webserver import WebserverClient
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +61,8 @@ class Job:
 class JobManager:
     """Submits and tracks jobs. ``media_url(key)`` makes the URL a stem is served from."""
 
-    def __init__(self, config: "StemsetConfig", instance: "DagsterInstance", store: ObjectStore, *,
-                 webserver: "WebserverClient | None" = None, resources: dict[str, Any] | None = None):
+    def __init__(self, config: StemsetConfig, instance: DagsterInstance, store: ObjectStore, *,
+                 webserver: WebserverClient | None = None, resources: dict[str, Any] | None = None):
         self.config = config
         self.instance = instance
         self.store = store
@@ -83,8 +82,6 @@ class JobManager:
         with self._lock:
             self._jobs[job.job_id] = job
         if self.webserver is not None:
-            from ..runs import selection_for
-
             job.via = "webserver"
             try:
                 job.run_id = self.webserver.launch_run(partition, selection_for(self.config, strategies), tags=tags)
@@ -156,8 +153,6 @@ class JobManager:
         return job
 
     def _run_for(self, job: Job):
-        from dagster import RunsFilter
-
         if job.run_id:
             return self.instance.get_run_by_id(job.run_id)
         runs = self.instance.get_runs(filters=RunsFilter(tags={JOB_TAG: job.job_id}), limit=1)
@@ -167,8 +162,6 @@ class JobManager:
         """A job an earlier API process started, from its run's tags."""
         if not job_id.isalnum() or len(job_id) > 64:
             return None
-        from dagster import RunsFilter
-
         runs = self.instance.get_runs(filters=RunsFilter(tags={JOB_TAG: job_id}), limit=1)
         if not runs:
             return None
@@ -192,8 +185,6 @@ class JobManager:
             job.status = status
 
     def _run_error(self, run_id: str) -> str:
-        from dagster import DagsterEventType
-
         records = self.instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_FAILURE).records
         for record in records:
             data = record.event_log_entry.dagster_event.step_failure_data
@@ -236,12 +227,10 @@ class JobManager:
         }
 
 
-def _materialize_in_worker(config: "StemsetConfig", partition: str, strategies: list[str], tags: dict[str, str],
+def _materialize_in_worker(config: StemsetConfig, partition: str, strategies: list[str], tags: dict[str, str],
                            resources: dict[str, Any] | None):
     """In the worker process: one run of ``partition`` against the instance of ``$DAGSTER_HOME``
     (inherited from the API process, which set it)."""
-    from ..runs import dagster_instance, materialize_in_process
-
     (outcome,) = materialize_in_process(config, dagster_instance(config), [partition], strategies,
                                         resources=resources, tags=tags)
     return outcome

@@ -1,4 +1,4 @@
-"""`stemset api serve`: the web API and page on uvicorn.
+"""Serving the web API and page on uvicorn (`stemset api serve`, :mod:`stemset_assets.cli.api`).
 
 The token is ``api.token`` (``$STEMSET_API_TOKEN``). With ``api.auth: false`` the API needs no
 token, and then it serves only on a loopback address; a non-loopback bind always needs a token.
@@ -6,16 +6,19 @@ token, and then it serves only on a loopback address; a non-loopback bind always
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import logging
 
+import uvicorn
+
 from gpu_worker.errors import StemsetError
 
+from ..config import StemsetConfig
+from ..defs.resources.media_store import open_store
+from ..defs.runs import dagster_instance
+from ..defs.webserver import WebserverClient
 from .app import ApiConfigError, create_app
 from .jobs import JobManager
-
-DEFAULT_PORT = 8080
 
 
 def is_loopback(host: str) -> bool:
@@ -38,12 +41,9 @@ def check_bind(host: str, token: str | None, auth: bool) -> None:
                              "Serve on 127.0.0.1, or set api.auth: true and STEMSET_API_TOKEN.")
 
 
-def build_app(config, *, host: str = "127.0.0.1", resources: dict | None = None):
+def build_app(config: StemsetConfig, *, host: str = "127.0.0.1", resources: dict | None = None):
     """The app for ``config``: its media store, its Dagster instance, jobs through the configured
     webserver (which must answer) or in this process."""
-    from ..intake import open_store
-    from ..runs import WebserverClient, dagster_instance
-
     check_bind(host, config.api.token, config.api.auth)
     store = open_store(config)
     instance = dagster_instance(config)
@@ -57,24 +57,11 @@ def build_app(config, *, host: str = "127.0.0.1", resources: dict | None = None)
     return create_app(config, store=store, instance=instance, jobs=jobs, token=config.api.token, auth=config.api.auth)
 
 
-def add_api_args(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="api_command", metavar="ACTION", required=True)
-    serve = sub.add_parser("serve", help="serve the upload/jobs API and the player page")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-
-
-def run_api(args: argparse.Namespace) -> int:
-    """The web API and player page: `stemset api serve [--host 127.0.0.1] [--port 8080]`."""
-    import uvicorn
-
-    from ..config import load_config
-
-    config = load_config(args.config)
-    app = build_app(config, host=args.host)
+def serve(config: StemsetConfig, *, host: str, port: int) -> None:
+    """Serve the app for ``config`` on ``host:port`` until interrupted."""
+    app = build_app(config, host=host)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     auth = "bearer token required" if config.api.auth else "NO AUTH (local use)"
-    print(f"Stemset API on http://{args.host}:{args.port}/ ({auth})", flush=True)
+    print(f"Stemset API on http://{host}:{port}/ ({auth})", flush=True)
     # uvicorn's access log prints paths only (never headers), so the token stays out of logs.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
-    return 0
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)

@@ -1,6 +1,6 @@
 """`stemset status` and `stemset backfill`: per-file staleness and strategy backfills from the CLI.
 
-Both read the Dagster instance of :func:`stemset_assets.runs.dagster_instance` (``$DAGSTER_HOME``,
+Both read the Dagster instance of :func:`stemset_assets.defs.runs.dagster_instance` (``$DAGSTER_HOME``,
 else ``./.dagster_home``) and the media store of config.yaml (one input listing per profile).
 """
 
@@ -10,22 +10,23 @@ import argparse
 import json
 import sys
 
-from .cli import command
+from tqdm import tqdm
+
+from ..config import load_config
 
 
-def _status_args(p: argparse.ArgumentParser) -> None:
+def add_status_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", "-p", default=None, help="only this profile's recordings")
     p.add_argument("--strategy", "-s", action="append", default=None, help="only this strategy (repeatable)")
     p.add_argument("--json", action="store_true", help="machine-readable: summary and one row per file x strategy")
     p.add_argument("--files", action="store_true", help="also list every stale or missing file")
 
 
-@command("status", _status_args)
-def cmd_status(args: argparse.Namespace) -> int:
+def run_status(args: argparse.Namespace) -> int:
     """Per profile x strategy: how many stem sets are current, stale or missing (from Dagster's metadata)."""
-    from .config import load_config
-    from .runs import dagster_instance
-    from .staleness import staleness, summary
+    # Dagster loads only when a command runs, so `stemset --help` stays fast.
+    from ..defs.runs import dagster_instance
+    from ..defs.staleness import staleness, summary
 
     config = load_config(args.config)
     instance = dagster_instance(config)
@@ -50,7 +51,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _backfill_args(p: argparse.ArgumentParser) -> None:
+def add_backfill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", "-s", required=True, help="the strategy whose stem sets to redo")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--stale-only", dest="mode", action="store_const", const="stale",
@@ -66,12 +67,11 @@ def _backfill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the plan (and result) as JSON")
 
 
-@command("backfill", _backfill_args)
-def cmd_backfill(args: argparse.Namespace) -> int:
+def run_backfill(args: argparse.Namespace) -> int:
     """Redo a strategy's stale (or missing, or all) stem sets: count, audio hours and cost first, then a Dagster backfill."""
-    from .backfill import launch_backfill, plan_backfill
-    from .config import load_config
-    from .runs import dagster_instance
+    # Dagster loads only when a command runs, so `stemset --help` stays fast.
+    from ..defs.backfill import launch_backfill, plan_backfill
+    from ..defs.runs import dagster_instance
 
     config = load_config(args.config)
     instance = dagster_instance(config)
@@ -90,8 +90,6 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         else:
             print(json.dumps({**plan.as_dict(), "dry_run": False, "path": "nothing"}, indent=1))
         return 0
-    from tqdm import tqdm
-
     bar = tqdm(total=plan.count, unit="file", desc=f"backfill {args.strategy}", disable=True if args.quiet else None)
 
     def progress(done: int, total: int, outcome) -> None:

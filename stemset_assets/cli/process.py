@@ -1,26 +1,30 @@
-"""`stemset process`, `stemset catalog`, `stemset dev` and `stemset api`: the product without the Dagster UI.
+"""`stemset process PROFILE [FILE...]`: the product without the Dagster UI.
 
-Registered into :data:`stemset_assets.cli.COMMANDS` by ``cli._register_plugins``. Runs go through
-Dagster: in this process against the configured instance (:func:`~stemset_assets.runs.dagster_instance`),
-or through a running webserver when ``dagster.webserver_url`` is set.
+Uploads files to a profile's inputs (or takes every input that is not current), runs them
+through Dagster, in this process against the configured instance
+(:func:`~stemset_assets.defs.runs.dagster_instance`) or through a running webserver when
+``dagster.webserver_url`` is set, then downloads the stems and prints a summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from gpu_worker.errors import StemsetError
 
-from .cli import _existing_file, command
-
-ROOT = Path(__file__).resolve().parent.parent
+from ..config import load_config
+from ..core.cost import cost_usd, price_for
+from ..core.layout import download_stems, read_manifest
+from ..core.partition_keys import assign_partition_keys, list_inputs
+from ..core.uploads import UploadRejected, check_audio_file
+from .common import existing_file, format_table
 
 
 @dataclass
@@ -41,7 +45,7 @@ class Row:
 # --------------------------------------------------------------------------- process
 
 
-def _process_args(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("profile", metavar="PROFILE", help="profile from config.yaml (e.g. h4n)")
     p.add_argument("files", nargs="*", type=Path, metavar="FILE",
                    help="audio files to upload and process (none: every input of the profile that is not current)")
@@ -53,14 +57,12 @@ def _process_args(p: argparse.ArgumentParser) -> None:
                    help="where stems are downloaded: OUT/<profile>/<slug>/ (default ./media)")
 
 
-@command("process", _process_args)
-def cmd_process(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Upload files to a profile's inputs, separate them through Dagster and download the stems."""
-    from tqdm import tqdm
-
-    from .config import load_config
-    from .intake import UploadRejected, check_audio_file, ingest_file, open_store
-    from .runs import dagster_instance, selection_for
+    # Dagster loads only when a command runs, so `stemset --help` stays fast.
+    from ..defs.intake import ingest_file
+    from ..defs.resources.media_store import open_store
+    from ..defs.runs import dagster_instance, selection_for
 
     config = load_config(args.config)
     profile = config.profile(args.profile)
@@ -76,7 +78,7 @@ def cmd_process(args: argparse.Namespace) -> int:
     rows: list[Row] = []
     names: dict[str, str] = {}  # partition -> file name shown
     if args.files:
-        files = [_existing_file(f) for f in args.files]
+        files = [existing_file(f) for f in args.files]
         for path in tqdm(files, desc="upload", unit="file", disable=quiet):
             try:
                 check_audio_file(path, path.name)
@@ -109,10 +111,10 @@ def cmd_process(args: argparse.Namespace) -> int:
 
 def _not_current(store, instance, config, profile: str, strategies: list[str]) -> dict[str, str]:
     """``{partition: file name}`` of the profile's inputs whose stem sets are not current (by the
-    materialisation metadata, :mod:`stemset_assets.staleness`); inputs never seen are registered."""
-    from .partitions import RECORDINGS_PARTITIONS, assign_partition_keys, list_inputs
-    from .runs import register_partitions
-    from .staleness import partition_states
+    materialisation metadata, :mod:`stemset_assets.defs.staleness`); inputs never seen are registered."""
+    # Dagster loads only when a command runs, so `stemset --help` stays fast.
+    from ..defs.partitions import RECORDINGS_PARTITIONS, register_partitions
+    from ..defs.staleness import partition_states
 
     existing = instance.get_dynamic_partitions(RECORDINGS_PARTITIONS)
     by_object = assign_partition_keys(profile, list_inputs(store, profile), existing)
@@ -124,9 +126,9 @@ def _not_current(store, instance, config, profile: str, strategies: list[str]) -
 
 def _run(config, instance, keys: list[str], strategies: list[str], *, local: bool, quiet) -> dict[str, tuple[float, str | None]]:
     """Run every partition; ``{partition: (seconds, error or None)}``."""
-    from tqdm import tqdm
-
-    from .runs import RUN_DONE, WebserverClient, materialize_in_process, selection_for
+    # Dagster loads only when a command runs, so `stemset --help` stays fast.
+    from ..defs.runs import materialize_in_process, selection_for
+    from ..defs.webserver import RUN_DONE, WebserverClient
 
     out: dict[str, tuple[float, str | None]] = {}
     url = config.dagster.webserver_url
@@ -163,10 +165,6 @@ def _run(config, instance, keys: list[str], strategies: list[str], *, local: boo
 
 def _collect(store, config, pk: str, name: str, strategy: str, seconds: float, error: str | None,
              out: Path, n_strategies: int) -> Row:
-    from .cost import cost_usd
-    from .intake import download_stems, read_manifest
-    from .resources.separator import price_for
-
     if error is not None:
         return Row(name, pk, strategy, False, seconds=seconds, error=error)
     manifest = read_manifest(store, pk, strategy)
@@ -184,91 +182,3 @@ def _print_summary(rows: list[Row]) -> None:
         table.append((r.file, r.strategy, r.stems if r.ok else "FAILED", f"{r.seconds:.1f}", f"${r.cost:.4f}",
                       str(r.folder) if r.folder else "-"))
     print(format_table(table))
-
-
-def format_table(table: list[tuple[str, ...]]) -> str:
-    """A plain aligned text table; the first row is the header."""
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(table[0]))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- catalog
-
-
-def _catalog_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", "-f", choices=["table", "csv", "json"], default="table")
-
-
-@command("catalog", _catalog_args)
-def cmd_catalog(args: argparse.Namespace) -> int:
-    """Print the catalog: every recording x strategy with its state, stems and cost."""
-    import json
-
-    from .assets.catalog import build_catalog, totals
-    from .config import load_config
-    from .partitions import RECORDINGS_PARTITIONS
-    from .intake import open_store
-    from .runs import dagster_instance
-
-    config = load_config(args.config)
-    store = open_store(config)
-    keys = dagster_instance(config).get_dynamic_partitions(RECORDINGS_PARTITIONS)
-    df = build_catalog(store, config, keys)
-    if args.format == "csv":
-        sys.stdout.write(df.to_csv(index=False))
-    elif args.format == "json":
-        print(json.dumps({"rows": json.loads(df.to_json(orient="records", date_format="iso")),
-                          "totals": totals(df)}, indent=1))
-    else:
-        cols = ["partition", "strategy", "state", "duration_s", "stems", "cost_usd"]
-        table = [tuple(cols)] + [tuple("" if v is None or v != v else (f"{v:.4g}" if isinstance(v, float) else str(v))
-                                       for v in row) for row in df[cols].itertuples(index=False)]
-        print(format_table(table))
-        t = totals(df)
-        print(f"\n{t['recordings']} recordings, {t['audio_hours'] * 60:.1f} min of audio, {t['current']} current / "
-              f"{t['stale']} stale / {t['missing']} missing stem sets, {t['gpu_hours']:.3f} GPU-hours, ${t['cost_usd']:.2f}")
-    return 0
-
-
-# --------------------------------------------------------------------------- dev
-
-
-def _dev_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dagster_args", nargs=argparse.REMAINDER, help="passed on to `dagster dev` (e.g. -p 3001)")
-
-
-def dev_command(config_path: str | None, extra: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
-    """The `dagster dev` command line and environment `stemset dev` runs."""
-    from .runs import DEFAULT_HOME
-
-    workspace = Path("workspace.yaml")
-    if not workspace.is_file():
-        workspace = ROOT / "workspace.yaml"
-    if not workspace.is_file():
-        raise StemsetError("No workspace.yaml here or in the Stemset checkout.",
-                           "Run `stemset dev` from the project folder (the one with workspace.yaml).")
-    env = dict(env)
-    if not env.get("DAGSTER_HOME"):
-        env["DAGSTER_HOME"] = str(Path(DEFAULT_HOME).absolute())
-    Path(env["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
-    if config_path:
-        env["STEMSET_CONFIG"] = str(Path(config_path).expanduser().absolute())
-    extra = [a for a in extra if a != "--"]
-    return [sys.executable, "-m", "dagster", "dev", "-w", str(workspace.absolute()), *extra], env
-
-
-@command("dev", _dev_args)
-def cmd_dev(args: argparse.Namespace) -> int:
-    """Run `dagster dev -w workspace.yaml` (DAGSTER_HOME defaults to ./.dagster_home)."""
-    argv, env = dev_command(args.config, args.dagster_args, dict(os.environ))
-    print(f"DAGSTER_HOME={env['DAGSTER_HOME']}", flush=True)
-    return subprocess.call(argv, env=env)
-
-
-def register() -> None:
-    """Add `stemset api` (the decorators above registered the rest on import)."""
-    from .api.server import add_api_args, run_api
-
-    command("api", add_api_args)(run_api)

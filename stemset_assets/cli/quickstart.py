@@ -1,4 +1,4 @@
-"""``python -m stemset_assets.quickstart``: the main job on whatever config is in force.
+"""``python -m stemset_assets.cli.quickstart``: the main job on whatever config is in force.
 
 Registers every input of every profile as a ``recordings`` partition (what the
 ``new_recordings`` sensor does on a schedule), materialises ``recording`` and the profile's
@@ -14,12 +14,17 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
+from tqdm import tqdm
 
-from .config import StemsetConfig, load_config
-from .layout import CATALOG_CSV, OUTPUTS, input_prefix
-from .partitions import RECORDINGS_PARTITIONS, assign_partition_keys, list_inputs
-from .resources import MediaStoreResource
-from .runs import dagster_instance, materialize_catalog, materialize_in_process
+from gpu_worker.objects import ObjectStore
+
+from ..config import StemsetConfig, load_config
+from ..core.layout import CATALOG_CSV, OUTPUTS, input_prefix
+from ..core.partition_keys import assign_partition_keys, list_inputs
+from ..defs.partitions import RECORDINGS_PARTITIONS
+from ..defs.resources.media_store import MediaStoreResource
+from ..defs.runs import dagster_instance, materialize_catalog, materialize_in_process
 
 DEMO_NAME = "demo take.wav"
 
@@ -34,15 +39,13 @@ def demo_take(seconds: float = 8.0, sr: int = 44100) -> np.ndarray:
     return np.stack([mono, 0.9 * mono], axis=1).astype(np.float32)
 
 
-def ensure_demo_input(config: StemsetConfig, store) -> str | None:
+def ensure_demo_input(config: StemsetConfig, store: ObjectStore) -> str | None:
     """Write the demo take into the first profile's inputs when storage is local and it is empty."""
     if config.storage.backend != "local" or not config.profiles:
         return None
     profile = next(iter(config.profiles))
     if list_inputs(store, profile):
         return None
-    import soundfile as sf
-
     key = input_prefix(profile) + DEMO_NAME
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / DEMO_NAME
@@ -52,8 +55,6 @@ def ensure_demo_input(config: StemsetConfig, store) -> str | None:
 
 
 def main() -> int:
-    from tqdm import tqdm
-
     config = load_config()
     store = MediaStoreResource.from_config(config).get_store()
     demo = ensure_demo_input(config, store)

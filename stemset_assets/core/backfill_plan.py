@@ -1,39 +1,30 @@
-"""Backfills of one strategy's stem sets: which partitions, what they cost, and launching them.
+"""Backfill planning without Dagster: which of a strategy's stem sets to redo, and what it costs.
 
-:func:`plan_backfill` picks the partitions from :func:`~stemset_assets.staleness.partition_states`
-(``stale``, ``missing`` or all) and estimates audio hours and cost: audio seconds x billed
-seconds per audio second (recorded on this GPU backend by the strategy's latest materialisations,
-else ``backfill.billed_seconds_per_audio_second``) x the configured GPU's price per hour (0 for
-the local backend, whose runs cost nothing).
+:func:`check_request` checks the strategy, mode and profile; :func:`plan_from_states` picks the
+partitions from their states (``stale``, ``missing`` or all) and estimates audio hours and cost:
+audio seconds x billed seconds per audio second (recorded on this GPU backend by the strategy's
+latest materialisations, else ``backfill.billed_seconds_per_audio_second``) x the configured
+GPU's price per hour (0 for the local backend, whose runs cost nothing).
 
-:func:`launch_backfill` starts a real Dagster backfill: through the webserver's GraphQL
-(``launchPartitionBackfill``; the daemon then groups partitions into runs by the stem assets'
-backfill policy) when a webserver URL is configured and answers, otherwise in this process
-(:func:`stemset_assets.runs.materialize_in_process`) with a progress callback.
+The states come from :func:`stemset_assets.defs.staleness.partition_states`;
+:mod:`stemset_assets.defs.backfill` reads them and launches the plan.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gpu_worker.errors import StemsetError
 
-from .staleness import INPUT_CHANGED, NOT_RECORDED, StrategyHistory, check_profile, check_strategies, partition_states
-from .stemsets import MISSING, STALE
-
-if TYPE_CHECKING:
-    from dagster import DagsterInstance
-
-    from gpu_worker.objects import ObjectStore
-
-    from .config import StemsetConfig
-    from .runs import RunOutcome
-    from .staleness import PartitionState
+from ..config import StemsetConfig
+from .selection import check_profile, check_strategies
+from .stemsets import INPUT_CHANGED, MISSING, NOT_RECORDED, STALE, PartitionState, StrategyHistory
 
 MODES = ("stale", "missing", "all")
 NEEDS_RECORDING = (INPUT_CHANGED, NOT_RECORDED)
+"""Reasons that need the ``recording`` asset materialised again before the stems."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +42,7 @@ class CostModel:
         return round(self.billed_seconds(audio_seconds) * self.price_per_hour / 3600.0, 6)
 
 
-def cost_model(config: "StemsetConfig", history: StrategyHistory | None) -> CostModel:
+def cost_model(config: StemsetConfig, history: StrategyHistory | None) -> CostModel:
     backend = config.gpu.backend
     price = 0.0 if backend == "local" else config.gpu.price_per_hour()
     recorded = history.billed_per_audio_second(backend) if history is not None else None
@@ -120,17 +111,19 @@ class BackfillPlan:
         return "\n".join(lines)
 
 
-def plan_backfill(instance: "DagsterInstance", config: "StemsetConfig", strategy: str, mode: str = "stale",
-                  profile: str | None = None, *, store: "ObjectStore | None" = None,
-                  states: "Sequence[PartitionState] | None" = None) -> BackfillPlan:
-    """The partitions of ``strategy`` to redo (``mode``: stale | missing | all) and their estimate."""
+def check_request(config: StemsetConfig, strategy: str, mode: str, profile: str | None) -> str:
+    """The strategy's name once the strategy, ``mode`` and ``profile`` are known to be valid."""
     (strategy,) = check_strategies(config, [strategy])
     check_profile(config, profile)
     if mode not in MODES:
         raise StemsetError(f"Unknown backfill mode {mode!r}.", f"Use one of: {', '.join(MODES)}.")
-    history: dict[str, StrategyHistory] = {}
-    if states is None:
-        states = partition_states(instance, config, [strategy], profile, store=store, history=history)
+    return strategy
+
+
+def plan_from_states(config: StemsetConfig, strategy: str, mode: str, profile: str | None,
+                     states: Sequence[PartitionState], history: StrategyHistory | None) -> BackfillPlan:
+    """The partitions of ``strategy`` in ``states`` to redo (``mode``: stale | missing | all) and
+    their estimate from ``history`` (the strategy's recorded runs; None: the config default)."""
     wanted = {"stale": (STALE,), "missing": (MISSING,), "all": (STALE, MISSING, "current")}[mode]
     chosen: list[str] = []
     skipped: dict[str, str] = {}
@@ -148,51 +141,5 @@ def plan_backfill(instance: "DagsterInstance", config: "StemsetConfig", strategy
             unknown += 1
         else:
             seconds += s.duration_s
-    return BackfillPlan(strategy, mode, profile, chosen, seconds, cost_model(config, history.get(strategy)),
+    return BackfillPlan(strategy, mode, profile, chosen, seconds, cost_model(config, history),
                         recording, skipped, unknown)
-
-
-def webserver_url(config: "StemsetConfig", override: str | None = None) -> str | None:
-    if override:
-        return override
-    dagster = getattr(config, "dagster", None)
-    return getattr(dagster, "webserver_url", None)
-
-
-@dataclass
-class LaunchResult:
-    path: str  # "webserver" | "in_process" | "nothing"
-    backfill_id: str | None = None
-    outcomes: "list[RunOutcome]" = field(default_factory=list)
-    message: str = ""
-
-    @property
-    def failed(self) -> int:
-        return sum(1 for o in self.outcomes if not o.success)
-
-
-def launch_backfill(plan: BackfillPlan, config: "StemsetConfig", instance: "DagsterInstance", *,
-                    url: str | None = None, resources: dict | None = None,
-                    progress: Callable[[int, int, "RunOutcome"], None] | None = None,
-                    say: Callable[[str], None] = print) -> LaunchResult:
-    """Launch ``plan``: a partition backfill through the webserver when ``url`` (or the config's
-    ``dagster.webserver_url``) answers, else in-process runs."""
-    from .runs import WebserverClient, materialize_in_process, selection_for
-
-    if not plan.partitions:
-        return LaunchResult("nothing", message="nothing to do")
-    url = webserver_url(config, url)
-    if url:
-        client = WebserverClient(url)
-        if client.reachable():
-            assets = selection_for(config, [plan.strategy], plan.include_recording)
-            backfill_id = client.launch_partition_backfill(
-                plan.partitions, assets, title=f"stemset backfill {plan.strategy} --{plan.mode}")
-            return LaunchResult("webserver", backfill_id=backfill_id,
-                                message=f"backfill {backfill_id} launched on {url}: {url}/overview/backfills/{backfill_id}")
-        say(f"The Dagster webserver at {url} is not reachable; running the backfill in this process instead.")
-    outcomes = materialize_in_process(config, instance, plan.partitions, [plan.strategy],
-                                      include_recording=plan.include_recording, resources=resources,
-                                      progress=progress, tags={"stemset/backfill": f"{plan.strategy}:{plan.mode}"})
-    ok = sum(1 for o in outcomes if o.success)
-    return LaunchResult("in_process", outcomes=outcomes, message=f"{ok} of {len(outcomes)} partition(s) done in-process")

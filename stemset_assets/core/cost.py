@@ -11,7 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from gpu_worker.errors import ConfigError
 from gpu_worker.job import SeparationResult
+
+from ..config import GpuConfig
 
 
 def _field(result: SeparationResult | Mapping[str, Any], name: str) -> Any:
@@ -30,7 +33,19 @@ def cost_usd(result: SeparationResult | Mapping[str, Any], price_per_hour: float
     return round(max(0.0, seconds) * float(price_per_hour) / 3600.0, 6)
 
 
-def price_per_hour_for(result: SeparationResult | Mapping[str, Any], gpu: Any) -> float:
+def price_per_hour_for(result: SeparationResult | Mapping[str, Any], gpu: GpuConfig) -> float:
     """The price of the GPU the result ran on, from a :class:`~stemset_assets.config.GpuConfig`:
     the result's ``gpu_type`` when the worker reported one, else the configured type."""
     return float(gpu.price_per_hour(_field(result, "gpu_type") or None))
+
+
+def price_for(result: SeparationResult, gpu: GpuConfig) -> float:
+    """US$ per hour of the GPU ``result`` ran on (the configured type's price when the table
+    does not know it; 0 when it knows neither)."""
+    try:
+        return price_per_hour_for(result, gpu)
+    except ConfigError:
+        try:
+            return gpu.price_per_hour()
+        except ConfigError:
+            return 0.0

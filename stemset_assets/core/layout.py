@@ -14,7 +14,8 @@ One layout for the local folder and the bucket (``<partition key>`` is ``<profil
 ``recording.json`` is what the stem assets and the catalog read to learn a recording's
 original object key, its input sha256 and the sha256 of its canonical FLAC (the worker's
 manifest records the latter as ``input_sha256``). Written last, so it exists only when the
-canonical FLAC, peaks and waveform are in place.
+canonical FLAC, peaks and waveform are in place. :func:`read_manifest` and :func:`download_stems`
+read a stem set back.
 
 This module imports neither Dagster nor torch.
 """
@@ -22,11 +23,13 @@ This module imports neither Dagster nor torch.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
-from gpu_worker.errors import StorageError
-from gpu_worker.job import MANIFEST_NAME
+from gpu_worker.errors import StemsetError, StorageError
+from gpu_worker.job import MANIFEST_NAME, SeparationResult
 from gpu_worker.objects import ObjectStore
 
 INPUTS = "inputs"
@@ -148,3 +151,25 @@ def read_record(store: ObjectStore, partition_key: str) -> RecordingRecord | Non
 
 def write_record(store: ObjectStore, record: RecordingRecord) -> None:
     store.put_bytes(record_key(record.partition_key), record.to_json().encode(), content_type="application/json")
+
+
+def read_manifest(store: ObjectStore, partition: str, strategy: str) -> SeparationResult | None:
+    """The stem set's manifest, or None when there is none (yet) or it is unreadable."""
+    key = manifest_key(partition, strategy)
+    if store.head(key) is None:
+        return None
+    try:
+        return SeparationResult.from_json(store.get_bytes(key))
+    except StemsetError:
+        return None
+
+
+def download_stems(store: ObjectStore, manifest: SeparationResult, folder: Path) -> list[Path]:
+    """Each stem of ``manifest`` into ``folder/<stem>.<ext>``; returns the paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for stem in manifest.stems.values():
+        target = folder / os.path.basename(stem.key)
+        store.download(stem.key, target)
+        out.append(target)
+    return out

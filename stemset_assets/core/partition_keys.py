@@ -1,4 +1,4 @@
-"""The ``recordings`` dynamic partitions: one partition per input file, keyed ``<profile>/<slug>``.
+"""Partition keys of the ``recordings`` dynamic partitions: one per input file, ``<profile>/<slug>``.
 
 The slug is made from the file's path below ``inputs/<profile>/`` (extension dropped):
 Unicode is decomposed (NFKD) and reduced to ASCII (``Café`` -> ``cafe``; letters without an
@@ -14,7 +14,8 @@ plus ``-`` and the first 8 hex digits of the sha256 of its full object key
 order (oldest object first), and :func:`resolve_input` maps a key back to its object the
 same way, so both sides agree without any extra state.
 
-This module imports Dagster only for the partitions definition itself.
+The Dagster partitions definition itself is :mod:`stemset_assets.defs.partitions`; this module
+imports no Dagster.
 """
 
 from __future__ import annotations
@@ -25,15 +26,10 @@ import unicodedata
 from collections.abc import Iterable, Mapping
 from pathlib import PurePosixPath
 
-from dagster import DynamicPartitionsDefinition
-
 from gpu_worker.errors import StorageError
 from gpu_worker.objects import ObjectInfo, ObjectStore
 
 from .layout import INPUTS, input_prefix, read_record
-
-RECORDINGS_PARTITIONS = "recordings"
-recordings = DynamicPartitionsDefinition(name=RECORDINGS_PARTITIONS)
 
 MAX_SLUG = 80
 HASH_LEN = 8

@@ -1,12 +1,13 @@
 """Small PNGs for the Dagster UI: a recording's waveform and the catalog's cost over time.
 
 Rendered with matplotlib's object API on the Agg canvas (no pyplot, no display, thread-safe),
-imported lazily so loading the definitions stays fast.
+imported inside the functions so loading the definitions stays fast.
 """
 
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import io
 from collections.abc import Sequence
 
@@ -16,7 +17,7 @@ WAVE_COLOR = "#3b6fd8"
 
 
 def _png(fig) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib costs start-up time
 
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
@@ -26,7 +27,7 @@ def _png(fig) -> bytes:
 
 def waveform_png(peaks: np.ndarray, duration_s: float, title: str = "") -> bytes:
     """An 8 x 1.6 inch waveform from ``(n, 2)`` (min, max) peaks spanning ``duration_s``."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: matplotlib costs start-up time
 
     peaks = np.asarray(peaks, dtype=np.float32).reshape(-1, 2)
     t = np.linspace(0.0, max(duration_s, 1e-9), num=len(peaks), endpoint=False)
@@ -47,9 +48,7 @@ def waveform_png(peaks: np.ndarray, duration_s: float, title: str = "") -> bytes
 
 def cost_over_time_png(times: Sequence[float], costs: Sequence[float], gpu_seconds: Sequence[float]) -> bytes:
     """Cumulative US$ and GPU hours against the time each stem set was made (epoch seconds)."""
-    import datetime as dt
-
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: matplotlib costs start-up time
 
     order = np.argsort(np.asarray(times, dtype=float))
     when = [dt.datetime.fromtimestamp(float(times[i]), tz=dt.timezone.utc) for i in order]

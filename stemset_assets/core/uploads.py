@@ -1,52 +1,21 @@
-"""Taking a file in from outside the bucket (the CLI's `stemset process FILE`, the web upload):
-a safe object name, a content check, the upload to ``inputs/<profile>/`` and the partition key;
-and reading back the stems a run made.
+"""Taking a file in from outside the bucket (`stemset process FILE`, the web upload): a safe
+object name, and a check that the content is audio Stemset can read.
 
-Shared by :mod:`stemset_assets.cli_process` and :mod:`stemset_assets.api`. Imports no torch;
-Dagster only for the partition helpers.
+The upload and its partition key are :mod:`stemset_assets.defs.intake`. Imports no Dagster.
 """
 
 from __future__ import annotations
 
-import os
 import unicodedata
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
 
 from gpu_worker.errors import AudioError, StemsetError
-from gpu_worker.job import SeparationResult
-from gpu_worker.objects import ObjectStore
-
-from .layout import input_prefix, manifest_key
-from .partitions import RECORDINGS_PARTITIONS, assign_partition_keys, list_inputs
-
-if TYPE_CHECKING:
-    from dagster import DagsterInstance
-
-    from .config import StemsetConfig
 
 # What soundfile or PyAV decodes; the sensor and uploads both go by it.
 AUDIO_EXTENSIONS = (".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".mp4", ".aac",
                     ".aif", ".aiff", ".aifc", ".caf", ".webm", ".mka", ".wma", ".bwf", ".rf64")
 MAX_NAME_BYTES = 120  # of the file name, UTF-8, extension included
 _FORBIDDEN = set('<>:"|?*\\/')
-
-
-def open_store(config: "StemsetConfig") -> ObjectStore:
-    """The configured media store for use outside a Dagster run (the CLI, the web API): the
-    same resource the assets use, with credentials as values rather than ``EnvVar`` (which only
-    a run can resolve)."""
-    from .resources.media_store import MediaStoreResource
-
-    if config.storage.backend != "s3" or config.storage.s3 is None:
-        return MediaStoreResource.from_config(config).get_store()
-    s3 = config.storage.s3
-    return MediaStoreResource(
-        backend="s3", root=str(config.storage.local.root), endpoint_url=s3.endpoint_url, bucket=s3.bucket,
-        region=s3.region, access_key_id=s3.access_key_id, secret_access_key=s3.secret_access_key,
-        public_url=s3.public_url,
-    ).get_store()
 
 
 class UploadRejected(StemsetError):
@@ -111,7 +80,7 @@ def check_audio_file(path: Path, name: str) -> str:
         raise UploadRejected(415, f"{name!r} is not audio: its content starts like no audio format "
                                   "(WAV, FLAC, Ogg, MP3, MP4/M4A, AIFF, WebM).",
                              "Upload the recording itself, not a document, image or archive.")
-    from gpu_worker.audio import probe_audio
+    from gpu_worker.audio import probe_audio  # lazy: gpu_worker.audio pulls in scipy (pyloudnorm) and PyAV
 
     try:
         probe_audio(path)
@@ -120,46 +89,3 @@ def check_audio_file(path: Path, name: str) -> str:
         raise UploadRejected(400, f"{name!r} looks like {kind} but could not be read as audio: {detail}",
                              "Export the recording again, or try another format.") from None
     return kind
-
-
-@dataclass(frozen=True)
-class Ingested:
-    object_key: str  # inputs/<profile>/<name>
-    partition: str  # <profile>/<slug>
-
-
-def ingest_file(store: ObjectStore, instance: "DagsterInstance", profile: str, path: Path,
-                name: str | None = None) -> Ingested:
-    """Upload ``path`` to ``inputs/<profile>/<safe name>`` and register its partition key (the
-    same key the new-input sensor would give it; a file of the same name is replaced, which
-    makes its recording and stems stale)."""
-    from .runs import register_partitions
-
-    object_key = input_prefix(profile) + safe_filename(name or path.name)
-    store.upload(path, object_key)
-    existing = instance.get_dynamic_partitions(RECORDINGS_PARTITIONS)
-    key = assign_partition_keys(profile, list_inputs(store, profile), existing)[object_key]
-    register_partitions(instance, [key])
-    return Ingested(object_key, key)
-
-
-def read_manifest(store: ObjectStore, partition: str, strategy: str) -> SeparationResult | None:
-    """The stem set's manifest, or None when there is none (yet)."""
-    key = manifest_key(partition, strategy)
-    if store.head(key) is None:
-        return None
-    try:
-        return SeparationResult.from_json(store.get_bytes(key))
-    except StemsetError:
-        return None
-
-
-def download_stems(store: ObjectStore, manifest: SeparationResult, folder: Path) -> list[Path]:
-    """Each stem of ``manifest`` into ``folder/<stem>.<ext>``; returns the paths."""
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for stem in manifest.stems.values():
-        target = folder / os.path.basename(stem.key)
-        store.download(stem.key, target)
-        out.append(target)
-    return out

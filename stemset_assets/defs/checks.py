@@ -34,10 +34,11 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
-from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetKey, MetadataValue
-from dagster import PartitionsDefinition
+from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, MetadataValue, PartitionsDefinition
 
 from gpu_worker.job import SeparationResult
+
+from .asset_keys import stem_asset_key
 
 SAMPLE_RATE = 44100
 DURATION_TOLERANCE_S: dict[str, float] = {
@@ -51,10 +52,6 @@ MAX_RESIDUAL_DB = -20.0
 
 STEM_CHECKS = ("duration_matches_input", "finite_samples", "audible")
 SET_CHECKS = ("set_not_all_silent", "set_reconstructs_mix")
-
-
-def stem_asset_key(strategy: str, stem: str) -> AssetKey:
-    return AssetKey(["stems", strategy, stem])
 
 
 def check_specs(strategy: str, stems: Sequence[str],

@@ -2,9 +2,9 @@
 
 ``new_recordings``, each tick:
 
-1. lists ``inputs/<profile>/`` once per configured profile (:func:`~stemset_assets.partitions.list_inputs`)
+1. lists ``inputs/<profile>/`` once per configured profile (:func:`~stemset_assets.core.partition_keys.list_inputs`)
    and loads the ``recordings`` partitions once;
-2. skips, with the reason logged: names that are not audio (:data:`stemset_assets.intake.AUDIO_EXTENSIONS`), zero-byte
+2. skips, with the reason logged: names that are not audio (:data:`stemset_assets.core.uploads.AUDIO_EXTENSIONS`), zero-byte
    objects, and uploads in progress: temporary names (:data:`TEMP_SUFFIXES`, ``~``/``.`` prefixes)
    or objects modified less than ``sensors.settle_s`` seconds ago (they are looked at again next tick);
 3. takes the not yet handled objects, oldest first, at most ``sensors.max_new_per_tick``, adds
@@ -20,7 +20,7 @@ its partition as it is.
 
 ``auto_reprocess_<strategy>`` exists for each strategy under ``sensors.auto_reprocess``
 (running by default when ``enabled: true``, else stopped until started in the UI). Each tick
-it computes :func:`~stemset_assets.staleness.partition_states` for the strategy and requests
+it computes :func:`~stemset_assets.defs.staleness.partition_states` for the strategy and requests
 runs for at most ``max_per_tick`` stale partitions whose input is present, while the day's
 (UTC) estimated cost stays under ``daily_cost_ceiling_usd`` (estimate: audio seconds x recorded
 billed seconds per audio second, else ``backfill.billed_seconds_per_audio_second``, x the GPU
@@ -38,7 +38,6 @@ from datetime import datetime, timezone
 from pathlib import PurePosixPath
 
 from dagster import (
-    AssetKey,
     AssetSelection,
     DefaultSensorStatus,
     RunRequest,
@@ -51,11 +50,15 @@ from dagster import (
 
 from gpu_worker.objects import ObjectInfo
 
-from .assets.stems import stem_keys
-from .config import StemsetConfig
-from .intake import AUDIO_EXTENSIONS
-from .partitions import RECORDINGS_PARTITIONS, assign_partition_keys, list_inputs, recordings, relative_name
+from ..config import StemsetConfig
+from ..core.backfill_plan import NEEDS_RECORDING, cost_model
+from ..core.partition_keys import assign_partition_keys, list_inputs, relative_name
+from ..core.stemsets import INPUT_CHANGED, StrategyHistory
+from ..core.uploads import AUDIO_EXTENSIONS
+from .asset_keys import RECORDING_KEY, stem_keys
+from .partitions import RECORDINGS_PARTITIONS, recordings
 from .resources.media_store import MediaStoreResource
+from .staleness import partition_states
 
 NEW_RECORDINGS = "new_recordings"
 TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".upload", ".uploading", ".filepart")
@@ -156,8 +159,8 @@ def scan_new_inputs(config: StemsetConfig, store, existing: list[str], handled: 
 def build_new_recordings_sensor(config: StemsetConfig) -> SensorDefinition:
     """The ``new_recordings`` sensor for ``config``'s profiles."""
     all_stems = stem_keys(config)
-    selection = AssetSelection.assets(AssetKey("recording"), *all_stems)
-    per_profile = {name: [AssetKey("recording"), *stem_keys(config, list(p.strategies))]
+    selection = AssetSelection.assets(RECORDING_KEY, *all_stems)
+    per_profile = {name: [RECORDING_KEY, *stem_keys(config, list(p.strategies))]
                    for name, p in config.profiles.items()}
 
     @sensor(
@@ -214,8 +217,6 @@ def _today() -> str:
 def select_for_reprocess(states, cap: int, per_partition_cost, spent: float, ceiling: float):
     """Stale partitions that can be redone (input present, or only the stems to redo), oldest stem set first, at most ``cap``, while
     ``spent`` + their estimated cost stays within ``ceiling``. Returns ``(chosen, spent, held_back)``."""
-    from .backfill import NEEDS_RECORDING
-
     stale = [s for s in states if s.state == "stale"
              and (s.input_present is not False or not any(r in NEEDS_RECORDING for r in s.reasons))]
     stale.sort(key=lambda s: (s.materialized_at or 0.0, s.partition))
@@ -233,15 +234,12 @@ def select_for_reprocess(states, cap: int, per_partition_cost, spent: float, cei
 
 
 def build_auto_reprocess_sensor(config: StemsetConfig, strategy: str) -> SensorDefinition:
-    from .backfill import cost_model
-    from .staleness import INPUT_CHANGED, StrategyHistory, partition_states
-
     settings = config.sensors.auto_reprocess[strategy]
     stems = stem_keys(config, [strategy])
 
     @sensor(
         name=auto_reprocess_name(strategy),
-        asset_selection=AssetSelection.assets(AssetKey("recording"), *stems),
+        asset_selection=AssetSelection.assets(RECORDING_KEY, *stems),
         minimum_interval_seconds=config.sensors.interval_s,
         default_status=DefaultSensorStatus.RUNNING if settings.enabled else DefaultSensorStatus.STOPPED,
         description=(f"Rerun stale stem sets of {strategy!r}: at most {settings.max_per_tick} per tick and "
@@ -268,7 +266,7 @@ def build_auto_reprocess_sensor(config: StemsetConfig, strategy: str) -> SensorD
                                 cursor=cursor)
         requests = []
         for s, cost in chosen:
-            selection = ([AssetKey("recording")] if INPUT_CHANGED in s.reasons else []) + stems
+            selection = ([RECORDING_KEY] if INPUT_CHANGED in s.reasons else []) + stems
             requests.append(RunRequest(
                 run_key=f"{s.partition}@{s.current_fingerprint}@{s.recording_sha256 or ''}@{s.reason}",
                 partition_key=s.partition, asset_selection=selection,

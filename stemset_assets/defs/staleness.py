@@ -34,28 +34,44 @@ and no per-partition bucket round trip; the first call after N new materialisati
 deserialising those N events once (about 1 ms each, the recording's carrying its inline
 waveform image).
 
-Module import is Dagster-free apart from types; :func:`staleness` returns a pandas DataFrame
-(columns :data:`COLUMNS`), :func:`partition_states` the same rows as dataclasses.
+:func:`staleness` returns a pandas DataFrame (columns :data:`COLUMNS`), :func:`partition_states`
+the same rows as :class:`~stemset_assets.core.stemsets.PartitionState`; the states and reasons are
+named in :mod:`stemset_assets.core.stemsets`.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from gpu_worker.errors import StemsetError
+import pandas as pd
+from dagster import AssetKey, AssetRecordsFilter, DagsterEventType, DagsterInstance, EventLogRecord
 
-from .partitions import RECORDINGS_PARTITIONS, assign_partition_keys, list_inputs, split_partition_key
-from .stemsets import CURRENT, MISSING, STALE
+from gpu_worker.objects import ObjectStore
 
-if TYPE_CHECKING:
-    import pandas as pd
-    from dagster import AssetKey, DagsterInstance, EventLogRecord
-
-    from gpu_worker.objects import ObjectStore
-
-    from .config import StemsetConfig
+from ..config import StemsetConfig
+from ..core.partition_keys import assign_partition_keys, list_inputs, split_partition_key
+from ..core.selection import check_profile, check_strategies
+from ..core.stemsets import (
+    CURRENT,
+    INPUT_CHANGED,
+    INPUT_MISSING,
+    MISSING,
+    NOT_RECORDED,
+    NOT_SEPARATED,
+    RECORDING_CHANGED,
+    STALE,
+    STALE_REASONS,
+    STRATEGY_CHANGED,
+    UP_TO_DATE,
+    PartitionState,
+    StrategyHistory,
+    fingerprints,
+)
+from .asset_keys import RECORDING_KEY, stem_asset_key
+from .partitions import RECORDINGS_PARTITIONS
+from .resources.media_store import open_store
 
 PAGE = 500
 """Storage ids per records query (well under SQLite's bound-parameter limit)."""
@@ -63,60 +79,11 @@ MTIME_SLACK_S = 2.0
 """An input modified this long after its recording's materialisation counts as rewritten
 (clock skew between the bucket and this machine)."""
 
-STRATEGY_CHANGED = "strategy_changed"
-RECORDING_CHANGED = "recording_changed"
-INPUT_CHANGED = "input_changed"
-INPUT_MISSING = "input_missing"
-NOT_SEPARATED = "not_separated"
-NOT_RECORDED = "recording_not_materialised"
-UP_TO_DATE = "up_to_date"
-STALE_REASONS = frozenset({STRATEGY_CHANGED, RECORDING_CHANGED, INPUT_CHANGED})
-
 COLUMNS = [
     "partition", "profile", "strategy", "state", "reason", "duration_s", "input_present", "original_key",
     "fingerprint", "current_fingerprint", "input_sha256", "recording_sha256", "backend", "billed_seconds",
     "cost_usd", "materialized_at",
 ]
-
-
-@dataclass(frozen=True)
-class PartitionState:
-    """One partition x strategy."""
-
-    partition: str
-    profile: str
-    strategy: str
-    state: str  # current | stale | missing
-    reason: str  # ";"-joined reason tokens (see the module doc)
-    duration_s: float | None  # audio seconds (None when the recording was never materialised)
-    input_present: bool | None  # None when the inputs were not listed
-    original_key: str | None = None
-    fingerprint: str | None = None  # of the latest stem set
-    current_fingerprint: str = ""
-    input_sha256: str | None = None  # the recording data version the stem set was made from
-    recording_sha256: str | None = None  # the recording's latest data version
-    backend: str | None = None
-    billed_seconds: float | None = None
-    cost_usd: float | None = None
-    materialized_at: float | None = None
-
-    @property
-    def reasons(self) -> list[str]:
-        return self.reason.split(";") if self.reason else []
-
-
-@dataclass
-class StrategyHistory:
-    """What the latest materialisations of one strategy's stem sets recorded, for cost estimates."""
-
-    runs: int = 0
-    audio_seconds: float = 0.0
-    billed_seconds: float = 0.0
-    by_backend: dict[str, tuple[float, float]] = field(default_factory=dict)  # backend -> (audio s, billed s)
-
-    def billed_per_audio_second(self, backend: str) -> float | None:
-        audio, billed = self.by_backend.get(backend, (0.0, 0.0))
-        return billed / audio if audio > 0 and billed > 0 else None
 
 
 # --------------------------------------------------------------------------- instance reads
@@ -131,7 +98,7 @@ CACHE_KEY = "stemset/staleness/v1/"
 TIMESTAMP = "timestamp"
 
 
-def _facts(record: "EventLogRecord", fields: Sequence[str]) -> dict[str, Any]:
+def _facts(record: EventLogRecord, fields: Sequence[str]) -> dict[str, Any]:
     metadata = record.asset_materialization.metadata if record.asset_materialization is not None else {}
     out: dict[str, Any] = {TIMESTAMP: record.timestamp}
     for name in fields:
@@ -140,11 +107,9 @@ def _facts(record: "EventLogRecord", fields: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _cache_read(instance: "DagsterInstance", key: str, fields: Sequence[str]) -> dict[str, list]:
+def _cache_read(instance: DagsterInstance, key: str, fields: Sequence[str]) -> dict[str, list]:
     """``{partition: [storage id, timestamp, *fields]}`` as last stored, or empty when there is
     none, it was written for other fields, or the instance has no key-value store."""
-    import json
-
     try:
         raw = instance.daemon_cursor_storage.get_cursor_values({key}).get(key)
         stored = json.loads(raw) if raw else {}
@@ -156,9 +121,7 @@ def _cache_read(instance: "DagsterInstance", key: str, fields: Sequence[str]) ->
     return rows if isinstance(rows, dict) else {}
 
 
-def _cache_write(instance: "DagsterInstance", key: str, fields: Sequence[str], rows: dict[str, list]) -> None:
-    import json
-
+def _cache_write(instance: DagsterInstance, key: str, fields: Sequence[str], rows: dict[str, list]) -> None:
     try:
         instance.daemon_cursor_storage.set_cursor_values(
             {key: json.dumps({"fields": list(fields), "rows": rows}, separators=(",", ":"))})
@@ -166,14 +129,12 @@ def _cache_write(instance: "DagsterInstance", key: str, fields: Sequence[str], r
         pass
 
 
-def latest_facts(instance: "DagsterInstance", asset_key: "AssetKey", fields: Sequence[str],
+def latest_facts(instance: DagsterInstance, asset_key: AssetKey, fields: Sequence[str],
                  partitions: Iterable[str] | None = None, *, cache: bool = True) -> dict[str, dict[str, Any]]:
     """``{partition: {field: metadata value, "timestamp": ...}}`` of each partition's latest
     materialisation of ``asset_key``: one latest-id query, then the facts from the cache for the
     partitions whose latest event is the cached one, and from the event log (by storage id,
     :data:`PAGE` at a time) for the others, which then join the cache."""
-    from dagster import AssetRecordsFilter, DagsterEventType
-
     ids = instance.get_latest_storage_id_by_partition(asset_key, DagsterEventType.ASSET_MATERIALIZATION)
     wanted = ids if partitions is None else {pk: ids[pk] for pk in set(partitions) if pk in ids}
     key = CACHE_KEY + asset_key.to_user_string()
@@ -205,31 +166,10 @@ def latest_facts(instance: "DagsterInstance", asset_key: "AssetKey", fields: Seq
     return out
 
 
-# --------------------------------------------------------------------------- checks of names
-
-
-def check_strategies(config: "StemsetConfig", strategies: Sequence[str] | None) -> list[str]:
-    """``strategies`` (default: all in config), each one known, else a clear error naming the valid ones."""
-    if strategies is None:
-        return list(config.strategies)
-    unknown = [s for s in strategies if s not in config.strategies]
-    if unknown:
-        raise StemsetError(f"Unknown strategy {', '.join(map(repr, unknown))}.",
-                           f"Use one of: {', '.join(config.strategies) or 'none'} (config.yaml `strategies`).")
-    return list(strategies)
-
-
-def check_profile(config: "StemsetConfig", profile: str | None) -> str | None:
-    if profile is not None and profile not in config.profiles:
-        raise StemsetError(f"Unknown profile {profile!r}.",
-                           f"Use one of: {', '.join(config.profiles) or 'none'} (config.yaml `profiles`).")
-    return profile
-
-
 # --------------------------------------------------------------------------- the computation
 
 
-def _inputs_by_partition(store: "ObjectStore", profiles: Iterable[str], partitions: Sequence[str],
+def _inputs_by_partition(store: ObjectStore, profiles: Iterable[str], partitions: Sequence[str],
                          original_keys: Mapping[str, str]) -> dict[str, Any]:
     """``{partition: ObjectInfo}`` for the inputs present, one listing per profile. A
     materialised partition is matched by its recorded object key, others as the sensor keys them
@@ -262,8 +202,8 @@ def input_changed(rec: Mapping[str, Any], info: Any) -> bool:
     return info.last_modified > rec[TIMESTAMP] + MTIME_SLACK_S or (size is not None and int(size) != info.size)
 
 
-def partition_states(instance: "DagsterInstance", config: "StemsetConfig", strategies: Sequence[str] | None = None,
-                     profile: str | None = None, *, store: "ObjectStore | None" = None, check_inputs: bool = True,
+def partition_states(instance: DagsterInstance, config: StemsetConfig, strategies: Sequence[str] | None = None,
+                     profile: str | None = None, *, store: ObjectStore | None = None, check_inputs: bool = True,
                      partitions: Sequence[str] | None = None,
                      history: dict[str, StrategyHistory] | None = None) -> list[PartitionState]:
     """Every partition x strategy (optionally one profile's partitions), as :class:`PartitionState`.
@@ -272,25 +212,18 @@ def partition_states(instance: "DagsterInstance", config: "StemsetConfig", strat
     ``check_inputs=False`` no listing is made (``input_changed`` / ``input_missing`` are not
     detected). ``history``, when given, is filled with each strategy's recorded billed seconds.
     """
-    from dagster import AssetKey
-
-    from .assets.stems import fingerprints
-    from .checks import stem_asset_key
-
     names = check_strategies(config, strategies)
     check_profile(config, profile)
     keys = list(partitions) if partitions is not None else list(instance.get_dynamic_partitions(RECORDINGS_PARTITIONS))
     if profile is not None:
         keys = [k for k in keys if k.startswith(f"{profile}/")]
     fps = fingerprints(config)
-    recordings = latest_facts(instance, AssetKey("recording"), RECORDING_FACTS, keys)
+    recordings = latest_facts(instance, RECORDING_KEY, RECORDING_FACTS, keys)
     original_keys = {pk: rec["original_key"] for pk, rec in recordings.items() if rec.get("original_key")}
 
     inputs: dict[str, Any] | None = None
     if check_inputs:
         if store is None:
-            from .intake import open_store
-
             store = open_store(config)
         profiles = sorted({pk.partition("/")[0] for pk in keys})
         inputs = _inputs_by_partition(store, profiles, keys, original_keys)
@@ -353,19 +286,15 @@ def partition_states(instance: "DagsterInstance", config: "StemsetConfig", strat
     return rows
 
 
-def staleness(instance: "DagsterInstance", config: "StemsetConfig", strategies: Sequence[str] | None = None,
-              profile: str | None = None, **kwargs: Any) -> "pd.DataFrame":
+def staleness(instance: DagsterInstance, config: StemsetConfig, strategies: Sequence[str] | None = None,
+              profile: str | None = None, **kwargs: Any) -> pd.DataFrame:
     """:func:`partition_states` as a DataFrame, one row per partition x strategy (columns :data:`COLUMNS`)."""
-    import pandas as pd
-
     rows = partition_states(instance, config, strategies, profile, **kwargs)
     return pd.DataFrame([vars(r) for r in rows], columns=COLUMNS)  # flat scalars: no asdict deep copy
 
 
-def summary(df: "pd.DataFrame") -> "pd.DataFrame":
+def summary(df: pd.DataFrame) -> pd.DataFrame:
     """Counts per profile x strategy: current, stale, missing, total, audio hours, input_missing."""
-    import pandas as pd
-
     cols = ["profile", "strategy", CURRENT, STALE, MISSING, "total", "audio_hours", "inputs_missing"]
     if df.empty:
         return pd.DataFrame(columns=cols)

@@ -6,7 +6,7 @@ no per-partition HEAD round trips. A row per recording (a partition of ``recordi
 recording found in the store) and strategy (every strategy in config.yaml; ``default`` says
 whether the recording's profile runs it on new inputs) with:
 
-- ``state``: ``current`` / ``stale`` / ``missing`` (see :mod:`stemset_assets.stemsets`) and
+- ``state``: ``current`` / ``stale`` / ``missing`` (see :mod:`stemset_assets.core.stemsets`) and
   ``reason``;
 - ``recording_state``: ``current``, ``input_changed`` (the input object's ETag differs from
   the one the recording was made from: re-materialise ``recording``), ``input_missing`` or
@@ -29,11 +29,13 @@ from pathlib import Path
 import pandas as pd
 from dagster import AssetExecutionContext, AssetsDefinition, MaterializeResult, MetadataValue, asset
 
+from gpu_worker.errors import JobError
 from gpu_worker.job import SeparationResult
 from gpu_worker.objects import ObjectInfo, ObjectStore
 
-from ..config import StemsetConfig
-from ..layout import (
+from ...config import StemsetConfig
+from ...core.cost import cost_usd, price_for
+from ...core.layout import (
     CATALOG_COST_PLOT,
     CATALOG_CSV,
     CATALOG_PARQUET,
@@ -45,12 +47,12 @@ from ..layout import (
     parse_manifest_key,
     parse_record_key,
 )
-from ..partitions import RECORDINGS_PARTITIONS, split_partition_key
+from ...core.partition_keys import split_partition_key
+from ...core.plots import cost_over_time_png, inline_markdown_image
+from ...core.stemsets import MISSING, fingerprints, set_state
+from ..asset_keys import CATALOG_KEY, stem_keys
+from ..partitions import RECORDINGS_PARTITIONS
 from ..resources.media_store import MediaStoreResource
-from ..cost import cost_usd
-from ..resources.separator import price_for
-from ..stemsets import MISSING, set_state
-from .stems import fingerprints, stem_keys
 
 COLUMNS = [
     "partition", "profile", "strategy", "default", "state", "reason", "recording_state", "original_key",
@@ -75,8 +77,6 @@ def _records(store: ObjectStore) -> dict[str, RecordingRecord]:
 
 
 def _manifests(store: ObjectStore) -> dict[tuple[str, str], tuple[SeparationResult, ObjectInfo]]:
-    from gpu_worker.errors import JobError
-
     out: dict[tuple[str, str], tuple[SeparationResult, ObjectInfo]] = {}
     for info in store.list(f"{OUTPUTS}/"):
         parsed = parse_manifest_key(info.key)
@@ -195,7 +195,7 @@ def build_catalog_asset(config: StemsetConfig, fps: dict[str, str] | None = None
     fps = fps if fps is not None else fingerprints(config)
 
     @asset(
-        name="catalog",
+        name=CATALOG_KEY.path[-1],
         deps=stem_keys(config),
         group_name="catalog",
         kinds={"pandas", "parquet"},
@@ -218,8 +218,6 @@ def build_catalog_asset(config: StemsetConfig, fps: dict[str, str] | None = None
         }
         made = df[df["state"] != MISSING]
         if len(made):
-            from ..plots import cost_over_time_png, inline_markdown_image
-
             png = cost_over_time_png([t.timestamp() for t in made["made_at"]], list(made["cost_usd"]),
                                      list(made["gpu_seconds"]))
             store.put_bytes(CATALOG_COST_PLOT, png, content_type="image/png")

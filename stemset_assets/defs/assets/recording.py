@@ -1,10 +1,10 @@
 """The ``recording`` asset: one partition per input file, turned into a canonical FLAC.
 
 For partition ``<profile>/<slug>`` it reads ``inputs/<profile>/<file>`` (see
-:func:`stemset_assets.partitions.resolve_input`), hashes it (sha256: the data version),
+:func:`stemset_assets.core.partition_keys.resolve_input`), hashes it (sha256: the data version),
 probes it, decodes it to 44.1 kHz stereo and writes, under ``recordings/<profile>/<slug>/``:
 ``source.flac`` (24-bit), ``peaks.json`` (waveform peaks), ``waveform.png`` and, last,
-``recording.json`` (:class:`~stemset_assets.layout.RecordingRecord`). Everything is computed
+``recording.json`` (:class:`~stemset_assets.core.layout.RecordingRecord`). Everything is computed
 before the first write, so an input that is not audio fails with the decoder's message and
 leaves nothing behind.
 
@@ -33,9 +33,10 @@ from dagster import (
 )
 
 from gpu_worker.errors import AudioError, EncodeError, StorageError
+from gpu_worker.hashing import file_sha256
 from gpu_worker.objects import ObjectStore
 
-from ..layout import (
+from ...core.layout import (
     RecordingRecord,
     peaks_key,
     read_record,
@@ -43,9 +44,11 @@ from ..layout import (
     waveform_key,
     write_record,
 )
-from ..partitions import RECORDINGS_PARTITIONS, recordings, resolve_input, split_partition_key
+from ...core.partition_keys import resolve_input, split_partition_key
+from ...core.plots import inline_markdown_image, waveform_png
+from ..asset_keys import RECORDING_KEY
+from ..partitions import RECORDINGS_PARTITIONS, recordings
 from ..resources.media_store import MediaStoreResource
-from gpu_worker.hashing import file_sha256 as _sha256
 
 RECORDING_CODE_VERSION = "1"
 """Bump when the canonical FLAC, peaks or waveform would come out differently."""
@@ -57,7 +60,7 @@ def _round(value: float | None, digits: int = 2) -> float | None:
 
 
 @asset(
-    name="recording",
+    name=RECORDING_KEY.path[-1],
     partitions_def=recordings,
     code_version=RECORDING_CODE_VERSION,
     group_name="recordings",
@@ -84,7 +87,7 @@ def recording(context: AssetExecutionContext, media_store: MediaStoreResource) -
     with tempfile.TemporaryDirectory(prefix="stemset-recording-") as tmp:
         local = Path(tmp) / (PurePosixPath(original).name or "input")
         store.download(original, local)
-        sha = _sha256(local)
+        sha = file_sha256(local)
         previous = read_record(store, pk)
         if _reusable(store, previous, original, sha):
             assert previous is not None
@@ -115,9 +118,7 @@ def _reusable(store: ObjectStore, previous: RecordingRecord | None, original: st
 
 def _process(context, store: ObjectStore, pk: str, original: str, etag: str, size: int, sha: str,
              local: Path, tmp: Path) -> tuple[RecordingRecord, dict[str, Path]]:
-    from gpu_worker import audio
-
-    from ..plots import waveform_png
+    from gpu_worker import audio  # lazy: scipy (pyloudnorm) and PyAV load only when a recording is made
 
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -145,7 +146,7 @@ def _process(context, store: ObjectStore, pk: str, original: str, etag: str, siz
     waveform.write_bytes(waveform_png(peaks, wav.shape[1] / audio.SAMPLE_RATE, title=PurePosixPath(original).name))
     record = RecordingRecord(
         partition_key=pk, original_key=original, input_etag=etag, input_bytes=size, sha256=sha,
-        source_key=source_key(pk), source_sha256=_sha256(source), source_bytes=source.stat().st_size,
+        source_key=source_key(pk), source_sha256=file_sha256(source), source_bytes=source.stat().st_size,
         container=info.container, codec=info.codec, sample_rate=info.sample_rate, channels=info.channels,
         bit_depth=info.bit_depth, duration_s=round(info.duration_s, 6), frames=int(wav.shape[1]),
         lufs=_round(lufs), peak_dbfs=_round(peak), peaks_key=peaks_key(pk), waveform_key=waveform_key(pk),
@@ -156,8 +157,6 @@ def _process(context, store: ObjectStore, pk: str, original: str, etag: str, siz
 
 def _result(store: ObjectStore, media_store: MediaStoreResource, record: RecordingRecord, png: bytes,
             reused: bool) -> MaterializeResult:
-    from ..plots import inline_markdown_image
-
     metadata = {
         "original_key": record.original_key,
         "input_uri": store.uri(record.original_key),

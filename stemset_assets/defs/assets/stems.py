@@ -34,52 +34,35 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetMaterialization,
-    BackfillPolicy,
     AssetsDefinition,
     AssetSpec,
+    BackfillPolicy,
     DataVersion,
     Failure,
     MaterializeResult,
     MetadataValue,
     multi_asset,
 )
-from dagster._core.definitions.data_version import CODE_VERSION_TAG, DATA_VERSION_TAG
 
 from gpu_worker.errors import StemsetError
 from gpu_worker.job import SeparationJob, SeparationResult
 from gpu_worker.objects import ObjectStore
+from gpu_worker.worker import read_manifest
 
+from ...config import StemsetConfig
+from ...core.layout import RecordingRecord, manifest_key, read_record, stems_prefix
+from ...core.partition_keys import split_partition_key
+from ...core.stemsets import data_version, model_repo, strategy_fingerprint, suggested_gain_db
 from .. import checks
-from ..config import StemsetConfig
-from ..layout import RecordingRecord, manifest_key, read_record, stems_prefix
-from ..partitions import recordings, split_partition_key
+from ..asset_keys import RECORDING_KEY, stem_asset_key
+from ..partitions import recordings
 from ..resources.media_store import MediaStoreResource
 from ..resources.separator import SeparatorResource
-from ..stemsets import data_version, strategy_fingerprint, suggested_gain_db
 
-RECORDING_KEY = AssetKey("recording")
-
-
-def model_repo(config: StemsetConfig) -> str | None:
-    return str(config.models.repo) if config.models.repo else None
-
-
-def fingerprints(config: StemsetConfig) -> dict[str, str]:
-    """``{strategy name: fingerprint}`` for every strategy in the config."""
-    repo = model_repo(config)
-    return {name: strategy_fingerprint(strategy, repo) for name, strategy in config.strategies.items()}
-
-
-def stem_keys(config: StemsetConfig, strategy_names=None) -> list[AssetKey]:
-    names = config.strategies if strategy_names is None else strategy_names
-    return [checks.stem_asset_key(n, s) for n in names for s in config.strategy(n).stems]
-
-
-def read_manifest(store: ObjectStore, key: str) -> SeparationResult | None:
-    from gpu_worker.worker import read_manifest as _read  # no torch at module import
-
-    return _read(store, key)
-
+# Dagster's tags for an event's data and code version (dagster._core.definitions.data_version, not
+# exported publicly); tests/test_assets.py pins them to Dagster's own values.
+DATA_VERSION_TAG = "dagster/data_version"
+CODE_VERSION_TAG = "dagster/code_version"
 
 def build_stems_asset(config: StemsetConfig, name: str, fp: str | None = None) -> AssetsDefinition:
     """The ``stems_<name>`` multi-asset for strategy ``name`` of ``config``."""
@@ -90,7 +73,7 @@ def build_stems_asset(config: StemsetConfig, name: str, fp: str | None = None) -
     models = ", ".join(strategy.models)
     specs = [
         AssetSpec(
-            checks.stem_asset_key(name, stem),
+            stem_asset_key(name, stem),
             deps=[RECORDING_KEY],
             description=f"The {stem!r} stem of strategy {name!r} ({models}), one file per recording.",
             code_version=fp,
@@ -117,11 +100,6 @@ def build_stems_asset(config: StemsetConfig, name: str, fp: str | None = None) -
         yield from materialize_stem_set(context, config, name, fp, media_store, separator)
 
     return _stems
-
-
-def build_stems_assets(config: StemsetConfig) -> list[AssetsDefinition]:
-    fps = fingerprints(config)
-    return [build_stems_asset(config, name, fps[name]) for name in config.strategies]
 
 
 # --------------------------------------------------------------------------- the run
@@ -272,7 +250,7 @@ def _stem_events(config: StemsetConfig, name: str, fp: str, store: ObjectStore, 
         f = stored.stems.get(stem)
         if f is None:
             raise Failure(description=f"{store.uri(mkey)} lists no stem {stem!r} (it has {', '.join(stored.stems)}).")
-        yield checks.stem_asset_key(name, stem), {
+        yield stem_asset_key(name, stem), {
             "uri": store.uri(f.key),
             "url": MetadataValue.url(media_store.playback_url(f.key)),
             "format": f.format,

@@ -10,7 +10,8 @@ uses (paginated ``list``, ``head``, streaming ``open_read`` / ``download`` / ``u
   Cloudflare R2 (region ``auto``), MinIO, SeaweedFS and AWS all work.
 
 :meth:`MediaStoreResource.storage_ref` describes the same store for a separation job without
-any secret (the worker brings its own credentials).
+any secret (the worker brings its own credentials). :func:`open_store` opens the configured store
+outside a run (the CLI, the web API).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dagster import ConfigurableResource, EnvVar
 from pydantic import Field, PrivateAttr
@@ -27,8 +28,7 @@ from gpu_worker.errors import StorageError
 from gpu_worker.job import StorageRef
 from gpu_worker.objects import LocalObjectStore, ObjectStore, S3ObjectStore
 
-if TYPE_CHECKING:
-    from stemset_assets.config import StemsetConfig
+from ...config import StemsetConfig, raw_section
 
 MAX_PRESIGN_S = 7 * 24 * 3600  # the SigV4 maximum
 _WHOLE_VAR = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)(:-[^}]*)?\}$")
@@ -65,7 +65,7 @@ class MediaStoreResource(ConfigurableResource):
             if not self.bucket:
                 raise StorageError("The media_store resource has backend s3 but no bucket.",
                                    "Set storage.s3.bucket in config.yaml.")
-            from dagster_aws.s3 import S3Resource
+            from dagster_aws.s3 import S3Resource  # lazy: dagster-aws and boto3 load only for an s3 store
 
             client = S3Resource(
                 endpoint_url=self.endpoint_url or None,
@@ -91,7 +91,7 @@ class MediaStoreResource(ConfigurableResource):
     # ------------------------------------------------------------------ from config.yaml
 
     @classmethod
-    def from_config(cls, config: "StemsetConfig") -> "MediaStoreResource":
+    def from_config(cls, config: StemsetConfig) -> MediaStoreResource:
         """The resource ``config.yaml``'s ``storage`` section describes.
 
         Credentials written as a bare ``${VAR}`` in the file become ``EnvVar("VAR")``, so the
@@ -115,22 +115,6 @@ class MediaStoreResource(ConfigurableResource):
         )
 
 
-def raw_section(config: "StemsetConfig", *path: str) -> dict[str, Any]:
-    """A section (``"storage", "s3"``) as written in the file, before ``${VAR}`` substitution."""
-    import yaml
-
-    from stemset_assets.config import DEFAULT_CONFIG_YAML
-
-    try:
-        text = config.path.read_text(encoding="utf-8") if config.path is not None else DEFAULT_CONFIG_YAML
-        section = yaml.safe_load(text) or {}
-        for name in path:
-            section = section.get(name) or {}
-        return section if isinstance(section, dict) else {}
-    except (OSError, ValueError, yaml.YAMLError, AttributeError):
-        return {}
-
-
 def env_or_value(raw: Any, value: str | None) -> Any:
     """``EnvVar(VAR)`` when the file says just ``${VAR}`` (or ``${VAR:-...}`` and VAR holds the
     value), so the Dagster UI shows the variable's name instead of the secret; else ``value``."""
@@ -138,3 +122,17 @@ def env_or_value(raw: Any, value: str | None) -> Any:
     if match and value and (match.group(2) is None or os.environ.get(match.group(1)) == value):
         return EnvVar(match.group(1))
     return value
+
+
+def open_store(config: StemsetConfig) -> ObjectStore:
+    """The configured media store for use outside a Dagster run (the CLI, the web API): the
+    same resource the assets use, with credentials as values rather than ``EnvVar`` (which only
+    a run can resolve)."""
+    if config.storage.backend != "s3" or config.storage.s3 is None:
+        return MediaStoreResource.from_config(config).get_store()
+    s3 = config.storage.s3
+    return MediaStoreResource(
+        backend="s3", root=str(config.storage.local.root), endpoint_url=s3.endpoint_url, bucket=s3.bucket,
+        region=s3.region, access_key_id=s3.access_key_id, secret_access_key=s3.secret_access_key,
+        public_url=s3.public_url,
+    ).get_store()

@@ -75,7 +75,7 @@ class ModalSeparatorClient:
         return f"ModalSeparatorClient(app_name={self.app_name!r}, class_name={self.class_name!r})"
 
     def _lookup(self) -> Any:
-        import modal
+        import modal  # lazy: the Modal client is heavy and only the modal backend needs it
 
         return modal.Cls.from_name(self.app_name, self.class_name, environment_name=self.environment_name)
 
@@ -121,7 +121,7 @@ class ModalSeparatorClient:
         return out
 
     def _translate(self, err: BaseException, job: SeparationJob | None) -> StemsetError:
-        import modal.exception as mexc
+        import modal.exception as mexc  # lazy: see _lookup
 
         where = f"the Modal app {self.app_name!r} (class {self.class_name!r}"
         where += f", environment {self.environment_name!r})" if self.environment_name else ")"

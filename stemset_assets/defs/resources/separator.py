@@ -8,52 +8,38 @@ published in the media store.
 - ``local``: :func:`gpu_worker.worker.run_job` in this process (CPU, or a local CUDA GPU),
   reading and writing through the media store the asset passes in. Cost 0.
 - ``modal``: the deployed ``Separator`` class of the Modal app ``gpu.app``
-  (:class:`~stemset_assets.resources.remote_separators.ModalSeparatorClient`): ``.remote`` for
+  (:class:`~stemset_assets.defs.resources.remote_separators.ModalSeparatorClient`): ``.remote`` for
   one job, ``.map`` over many (one container per input, up to Modal's autoscaling).
 - ``http``: a Stemset worker at ``gpu.url`` (``stemset worker serve`` on any GPU host), with the
-  bearer token ``gpu.token`` (:class:`~stemset_assets.resources.remote_separators.HttpSeparatorClient`).
+  bearer token ``gpu.token`` (:class:`~stemset_assets.defs.resources.remote_separators.HttpSeparatorClient`).
 
 Remote workers read the input from, and publish the stems to, the bucket themselves with their
 own credentials; the job carries only where (never secrets, never this machine's model folder:
 the worker uses its own).
 
 Cost: ``billed_seconds x price per hour / 3600`` for remote backends, 0 for local runs
-(:meth:`SeparatorResource.cost_usd`, through :mod:`stemset_assets.cost`).
+(:meth:`SeparatorResource.cost_usd`, through :mod:`stemset_assets.core.cost`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from dagster import ConfigurableResource, Failure
 from pydantic import Field, PrivateAttr
 
+from gpu_worker.errors import StemsetError
 from gpu_worker.job import SeparationJob, SeparationResult
 from gpu_worker.objects import ObjectStore
-from stemset_assets.cost import cost_usd, price_per_hour_for
+from gpu_worker.worker import run_job
 
-from .media_store import env_or_value, raw_section
-
-if TYPE_CHECKING:
-    from stemset_assets.config import GpuConfig, StemsetConfig
+from ...config import GpuConfig, StemsetConfig, raw_section
+from ...core.cost import cost_usd, price_for
+from .media_store import env_or_value
+from .remote_separators import HttpSeparatorClient, ModalSeparatorClient
 
 BACKENDS = ("local", "modal", "http")
-
-
-def price_for(result: SeparationResult, gpu: "GpuConfig") -> float:
-    """US$ per hour of the GPU ``result`` ran on (the configured type's price when the table
-    does not know it; 0 when it knows neither)."""
-    from gpu_worker.errors import ConfigError
-
-    try:
-        return price_per_hour_for(result, gpu)
-    except ConfigError:
-        try:
-            return gpu.price_per_hour()
-        except ConfigError:
-            return 0.0
 
 
 class SeparatorResource(ConfigurableResource):
@@ -74,8 +60,6 @@ class SeparatorResource(ConfigurableResource):
     def separate(self, job: SeparationJob, store: ObjectStore) -> SeparationResult:
         """Run one job; ``store`` is the media store (used directly by the local backend)."""
         if self.backend == "local":
-            from gpu_worker.worker import run_job  # torch is imported here, not at definitions load
-
             if job.device == "auto" and self.device != "auto":
                 job = replace(job, device=self.device)
             return run_job(job, store=store, backend="local")
@@ -85,8 +69,6 @@ class SeparatorResource(ConfigurableResource):
         """Run several jobs: one after another locally, fanned out by remote backends. A job that
         fails is its exception in place (the others still run); trouble reaching the backend raises."""
         if self.backend == "local":
-            from gpu_worker.errors import StemsetError
-
             out: list[SeparationResult | Exception] = []
             for job in jobs:
                 try:
@@ -99,8 +81,6 @@ class SeparatorResource(ConfigurableResource):
     def remote_client(self):
         """The Modal or HTTP client for this backend (made once per resource instance)."""
         if self._client is None:
-            from .remote_separators import HttpSeparatorClient, ModalSeparatorClient
-
             if self.backend == "modal":
                 self._client = ModalSeparatorClient(self.app_name)
             elif self.backend == "http":
@@ -121,8 +101,6 @@ class SeparatorResource(ConfigurableResource):
 
     def price(self, result: SeparationResult) -> float:
         """US$ per hour of the GPU ``result`` ran on (the configured type's price if unknown)."""
-        from stemset_assets.config import GpuConfig
-
         table = {**self.prices_per_hour, self.gpu_type: self.price_per_hour}
         return price_for(result, GpuConfig(type=self.gpu_type, prices_per_hour=table))
 
@@ -130,7 +108,7 @@ class SeparatorResource(ConfigurableResource):
         return cost_usd(result, self.price(result))
 
     @classmethod
-    def from_config(cls, config: "StemsetConfig") -> "SeparatorResource":
+    def from_config(cls, config: StemsetConfig) -> SeparatorResource:
         gpu = config.gpu
         try:
             price = gpu.price_per_hour()
