@@ -109,11 +109,10 @@ def seed_events(config, instance, keys: list[str], all_stems: bool = True, store
     import numpy as np
     from dagster import AssetKey, AssetMaterialization, MetadataValue
 
-    from stemset_assets.defs.assets.recording import RECORDING_CODE_VERSION
-    from stemset_assets.core.stemsets import fingerprints
-    from stemset_assets.defs.asset_keys import stem_keys
     from stemset_assets.core.plots import inline_markdown_image, waveform_png
-    from stemset_assets.core.stemsets import data_version
+    from stemset_assets.core.stemsets import data_version, fingerprints
+    from stemset_assets.defs.asset_keys import stem_keys
+    from stemset_assets.defs.assets.recording import RECORDING_CODE_VERSION
 
     fp = fingerprints(config)["htdemucs"]
     rng = np.random.default_rng(0)

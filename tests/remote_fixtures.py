@@ -10,8 +10,8 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -115,10 +115,10 @@ class WorkerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 60.0) -> "WorkerProcess":
+    def start(self, timeout_s: float = 60.0) -> WorkerProcess:
         cmd = [sys.executable, "-m", "gpu_worker.http", "--host", "127.0.0.1", "--port", str(self.port),
                "--log-level", "warning", *self.args]
-        log = open(self.log_path, "ab")
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process, closed just below
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         log.close()

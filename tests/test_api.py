@@ -13,9 +13,9 @@ from stemset_assets.api.server import check_bind, is_loopback
 from stemset_assets.cli.main import main
 from stemset_assets.core.uploads import UploadRejected, check_audio_file, safe_filename, sniff_audio
 from tests.api_server import api_server, wait_for_job, write_config
-from tests.webserver import dagster_webserver
 from tests.audio_fixtures import music_like, write_audio
 from tests.model_fixtures import make_model_repo
+from tests.webserver import dagster_webserver
 
 STEMS = {"drums", "bass", "other", "vocals"}
 
@@ -161,10 +161,12 @@ def test_jobs_go_through_the_webserver_when_one_is_configured(tmp_path, model_re
     from dagster import DagsterInstance
 
     folder = tmp_path / "api"
-    with dagster_webserver(folder / "home", write_config(folder, model_repo)) as client:
-        with api_server(folder, model_repo, sections=f"dagster:\n  webserver_url: {client.url}\n") as server:
-            body = upload(server, "Through the webserver.wav", wav_bytes(1.0, 4, tmp_path)).json()
-            job = wait_for_job(server, body["job_id"])
+    with (
+        dagster_webserver(folder / "home", write_config(folder, model_repo)) as client,
+        api_server(folder, model_repo, sections=f"dagster:\n  webserver_url: {client.url}\n") as server,
+    ):
+        body = upload(server, "Through the webserver.wav", wav_bytes(1.0, 4, tmp_path)).json()
+        job = wait_for_job(server, body["job_id"])
     assert job["status"] == "complete" and job["via"] == "webserver", job
     assert set(job["stems"]) == STEMS
     run = DagsterInstance.from_config(str(folder / "home")).get_run_by_id(job["run_id"])

@@ -32,18 +32,17 @@ from dagster import (
 from gpu_worker import audio
 from gpu_worker.job import SeparationResult, StemFile
 from gpu_worker.objects import ObjectStore
+from stemset_assets.config import StemsetConfig, load_config
+from stemset_assets.core.layout import manifest_key, read_record, source_key, stems_prefix
+from stemset_assets.core.partition_keys import assign_partition_keys, hashed_key, list_inputs
+from stemset_assets.core.stemsets import data_version, fingerprints
 from stemset_assets.defs import checks
 from stemset_assets.defs.assets.catalog import build_catalog, build_catalog_asset, markdown_table
 from stemset_assets.defs.assets.recording import recording
-from stemset_assets.core.stemsets import fingerprints
 from stemset_assets.defs.assets.stems import build_stems_asset
-from stemset_assets.config import StemsetConfig, load_config
 from stemset_assets.defs.build import build_definitions, process_job_name
-from stemset_assets.core.layout import manifest_key, read_record, source_key, stems_prefix
-from stemset_assets.core.partition_keys import assign_partition_keys, hashed_key, list_inputs
 from stemset_assets.defs.partitions import RECORDINGS_PARTITIONS
 from stemset_assets.defs.resources import MediaStoreResource, SeparatorResource
-from stemset_assets.core.stemsets import data_version
 from tests.audio_fixtures import music_like, write_audio
 from tests.model_fixtures import make_model_repo, save_model, tiny_htdemucs
 

@@ -11,8 +11,8 @@ import pytest
 from dagster import DagsterInstance
 
 from gpu_worker.objects import LocalObjectStore, S3ObjectStore
-from stemset_assets.cli.main import main
 from stemset_assets.cli.dev import dev_command
+from stemset_assets.cli.main import main
 from stemset_assets.core.layout import manifest_key
 from stemset_assets.defs.partitions import RECORDINGS_PARTITIONS
 from tests.audio_fixtures import music_like, write_audio

@@ -12,10 +12,10 @@ from dagster import DagsterInstance, EnvVar, Failure, materialize
 
 from gpu_worker.errors import AudioError
 from gpu_worker.job import SeparationResult
-from stemset_assets.defs.assets.recording import recording
-from stemset_assets.defs.assets.stems import build_stems_asset
 from stemset_assets.config import load_config
 from stemset_assets.core.layout import manifest_key
+from stemset_assets.defs.assets.recording import recording
+from stemset_assets.defs.assets.stems import build_stems_asset
 from stemset_assets.defs.partitions import RECORDINGS_PARTITIONS
 from stemset_assets.defs.resources import MediaStoreResource, SeparatorResource
 from stemset_assets.defs.resources.remote_separators import ModalSeparatorClient

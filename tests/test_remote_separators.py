@@ -114,7 +114,7 @@ def test_modal_client_separate_and_map_keep_order(modal_env, seaweed):
     assert "modal app logs stemset-gpu" in str(results[3])
     assert results[0].backend == "modal" and "startup" in results[0].timings  # first call of the container
     assert "startup" not in results[2].timings
-    for job, result in zip(jobs, results):
+    for job, result in zip(jobs, results, strict=True):
         keys = published_keys(store, job.output_prefix)
         if isinstance(result, SeparationResult):
             assert SeparationResult.from_json(store.get_bytes(result.manifest_key)) == result

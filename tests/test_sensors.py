@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from dagster import AssetKey, SensorResult, build_sensor_context, instance_for_test
 
-from stemset_assets.defs.asset_keys import stem_keys
 from stemset_assets.config import StemsetConfig, load_config
+from stemset_assets.defs.asset_keys import stem_keys
 from stemset_assets.defs.build import build_definitions
 from stemset_assets.defs.partitions import RECORDINGS_PARTITIONS
 from stemset_assets.defs.resources import MediaStoreResource

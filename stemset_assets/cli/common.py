@@ -18,6 +18,6 @@ def existing_file(path: Path) -> Path:
 def format_table(table: list[tuple[str, ...]]) -> str:
     """A plain aligned text table; the first row is the header."""
     widths = [max(len(str(row[i])) for row in table) for i in range(len(table[0]))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

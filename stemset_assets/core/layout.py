@@ -129,7 +129,7 @@ class RecordingRecord:
         return json.dumps(asdict(self), sort_keys=True, indent=1)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RecordingRecord":
+    def from_dict(cls, data: dict[str, Any]) -> RecordingRecord:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 

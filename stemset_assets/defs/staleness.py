@@ -144,7 +144,7 @@ def latest_facts(instance: DagsterInstance, asset_key: AssetKey, fields: Sequenc
     for pk, sid in wanted.items():
         hit = stored.get(pk)
         if hit is not None and hit[0] == sid:
-            out[pk] = dict(zip((TIMESTAMP, *fields), hit[1:]))
+            out[pk] = dict(zip((TIMESTAMP, *fields), hit[1:], strict=False))
         else:
             todo.append(sid)
     todo.sort()

@@ -211,7 +211,7 @@ def materialize_stem_set(context: AssetExecutionContext, config: StemsetConfig, 
     todo = [plan for plan in plans if plan.job is not None]
     context.log.info(f"{len(plans)} partition(s) of {name!r}: {len(todo)} to separate, "
                      f"{len(plans) - len(todo)} current")
-    outcomes = dict(zip((plan.pk for plan in todo), separator.separate_many([p.job for p in todo], store)))
+    outcomes = dict(zip((plan.pk for plan in todo), separator.separate_many([p.job for p in todo], store), strict=True))
     for plan in plans:
         outcome = outcomes.get(plan.pk)
         if isinstance(outcome, Exception):

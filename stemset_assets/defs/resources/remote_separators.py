@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import time
 import urllib.error
 import urllib.parse
@@ -110,7 +109,7 @@ class ModalSeparatorClient:
         if len(answers) != len(jobs):
             raise RemoteSeparatorError(f"Modal returned {len(answers)} answers for {len(jobs)} jobs.")
         out: list[SeparationResult | Exception] = []
-        for job, answer in zip(jobs, answers):
+        for job, answer in zip(jobs, answers, strict=True):
             if isinstance(answer, BaseException):
                 out.append(answer if isinstance(answer, StemsetError) else self._translate(answer, job))
                 continue
@@ -285,7 +284,7 @@ class HttpSeparatorClient:
         except urllib.error.HTTPError as err:
             status, raw = err.code, err.read()
             err.close()
-        except (urllib.error.URLError, OSError, socket.timeout) as err:
+        except (TimeoutError, urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", None) or err
             raise _Retryable(f"{method} {path}: {type(reason).__name__}: {reason}") from None
         try:
