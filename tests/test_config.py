@@ -17,7 +17,6 @@ from stemset_assets.config import (
     DEFAULT_PRICES,
     load_config,
     parse_config,
-    resolve_config_path,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,14 +75,6 @@ def error_of(tmp_path: Path, text: str, env: dict | None = None) -> tuple[str, P
 # --------------------------------------------------------------------------- finding the file
 
 
-def test_resolve_config_path_order():
-    env = {"STEMSET_CONFIG": "from-env.yaml"}
-    assert resolve_config_path("from-cli.yaml", env) == Path("from-cli.yaml")
-    assert resolve_config_path(None, env) == Path("from-env.yaml")
-    assert resolve_config_path(None, {}) == Path("config.yaml")
-    assert resolve_config_path(None, {"STEMSET_CONFIG": ""}) == Path("config.yaml")
-
-
 def test_load_config_order_cli_env_cwd_embedded(tmp_path, monkeypatch):
     cli = write(tmp_path / "a", MINIMAL % 1)
     from_env = write(tmp_path / "b", MINIMAL % 2)
@@ -95,6 +86,8 @@ def test_load_config_order_cli_env_cwd_embedded(tmp_path, monkeypatch):
     assert load_config(str(cli), env).sensors.max_new_per_tick == 1
     assert load_config(None, env).sensors.max_new_per_tick == 2
     assert load_config(None, {}).sensors.max_new_per_tick == 3
+    assert load_config(None, {"STEMSET_CONFIG": ""}).sensors.max_new_per_tick == 3  # empty: not named
+    assert load_config("", env).sensors.max_new_per_tick == 2  # an empty --config names nothing either
     assert load_config(None, {}).path == in_cwd.resolve()
 
     in_cwd.unlink()

@@ -18,7 +18,6 @@ from .loading import (
     load_config,
     parse_config,
     raw_section,
-    resolve_config_path,
 )
 from .schema import (
     DEFAULT_PRICES,
@@ -50,5 +49,5 @@ __all__ = [
     "MODEL_REPO_ENV", "NAME", "NAME_HINT", "OUTPUT_FORMATS", "SECRET_FIELDS", "STORAGE_BACKENDS", "ApiConfig",
     "AutoReprocess", "BackfillConfig", "DagsterConfig", "GpuConfig", "LocalStorage", "ModelsConfig", "OutputSpec",
     "Profile", "S3Storage", "SensorsConfig", "StemsetConfig", "StorageConfig", "load_config", "parse_config",
-    "raw_section", "resolve_config_path",
+    "raw_section",
 ]

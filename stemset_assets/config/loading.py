@@ -30,11 +30,6 @@ DEFAULT_CONFIG_YAML: str = (
 """The shipped ``config.yaml``, used when no config file is named and none is in the CWD."""
 
 
-def resolve_config_path(cli_path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> Path:
-    """``--config`` value, else ``$STEMSET_CONFIG``, else ``./config.yaml`` (existing or not)."""
-    return _resolve(cli_path, os.environ if env is None else env)[0]
-
-
 def _resolve(cli_path: Any, env: Mapping[str, str]) -> tuple[Path, str | None]:
     """The path and what named it (``--config``, ``STEMSET_CONFIG`` or None for the default)."""
     if cli_path is not None and str(cli_path) != "":

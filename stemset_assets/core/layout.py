@@ -53,10 +53,6 @@ def input_prefix(profile: str) -> str:
     return f"{INPUTS}/{profile}/"
 
 
-def recording_prefix(partition_key: str) -> str:
-    return f"{RECORDINGS}/{partition_key}/"
-
-
 def source_key(partition_key: str) -> str:
     return f"{RECORDINGS}/{partition_key}/{SOURCE_NAME}"
 

@@ -20,7 +20,6 @@ The asset writes ``catalog/catalog.csv`` and ``catalog/catalog.parquet`` (and
 
 # No `from __future__ import annotations`: Dagster reads the context and resource annotations at runtime.
 
-import io
 import json
 import tempfile
 from collections.abc import Iterable
@@ -227,8 +226,3 @@ def build_catalog_asset(config: StemsetConfig, fps: dict[str, str] | None = None
         return MaterializeResult(metadata=metadata)
 
     return catalog
-
-
-def read_catalog(store: ObjectStore) -> pd.DataFrame:
-    """The last saved catalog (parquet)."""
-    return pd.read_parquet(io.BytesIO(store.get_bytes(CATALOG_PARQUET)))
