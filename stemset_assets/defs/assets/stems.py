@@ -13,7 +13,7 @@ A partition whose stored manifest was made from the same canonical FLAC (sha256)
 fingerprint, in the profile's output format, with every listed stem present, is reused: no
 separation, metadata ``reused: true``. Anything else recomputes (and deletes files of the old
 set that the new one did not overwrite, e.g. after an output format change). Either way the
-checks (:mod:`stemset_assets.checks`) are evaluated from the manifest as stored.
+checks (:mod:`stemset_assets.defs.checks`) are evaluated from the manifest as stored.
 
 Each stem's metadata: ``uri``, ``url`` (playback), ``bytes``, ``duration_s``, ``lufs``,
 ``peak_dbfs``, ``suggested_gain_db`` (to -14 LUFS, peak kept under -1 dBFS), strategy,
