@@ -26,7 +26,7 @@ from .stemsets import MISSING, STALE
 if TYPE_CHECKING:
     from dagster import DagsterInstance
 
-    from gpu_worker.objects import ObjectStore
+    from gpu_worker.stores.base import ObjectStore
 
     from .config import StemsetConfig
     from .runs import RunOutcome

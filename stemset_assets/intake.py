@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from gpu_worker.errors import AudioError, StemsetError
 from gpu_worker.job import SeparationResult
-from gpu_worker.objects import ObjectStore
+from gpu_worker.stores.base import ObjectStore
 
 from .layout import input_prefix, manifest_key
 from .partitions import RECORDINGS_PARTITIONS, assign_partition_keys, list_inputs
@@ -111,7 +111,7 @@ def check_audio_file(path: Path, name: str) -> str:
         raise UploadRejected(415, f"{name!r} is not audio: its content starts like no audio format "
                                   "(WAV, FLAC, Ogg, MP3, MP4/M4A, AIFF, WebM).",
                              "Upload the recording itself, not a document, image or archive.")
-    from gpu_worker.audio import probe_audio
+    from gpu_worker.audio.decode import probe_audio
 
     try:
         probe_audio(path)

@@ -27,7 +27,7 @@ from typing import Any
 
 from gpu_worker.errors import StorageError
 from gpu_worker.job import MANIFEST_NAME
-from gpu_worker.objects import ObjectStore
+from gpu_worker.stores.base import ObjectStore
 
 INPUTS = "inputs"
 RECORDINGS = "recordings"

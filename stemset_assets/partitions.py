@@ -28,7 +28,7 @@ from pathlib import PurePosixPath
 from dagster import DynamicPartitionsDefinition
 
 from gpu_worker.errors import StorageError
-from gpu_worker.objects import ObjectInfo, ObjectStore
+from gpu_worker.stores.base import ObjectInfo, ObjectStore
 
 from .layout import INPUTS, input_prefix, read_record
 

@@ -49,7 +49,7 @@ from dagster import (
     sensor,
 )
 
-from gpu_worker.objects import ObjectInfo
+from gpu_worker.stores.base import ObjectInfo
 
 from .assets.stems import stem_keys
 from .config import StemsetConfig

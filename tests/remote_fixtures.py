@@ -17,7 +17,7 @@ from typing import Any
 
 from gpu_worker.job import SeparationJob, StorageRef
 from gpu_worker.models import model_identity
-from gpu_worker.objects import S3ObjectStore
+from gpu_worker.stores.s3 import S3ObjectStore
 from gpu_worker.strategy import fingerprint, parse_strategy
 from tests.audio_fixtures import music_like, write_audio
 

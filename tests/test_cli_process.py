@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance
 
-from gpu_worker.objects import LocalObjectStore, S3ObjectStore
+from gpu_worker.stores.local import LocalObjectStore
+from gpu_worker.stores.s3 import S3ObjectStore
 from stemset_assets.cli import main
 from stemset_assets.cli_process import dev_command
 from stemset_assets.layout import manifest_key

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from gpu_worker.errors import StemsetError
-from gpu_worker.objects import ObjectStore
+from gpu_worker.stores.base import ObjectStore
 
 from ..intake import read_manifest
 

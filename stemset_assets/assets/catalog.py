@@ -30,7 +30,7 @@ import pandas as pd
 from dagster import AssetExecutionContext, AssetsDefinition, MaterializeResult, MetadataValue, asset
 
 from gpu_worker.job import SeparationResult
-from gpu_worker.objects import ObjectInfo, ObjectStore
+from gpu_worker.stores.base import ObjectInfo, ObjectStore
 
 from ..config import StemsetConfig
 from ..layout import (

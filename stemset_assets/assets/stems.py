@@ -47,7 +47,7 @@ from dagster._core.definitions.data_version import CODE_VERSION_TAG, DATA_VERSIO
 
 from gpu_worker.errors import StemsetError
 from gpu_worker.job import SeparationJob, SeparationResult
-from gpu_worker.objects import ObjectStore
+from gpu_worker.stores.base import ObjectStore
 
 from .. import checks
 from ..config import StemsetConfig

@@ -31,7 +31,7 @@ from dagster import ConfigurableResource, Failure
 from pydantic import Field, PrivateAttr
 
 from gpu_worker.job import SeparationJob, SeparationResult
-from gpu_worker.objects import ObjectStore
+from gpu_worker.stores.base import ObjectStore
 from stemset_assets.cost import cost_usd, price_per_hour_for
 
 from .media_store import env_or_value, raw_section
