@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
+from demucs.apply import BagOfModels
+from demucs.htdemucs import HTDemucs
 
 from .errors import StrategyError
 from .strategy import SeparationParams
@@ -106,8 +108,6 @@ class SegmentPlan:
 
 
 def is_bag(model: Any) -> bool:
-    from demucs.apply import BagOfModels  # demucs is lazy: importing it costs start-up time callers may not need
-
     return isinstance(model, BagOfModels)
 
 
@@ -147,8 +147,6 @@ def random_draws_per_forward(model: Any) -> int:
 
 def plan_segments(model: Any, params: SeparationParams, length: int, rng: random.Random) -> SegmentPlan:
     """One model's schedule over ``length`` samples; draws its shift offsets from ``rng``."""
-    from demucs.htdemucs import HTDemucs  # lazy, as in is_bag
-
     sr = model.samplerate
     segment = segment_seconds(model, params)
     seg_len = int(sr * segment)

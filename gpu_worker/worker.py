@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import ENGINE_VERSION
+from . import ENGINE_VERSION, models
 from .audio.analyse import integrated_loudness, peak_dbfs, sample_peak
 from .audio.decode import decode_audio
 from .audio.encode import StemWriter, encode_audio
@@ -96,7 +96,7 @@ def run_job(
     # torch, Demucs and the engine load here, not at import: read_manifest and open_store need none of them.
     import torch
 
-    from . import models, streaming
+    from . import streaming
     from .engine import run_strategy, strategy_segments
     from .inference import EngineStats, device_name, pick_device
     from .stream_stats import scan_file

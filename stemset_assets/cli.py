@@ -124,7 +124,7 @@ def _common_args(p: argparse.ArgumentParser, default=None) -> None:
 
 
 def _register_plugins() -> None:
-    from gpu_worker.http import add_worker_args, run_worker
+    from gpu_worker.http_worker import add_worker_args, run_worker
 
     if "worker" not in COMMANDS:
         command("worker", add_worker_args)(run_worker)

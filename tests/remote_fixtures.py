@@ -103,7 +103,7 @@ def published_keys(store: S3ObjectStore, prefix: str) -> list[str]:
 
 @dataclass
 class WorkerProcess:
-    """``python -m gpu_worker.http`` on 127.0.0.1 in its own process group."""
+    """``python -m gpu_worker.http_worker`` on 127.0.0.1 in its own process group."""
 
     port: int
     env: dict[str, str]
@@ -116,7 +116,7 @@ class WorkerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 60.0) -> "WorkerProcess":
-        cmd = [sys.executable, "-m", "gpu_worker.http", "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [sys.executable, "-m", "gpu_worker.http_worker", "--host", "127.0.0.1", "--port", str(self.port),
                "--log-level", "warning", *self.args]
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log,

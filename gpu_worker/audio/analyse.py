@@ -6,7 +6,6 @@ import math
 import warnings
 
 import numpy as np
-import pyloudnorm
 
 from .info import CHANNELS, SAMPLE_RATE, as_2d
 
@@ -25,6 +24,8 @@ def integrated_loudness(wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> floa
         raise ValueError(f"integrated_loudness takes at most 5 channels, got {x.shape[0]}")
     if x.shape[1] < math.ceil(0.4 * sample_rate) or not np.any(x):
         return None
+    import pyloudnorm  # lazy: it loads scipy.signal, ~0.8 s that importing the worker need not pay
+
     data = x[0].astype(np.float64) if x.shape[0] == 1 else x.T.astype(np.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -74,7 +75,8 @@ class StreamingLoudness:
     STEP = 0.25  # 1 - overlap 0.75
 
     def __init__(self, length: int, rate: int = SAMPLE_RATE, channels: int = CHANNELS):
-        from scipy.signal import lfilter  # scipy is lazy: ~0.2 s of start-up only stem statistics need
+        import pyloudnorm  # lazy, as in integrated_loudness (scipy)
+        from scipy.signal import lfilter
 
         self._lfilter = lfilter
         self.rate = rate
