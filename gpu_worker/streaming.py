@@ -5,14 +5,14 @@ overlap-add buffer and every stem in memory at once: with four stems about 0.3 G
 of audio, 17 GB for an hour (benchmarks/RESULTS.md). This module gives the same samples (to
 float32 rounding) while holding only a window of each:
 
-Pass 1 (:func:`scan_file`)
+Pass 1 (:func:`~.stream_stats.scan_file`)
     Streams the decoded mix once and accumulates, in float64, what Demucs' normalisation needs
     over the *whole* file: the length and the mean and (unbiased) standard deviation of the mono
     mix ``wav.mean(0)`` (Chan et al.'s pairwise update, so no sum of squares cancels), plus the
     mix energy for the residual level.
 
 Pass 2 (:func:`separate_blocks_streaming`), one per strategy node in tree order
-    Every model forward is planned up front exactly as ``engine._apply_single`` plans it: the same
+    Every model forward is planned up front by :mod:`.segments`, the planner ``engine`` uses: the same
     segment length, stride and padded input length per segment, the same shifted views with their
     offsets drawn from the same ``random.Random`` in the same order (the root node's bag members
     first, then each chained child depth first, replaying the draws HTDemucs' forwards make), and
@@ -35,7 +35,7 @@ Pass 2 (:func:`separate_blocks_streaming`), one per strategy node in tree order
     to a raw float32 file (interleaved frames, exactly the samples ``engine.run_strategy`` passes
     on) and its normalisation statistics are accumulated; the child then streams from the file.
 
-Per stem a :class:`StreamStats` accumulates what the worker reports (frames, NaN/Inf count,
+Per stem a :class:`~.stream_stats.StreamStats` accumulates what the worker reports (frames, NaN/Inf count,
 peak, sum of squares and BS.1770 integrated loudness, mirroring pyloudnorm's gating blocks: one
 float per 100 ms, so 600 kB for two hours). The residual ``mix - sum(stems)`` energy is
 accumulated per block; with chained nodes, whose stems appear in later passes, the partial

@@ -40,7 +40,7 @@ class S3ObjectStore(ObjectStore):
     ):
         if not bucket:
             raise StorageError("No S3 bucket given.", "Set storage.s3.bucket in config.yaml.")
-        from boto3.s3.transfer import TransferConfig  # boto3 is imported lazily: ~0.3 s that local-only users skip
+        from boto3.s3.transfer import TransferConfig  # boto3 is lazy: ~0.2 s that local-only users skip
 
         self.client = client
         self.bucket = bucket
