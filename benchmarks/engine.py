@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import emit, machine, peak_rss_mb, synthetic_mix, write_release_repo  # noqa: E402
 from gpu_worker import models  # noqa: E402
-from gpu_worker.engine import EngineStats, separate  # noqa: E402
+from gpu_worker.engine import separate  # noqa: E402
+from gpu_worker.inference import EngineStats  # noqa: E402
 from gpu_worker.strategy import SeparationParams  # noqa: E402
 
 

@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import synthetic_mix, write_release_repo  # noqa: E402
 from gpu_worker import models  # noqa: E402
-from gpu_worker.engine import EngineStats, _autocast, separate  # noqa: E402
+from gpu_worker.engine import separate  # noqa: E402
+from gpu_worker.inference import EngineStats, autocast  # noqa: E402
 from gpu_worker.strategy import SeparationParams  # noqa: E402
 
 
@@ -51,7 +52,7 @@ def main() -> int:
         x = torch.randn(b, 2, seg, device=dev)
 
         def fwd():
-            with torch.inference_mode(), _autocast(dev, args.precision):
+            with torch.inference_mode(), autocast(dev, args.precision):
                 return sub(x)
 
         t = bench(fwd, 3)

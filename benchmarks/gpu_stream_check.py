@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from pathlib import Path
 sys.path.insert(0, os.getcwd())
-from gpu_worker import streaming
-from gpu_worker.engine import separate, EngineStats
+from gpu_worker import stream_stats, streaming
+from gpu_worker.engine import separate
+from gpu_worker.inference import EngineStats
 from gpu_worker.strategy import SeparationParams, parse_strategy
 from gpu_worker import models
 
@@ -27,7 +28,7 @@ class NoLoudness:
     def __init__(self, *a, **k): pass
     def add(self, b): pass
     def integrated(self): return None
-streaming._Loudness = NoLoudness
+stream_stats.StreamingLoudness = NoLoudness
 
 class Collect:
     def __init__(self): self.blocks = []
@@ -51,7 +52,7 @@ def run_stream(tree, wav, load, seed, window_s):
     stats = EngineStats()
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    res = streaming.separate_blocks_streaming(st, lambda f: streaming.tensor_blocks(wav, f), streaming.mix_stats_of(wav),
+    res = streaming.separate_blocks_streaming(st, lambda f: stream_stats.tensor_blocks(wav, f), stream_stats.mix_stats_of(wav),
                                               fac, load, dev, seed=seed, window_s=window_s, stats=stats)
     torch.cuda.synchronize()
     t = time.perf_counter() - t0

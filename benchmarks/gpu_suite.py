@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import machine, synthetic_mix, write_release_repo  # noqa: E402
 from gpu_worker import models  # noqa: E402
-from gpu_worker.engine import EngineStats, separate  # noqa: E402
+from gpu_worker.engine import separate  # noqa: E402
+from gpu_worker.inference import EngineStats  # noqa: E402
 from gpu_worker.strategy import SeparationParams  # noqa: E402
 
 PRICES = {"A100-40GB": 2.50, "L4": 0.70, "T4": 0.59, "H100": 4.00}

@@ -41,7 +41,8 @@ strategies:
 
 
 def make_store(kind: str, root: Path, stack):
-    from gpu_worker.objects import LocalObjectStore, S3ObjectStore
+    from gpu_worker.stores.local import LocalObjectStore
+    from gpu_worker.stores.s3 import S3ObjectStore
 
     if kind == "local":
         return LocalObjectStore(root / "media", fsync=False), None

@@ -10,19 +10,21 @@ randomly initialised with fixed seeds so every test run sees the same weights.
 
 from __future__ import annotations
 
+import sys
 from fractions import Fraction
 from pathlib import Path
 
 import torch
 import yaml
+from demucs.hdemucs import HDemucs
+from demucs.htdemucs import HTDemucs
+from demucs.states import get_state, save_with_checksum
 
 SOURCES4 = ["drums", "bass", "other", "vocals"]
 SOURCES6 = ["drums", "bass", "other", "vocals", "guitar", "piano"]
 
 
 def tiny_htdemucs(sources=SOURCES4, seed=0, segment=Fraction(1, 1)):
-    from demucs.htdemucs import HTDemucs
-
     torch.manual_seed(seed)
     return HTDemucs(
         sources=list(sources), channels=4, depth=2, nfft=512, t_layers=1, t_heads=1,
@@ -31,8 +33,6 @@ def tiny_htdemucs(sources=SOURCES4, seed=0, segment=Fraction(1, 1)):
 
 
 def tiny_hdemucs(sources=SOURCES4, seed=0):
-    from demucs.hdemucs import HDemucs
-
     torch.manual_seed(seed)
     return HDemucs(sources=list(sources), channels=4, depth=3, nfft=256, dconv_depth=1,
                    dconv_comp=2, segment=1).eval()
@@ -40,8 +40,6 @@ def tiny_hdemucs(sources=SOURCES4, seed=0):
 
 def save_model(model, folder: Path, sig: str) -> Path:
     """Save as Demucs' `save_with_checksum` does: `<sig>-<sha256[:8]>.th` with klass/args/kwargs/state."""
-    from demucs.states import get_state, save_with_checksum
-
     for old in folder.glob(f"{sig}-*.th"):
         old.unlink()  # Demucs refuses a repo with two files for one signature
     args, kwargs = model._init_args_kwargs
@@ -76,8 +74,6 @@ def make_model_repo(folder: Path) -> Path:
 
 
 if __name__ == "__main__":
-    import sys
-
     if len(sys.argv) != 2:
         sys.exit("usage: python -m gpu_worker.demo_models FOLDER")
     print(make_model_repo(Path(sys.argv[1])))

@@ -32,17 +32,10 @@ from __future__ import annotations
 import os
 import sys
 
-# `modal deploy gpu_worker/modal_app.py` puts gpu_worker/ itself first on sys.path, where its
-# http.py would shadow the standard library's `http`: import the package from its parent instead.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if os.path.basename(_HERE) == "gpu_worker" and os.path.isfile(os.path.join(_HERE, "__init__.py")):
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-    if os.path.dirname(_HERE) not in sys.path:
-        sys.path.insert(0, os.path.dirname(_HERE))
+import modal
 
-import modal  # noqa: E402
-
-from gpu_worker.remote import WarmWorker  # noqa: E402
+from gpu_worker.http_worker import create_app
+from gpu_worker.remote import SpawnJobRunner, WarmWorker
 
 APP_NAME = os.environ.get("STEMSET_MODAL_APP") or "stemset-gpu"
 GPU_TYPE = os.environ.get("STEMSET_GPU_TYPE") or "A100-40GB"
@@ -175,11 +168,8 @@ def _cancel(call_id: str) -> None:
 @modal.concurrent(max_inputs=50)
 @modal.asgi_app(label=f"{APP_NAME}-web")
 def web():
-    """The HTTP worker's routes (gpu_worker/http.py) with jobs spawned on the Separator class.
+    """The HTTP worker's routes (gpu_worker/http_worker.py) with jobs spawned on the Separator class.
     Every job route needs ``Authorization: Bearer $GPU_WORKER_TOKEN`` (from the r2-secret)."""
-    from gpu_worker.http import create_app
-    from gpu_worker.remote import SpawnJobRunner
-
     index = modal.Dict.from_name(f"{APP_NAME}-jobs", create_if_missing=True)
     runner = SpawnJobRunner(spawn=_spawn, poll=_poll, index=index, cancel=_cancel)
     return create_app(runner=runner, token=os.environ.get("GPU_WORKER_TOKEN") or None, require_token=True,

@@ -6,6 +6,7 @@ the layout ``demucs --repo`` reads) when one is configured, else from Demucs' ow
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from pathlib import Path
 from typing import Any
@@ -36,13 +37,8 @@ def load_model(name: str, repo: str | Path | None = None) -> Any:
         return _cache[key]
 
 
-def clear_cache() -> None:
-    with _lock:
-        _cache.clear()
-
-
 def _load_uncached(name: str, repo: Path | None) -> Any:
-    from demucs.pretrained import get_model
+    from demucs.pretrained import get_model  # lazy: demucs loads torch (~1.5 s); fingerprints need neither
     from demucs.repo import ModelLoadingError
 
     if repo is not None:
@@ -106,8 +102,6 @@ def model_identity(name: str, repo: str | Path | None = None) -> str:
 def _demucs_remote_root() -> Path:
     """``demucs.pretrained.REMOTE_ROOT`` (Demucs' own bag files), found without importing Demucs
     (and torch with it), so fingerprints are cheap to compute where Dagster loads definitions."""
-    import importlib.util
-
     spec = importlib.util.find_spec("demucs")
     if spec is None or not spec.submodule_search_locations:
         return Path("/nonexistent-demucs")
@@ -122,7 +116,3 @@ def _file_identity(repo: Path, sig: str) -> str:
         if stem.startswith(sig + "-"):
             return stem
     return f"{sig}:missing"
-
-
-def model_sources(model: Any) -> list[str]:
-    return list(model.sources)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
 from . import errors as _errors
+from . import models
 from .errors import JobError, StemsetError
 from .job import SeparationJob, SeparationResult
 
@@ -152,8 +153,6 @@ class WarmWorker:
 
     def preload(self) -> float:
         """Load the preload models on the CPU; the seconds it took (not charged: see charge_startup)."""
-        from . import models
-
         t0 = time.perf_counter()
         for name in self.preload_models:
             models.load_model(name, self.model_repo)
@@ -161,8 +160,7 @@ class WarmWorker:
 
     def to_device(self) -> float:
         """Move the preloaded models to this worker's device (the GPU when there is one); seconds."""
-        from . import models
-        from .engine import pick_device
+        from .inference import pick_device  # lazy: torch (~1.5 s) is not needed to serve routes or deploy
 
         t0 = time.perf_counter()
         device = pick_device(self.device)
@@ -170,7 +168,7 @@ class WarmWorker:
             for name in self.preload_models:
                 models.load_model(name, self.model_repo).to(device)
             if device.type == "cuda":
-                import torch
+                import torch  # lazy, as above
 
                 torch.cuda.synchronize(device)
         return time.perf_counter() - t0
@@ -193,7 +191,7 @@ class WarmWorker:
         return replace(job, **changes) if changes else job
 
     def run(self, job: SeparationJob, progress: Callable[[float], None] | None = None) -> SeparationResult:
-        from .worker import run_job
+        from .worker import run_job  # lazy: the audio stack is not needed to serve routes or deploy
 
         with self._lock:
             startup, self._pending_startup_s = self._pending_startup_s, 0.0
@@ -316,28 +314,6 @@ class ThreadJobRunner:
 
 
 Poll = Callable[[str], "tuple[str, str | None]"]
-
-
-class MemoryIndex:
-    """A process-local stand-in for the ``modal.Dict`` a :class:`SpawnJobRunner` keeps job ids in."""
-
-    def __init__(self):
-        self._data: dict[str, Any] = {}
-        self._lock = threading.Lock()
-
-    def get(self, key: str, default: Any = None) -> Any:
-        with self._lock:
-            return self._data.get(key, default)
-
-    def put(self, key: str, value: Any, *, skip_if_exists: bool = False) -> bool:
-        with self._lock:
-            if skip_if_exists and key in self._data:
-                return False
-            self._data[key] = value
-            return True
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self.put(key, value)
 
 
 class SpawnJobRunner:

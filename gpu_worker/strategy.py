@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator, Mapping
 
 from . import ENGINE_VERSION
-from .errors import StrategyError
+from .errors import ModelError, StrategyError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 STEM_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
@@ -105,6 +105,18 @@ class Strategy:
             return out
 
         return tree(self.root)
+
+
+def check_node_model(strategy_name: str, node: StrategyNode, model: Any, path: str) -> None:
+    """Check that a loaded model can serve ``node``: it has every output the node names, at 44.1 kHz."""
+    missing = sorted(set(node.outputs) - set(model.sources))
+    if missing:
+        raise StrategyError(
+            f"Strategy {strategy_name!r}: model {node.model!r} at {path} has no output(s) {missing}; "
+            f"it produces {list(model.sources)}."
+        )
+    if model.samplerate != 44100:
+        raise ModelError(f"Model {node.model!r} runs at {model.samplerate} Hz; Stemset feeds 44100 Hz.")
 
 
 def parse_strategy(name: str, tree: Any, where: str = "strategies") -> Strategy:

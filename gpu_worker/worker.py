@@ -21,10 +21,18 @@ from typing import Callable
 
 import numpy as np
 
-from . import ENGINE_VERSION
+from . import ENGINE_VERSION, models
+from .audio.analyse import integrated_loudness, peak_dbfs, sample_peak
+from .audio.decode import decode_audio
+from .audio.encode import StemWriter, encode_audio
+from .audio.info import SAMPLE_RATE, AudioWarning
+from .audio.source import open_source
 from .errors import AudioError, JobError
 from .job import MANIFEST_NAME, SeparationJob, SeparationResult, StemFile, StorageRef
-from .objects import LocalObjectStore, ObjectStore, S3ObjectStore, publish_set, staging_key
+from .stores.base import ObjectStore
+from .stores.local import LocalObjectStore
+from .stores.publish import publish_set, staging_key
+from .stores.s3 import S3ObjectStore
 from .strategy import parse_strategy
 from .hashing import file_sha256 as _sha256
 
@@ -85,10 +93,13 @@ def run_job(
     (a warm worker's model preload, charged to the first job of a container): it is reported as
     ``timings["startup"]`` and added to ``billed_seconds``.
     """
+    # torch, Demucs and the engine load here, not at import: read_manifest and open_store need none of them.
     import torch
 
-    from . import audio, models, streaming
-    from .engine import EngineStats, device_name, pick_device, run_strategy, strategy_segments
+    from . import streaming
+    from .engine import run_strategy, strategy_segments
+    from .inference import EngineStats, device_name, pick_device
+    from .stream_stats import scan_file
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -110,17 +121,17 @@ def run_job(
         sha = _sha256(local_input)
         named = _user_named_errors(local_input, in_store.uri(job.input_key))
         with named, warnings.catch_warnings():
-            warnings.simplefilter("ignore", audio.AudioWarning)  # the decode below warns, once
-            stream = _should_stream(audio._open(local_input).info)  # the header only
+            warnings.simplefilter("ignore", AudioWarning)  # the decode below warns, once
+            stream = _should_stream(open_source(local_input).info)  # the header only
         window_s = _stream_window_s() if stream else None
         wav = mix_stats = None
         if stream:  # long input: only statistics now; the samples are decoded again window by window
             with named:
-                mix_stats, info = streaming.scan_file(local_input)
+                mix_stats, info = scan_file(local_input)
             length = mix_stats.frames
         else:
             with named:
-                wav, info = audio.decode_audio(local_input)
+                wav, info = decode_audio(local_input)
             local_input.unlink()
             length = wav.shape[-1]
         if length == 0:
@@ -155,7 +166,7 @@ def run_job(
             with named:
                 streamed = streaming.separate_file_streaming(
                     strategy, local_input,
-                    lambda name: audio.StemWriter(files[name], job.output_format, job.bitrate_kbps),
+                    lambda name: StemWriter(files[name], job.output_format, job.bitrate_kbps),
                     load, device, seed=seed, window_s=window_s, progress=on_segments, stats=stats,
                     mix_stats=mix_stats, tmpdir=tmpdir)
             local_input.unlink()
@@ -164,7 +175,7 @@ def run_job(
             residual_db = streamed.residual_db
             for name, stem_stats in streamed.stems.items():
                 described[name] = _describe_stream(stem_stats)
-                durations[name] = stem_stats.frames / audio.SAMPLE_RATE
+                durations[name] = stem_stats.frames / SAMPLE_RATE
         else:
             stems = run_strategy(strategy, torch.from_numpy(wav), load, device, seed=seed, progress=on_segments,
                                  stats=stats)
@@ -177,9 +188,9 @@ def run_job(
                 nonfinite = int(stem.size - np.count_nonzero(np.isfinite(stem)))
                 if nonfinite:
                     stem = np.nan_to_num(stem, nan=0.0, posinf=0.0, neginf=0.0)
-                audio.encode_audio(stem, files[name], job.output_format, job.bitrate_kbps)
+                encode_audio(stem, files[name], job.output_format, job.bitrate_kbps)
                 described[name] = _describe(stem, nonfinite)
-                durations[name] = stem.shape[-1] / audio.SAMPLE_RATE
+                durations[name] = stem.shape[-1] / SAMPLE_RATE
             timings["encode"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -201,7 +212,7 @@ def run_job(
         result = SeparationResult(
             job_id=job.job_id, strategy_name=strategy.name, fingerprint=job.fingerprint,
             input_key=job.input_key, input_sha256=sha, input_duration_s=info.duration_s,
-            sample_rate=audio.SAMPLE_RATE, stems=stem_files, manifest_key=manifest_key(job),
+            sample_rate=SAMPLE_RATE, stems=stem_files, manifest_key=manifest_key(job),
             residual_db=residual_db, timings={k: round(v, 4) for k, v in timings.items()},
             device=device_name(device), gpu_type=job.gpu_type if device.type == "cuda" else None,
             peak_memory_mb=round(_peak_rss_mb(), 1), gpu_peak_memory_mb=gpu_peak,
@@ -216,20 +227,18 @@ def run_job(
 
 
 def _describe(stem: np.ndarray, nonfinite: int) -> dict:
-    from . import audio
-
     rms = float(np.sqrt(np.mean(np.square(stem, dtype=np.float64)))) if stem.size else 0.0
     return {
-        "lufs": _round(audio.integrated_loudness(stem)),
-        "peak_dbfs": _round(audio.peak_dbfs(stem)),
-        "sample_peak": round(float(audio.sample_peak(stem)), 6),
+        "lufs": _round(integrated_loudness(stem)),
+        "peak_dbfs": _round(peak_dbfs(stem)),
+        "sample_peak": round(float(sample_peak(stem)), 6),
         "rms_dbfs": _round(20 * np.log10(rms)) if rms > 0 else None,
         "nonfinite_samples": nonfinite,
     }
 
 
 def _describe_stream(stats) -> dict:
-    """``_describe`` from a ``streaming.StreamStats`` (same fields, same rounding)."""
+    """``_describe`` from a ``StreamStats`` (same fields, same rounding)."""
     rms = stats.rms
     return {
         "lufs": _round(stats.lufs),

@@ -25,7 +25,8 @@ from typing import Any
 
 import pytest
 
-from gpu_worker.objects import LocalObjectStore, S3ObjectStore
+from gpu_worker.stores.local import LocalObjectStore
+from gpu_worker.stores.s3 import S3ObjectStore
 
 STARTUP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0

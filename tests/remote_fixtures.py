@@ -17,7 +17,7 @@ from typing import Any
 
 from gpu_worker.job import SeparationJob, StorageRef
 from gpu_worker.models import model_identity
-from gpu_worker.objects import S3ObjectStore
+from gpu_worker.stores.s3 import S3ObjectStore
 from gpu_worker.strategy import fingerprint, parse_strategy
 from tests.audio_fixtures import music_like, write_audio
 
@@ -103,7 +103,7 @@ def published_keys(store: S3ObjectStore, prefix: str) -> list[str]:
 
 @dataclass
 class WorkerProcess:
-    """``python -m gpu_worker.http`` on 127.0.0.1 in its own process group."""
+    """``python -m gpu_worker.http_worker`` on 127.0.0.1 in its own process group."""
 
     port: int
     env: dict[str, str]
@@ -116,7 +116,7 @@ class WorkerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 60.0) -> WorkerProcess:
-        cmd = [sys.executable, "-m", "gpu_worker.http", "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [sys.executable, "-m", "gpu_worker.http_worker", "--host", "127.0.0.1", "--port", str(self.port),
                "--log-level", "warning", *self.args]
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process, closed just below
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log,

@@ -29,9 +29,9 @@ from dagster import (
     materialize,
 )
 
-from gpu_worker import audio
+from gpu_worker.audio.resample import resampled_length
 from gpu_worker.job import SeparationResult, StemFile
-from gpu_worker.objects import ObjectStore
+from gpu_worker.stores.base import ObjectStore
 from stemset_assets.config import StemsetConfig, load_config
 from stemset_assets.core.layout import manifest_key, read_record, source_key, stems_prefix
 from stemset_assets.core.partition_keys import assign_partition_keys, hashed_key, list_inputs
@@ -260,7 +260,7 @@ def test_recordings_stems_checks_and_catalog(world: World):
         assert meta(rec, "waveform").endswith("waveform.png") or "waveform.png" in meta(rec, "waveform")
         assert meta(rec, "waveform_preview").startswith("![waveform](data:image/png;base64,")
         data, rate = sf.read(io.BytesIO(store.get_bytes(source_key(pk))), always_2d=True)
-        assert rate == 44100 and data.shape == (audio.resampled_length(wav.shape[1], sr, 44100), 2)
+        assert rate == 44100 and data.shape == (resampled_length(wav.shape[1], sr, 44100), 2)
         assert store.get_bytes(f"recordings/{pk}/waveform.png").startswith(b"\x89PNG")
         assert len(json.loads(store.get_bytes(f"recordings/{pk}/peaks.json"))["max"]) == 800
         record = read_record(store, pk)

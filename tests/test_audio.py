@@ -20,23 +20,13 @@ import pyloudnorm
 import pytest
 import soundfile as sf
 
-from gpu_worker import audio
-from gpu_worker.audio import (
-    AudioInfo,
-    AudioWarning,
-    StemWriter,
-    check_finite,
-    decode_audio,
-    downmix_matrix,
-    encode_audio,
-    integrated_loudness,
-    iter_decode,
-    peak_dbfs,
-    probe_audio,
-    resampled_length,
-    sample_peak,
-    waveform_peaks,
-)
+from gpu_worker.audio import decode
+from gpu_worker.audio.analyse import integrated_loudness, peak_dbfs, sample_peak, waveform_peaks
+from gpu_worker.audio.channels import downmix_matrix
+from gpu_worker.audio.decode import decode_audio, iter_decode, probe_audio
+from gpu_worker.audio.encode import StemWriter, encode_audio
+from gpu_worker.audio.info import OUTPUT_FORMATS, SAMPLE_RATE, AudioInfo, AudioWarning
+from gpu_worker.audio.resample import resampled_length
 from gpu_worker.errors import AudioError, EncodeError
 
 try:
@@ -45,9 +35,9 @@ except ImportError:  # tests/ is on sys.path instead of the repo root
     from audio_fixtures import music_like, tone, write_audio
 
 # A healthy file must decode without AudioWarning; tests that expect one use pytest.warns.
-pytestmark = pytest.mark.filterwarnings("error::gpu_worker.audio.AudioWarning")
+pytestmark = pytest.mark.filterwarnings("error::gpu_worker.audio.info.AudioWarning")
 
-SR = audio.SAMPLE_RATE
+SR = SAMPLE_RATE
 
 
 def amp_at(x: np.ndarray, freq: float, sr: int) -> float:
@@ -276,15 +266,15 @@ def test_downmix_matrix_never_clips():
 def test_decode_audio_survives_a_header_that_understates_the_length(tmp_path, monkeypatch):
     path = write_audio(tmp_path / "m.wav", music_like(3.0, 48000), 48000, "wav", "PCM_24")
     honest, info = decode_audio(path)
-    real_open = audio._open
+    real_open = decode.open_source
 
     def lying_open(p):  # 2.5% short: the 13th of 14 blocks overflows, the small 14th would fit
         src = real_open(p)
         src.info = replace(src.info, frames=int(src.info.frames * 0.975))
         return src
 
-    monkeypatch.setattr(audio, "_open", lying_open)
-    monkeypatch.setattr(audio, "_DECODE_BLOCK", 10000)
+    monkeypatch.setattr(decode, "open_source", lying_open)
+    monkeypatch.setattr(decode, "_DECODE_BLOCK", 10000)
     wav, lied = decode_audio(path)
     np.testing.assert_array_equal(wav, honest)  # every block kept, in order
     assert lied.frames == info.frames  # the count reported is what was decoded
@@ -354,7 +344,7 @@ def test_iter_decode_is_lazy_and_rejects_bad_arguments(tmp_path):
 N_ODD = int(2.5 * SR) + 17  # not a multiple of AAC's 1024 or Opus' 960-at-48k frames
 
 
-@pytest.mark.parametrize("fmt", audio.OUTPUT_FORMATS)
+@pytest.mark.parametrize("fmt", OUTPUT_FORMATS)
 def test_writer_round_trip_has_exact_length(tmp_path, fmt):
     x = music_like(3.0)[:, :N_ODD]
     path = tmp_path / f"stem.{fmt}"
@@ -389,7 +379,7 @@ def test_lossy_tone_snr_and_bitrate(tmp_path, fmt):
     assert lo.stat().st_size < 0.6 * hi.stat().st_size
 
 
-@pytest.mark.parametrize("fmt", audio.OUTPUT_FORMATS)
+@pytest.mark.parametrize("fmt", OUTPUT_FORMATS)
 def test_writer_mono_and_other_rates(tmp_path, fmt):
     sr = 22050
     x = music_like(1.0, sr, channels=1)[:, : sr - 3]
@@ -400,7 +390,7 @@ def test_writer_mono_and_other_rates(tmp_path, fmt):
     assert y.shape == x.shape
 
 
-@pytest.mark.parametrize("fmt", audio.OUTPUT_FORMATS)
+@pytest.mark.parametrize("fmt", OUTPUT_FORMATS)
 def test_stem_writer_in_blocks_equals_encode_audio(tmp_path, fmt):
     x = music_like(2.0)[:, : 2 * SR + 11]
     one, streamed = tmp_path / f"one.{fmt}", tmp_path / f"streamed.{fmt}"
@@ -543,23 +533,6 @@ def test_waveform_peaks_shape_bounds_and_mono_mix():
     np.testing.assert_array_equal(ps[:, 0], ps[:, 1])
     assert set(np.round(ps[:, 0], 6)) == set(np.round(short[0], 6))  # every sample shows up
     np.testing.assert_array_equal(waveform_peaks(np.zeros((2, 0))), np.zeros((800, 2)))
-
-
-def test_check_finite():
-    x = tone(440, 1.0)
-    check_finite(x, "stem 'vocals'")  # fine
-    x[0, SR // 2] = np.nan
-    x[1, 3 * SR // 4] = np.inf
-    with pytest.raises(AudioError) as err:
-        check_finite(x, "stem 'vocals'")
-    msg = str(err.value)
-    assert "stem 'vocals'" in msg and " 2 non-finite" in msg
-    assert "0.500 s" in msg and "0.750 s" in msg
-    check_finite(x[:, :10], "x")  # nothing bad in the first frames
-    y = np.zeros((2, 10), np.float32)
-    y[1, 5] = np.nan
-    with pytest.raises(AudioError, match="1 non-finite.*first at 1.000 s"):
-        check_finite(y, "x", sample_rate=5)
 
 
 # --------------------------------------------------------------------------------------
@@ -724,7 +697,7 @@ def test_ffmpeg_fixture_writer_produces_sample_exact_mp4(tmp_path):
 
 def test_gpu_worker_audio_does_not_import_dagster():
     code = (
-        "import sys, gpu_worker.audio; "
+        "import sys, gpu_worker.audio.decode, gpu_worker.audio.encode, gpu_worker.audio.analyse; "
         "sys.exit(1 if any(m.startswith('dagster') for m in sys.modules) else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0

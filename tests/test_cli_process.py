@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance
 
-from gpu_worker.objects import LocalObjectStore, S3ObjectStore
+from gpu_worker.stores.local import LocalObjectStore
+from gpu_worker.stores.s3 import S3ObjectStore
 from stemset_assets.cli.dev import dev_command
 from stemset_assets.cli.main import main
 from stemset_assets.core.layout import manifest_key

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from gpu_worker import audio
+from gpu_worker.audio.decode import decode_audio
+from gpu_worker.audio.resample import resampled_length
 from stemset_assets.cli.main import main
 from tests.audio_fixtures import music_like, write_audio
 from tests.model_fixtures import make_model_repo
@@ -34,7 +35,7 @@ def env(model_repo, monkeypatch, tmp_path):
 
 def expected_frames(path: Path) -> int:
     info = sf.info(str(path))
-    return audio.resampled_length(info.frames, info.samplerate, 44100)
+    return resampled_length(info.frames, info.samplerate, 44100)
 
 
 def test_separates_48k_mono_flac_and_24bit_wav(env, capsys):
@@ -66,7 +67,7 @@ def test_chained_strategy_and_lossy_format(env):
     files = sorted(p.name for p in (out / "take").iterdir())
     assert files == sorted(["bass.m4a", "drums.m4a", "guitar.m4a", "manifest.json", "other.m4a",
                             "piano.m4a", "vocals.m4a"])
-    decoded, _ = audio.decode_audio(out / "take" / "piano.m4a")
+    decoded, _ = decode_audio(out / "take" / "piano.m4a")
     assert decoded.shape[1] == expected_frames(src)
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gpu_worker import models
-from gpu_worker.engine import EngineStats, separate
+from gpu_worker.engine import separate
+from gpu_worker.inference import EngineStats
 from gpu_worker.strategy import SeparationParams
 from tests.model_fixtures import make_model_repo
 

@@ -1,4 +1,4 @@
-"""The HTTP worker end to end: `python -m gpu_worker.http` in its own process on 127.0.0.1,
+"""The HTTP worker end to end: `python -m gpu_worker.http_worker` in its own process on 127.0.0.1,
 HttpSeparatorClient -> worker -> SeaweedFS -> manifest -> SeparationResult; idempotent job ids;
 a worker killed mid-job leaves no published set and a retry on a restarted worker succeeds;
 wrong tokens are refused; no serving on a public address without a token."""
@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 
 from gpu_worker.errors import StorageError
-from gpu_worker.http import WorkerConfigError, check_bind, serve
+from gpu_worker.http_worker import WorkerConfigError, check_bind, serve
 from gpu_worker.job import SeparationResult
 from stemset_assets.defs.resources.remote_separators import HttpSeparatorClient, WorkerAuthError, WorkerUnreachableError
 from tests.model_fixtures import make_model_repo
@@ -193,7 +193,7 @@ def test_refuses_public_address_without_token(worker_env, tmp_path):
         check_bind("192.0.2.10", "")
 
     env = {k: v for k, v in worker_env.items() if k != "GPU_WORKER_TOKEN"}
-    out = subprocess.run([sys.executable, "-m", "gpu_worker.http", "--host", "0.0.0.0", "--port", str(free_port())],
+    out = subprocess.run([sys.executable, "-m", "gpu_worker.http_worker", "--host", "0.0.0.0", "--port", str(free_port())],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert out.stderr.startswith("error: Refusing to serve on 0.0.0.0 without a token")

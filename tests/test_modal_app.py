@@ -9,14 +9,16 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gpu_worker.errors import StorageError
 from gpu_worker.job import SeparationResult
-from gpu_worker.remote import MemoryIndex, SpawnJobRunner, decode_response
+from gpu_worker.remote import SpawnJobRunner, decode_response
 from tests.model_fixtures import make_model_repo
 from tests.remote_fixtures import ROOT, aws_env, bucket_store, make_job, published_keys, upload_input
 
@@ -34,6 +36,28 @@ def clean_env(home: Path, **extra: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def model_repo(tmp_path_factory):
     return make_model_repo(tmp_path_factory.mktemp("models"))
+
+
+class MemoryIndex:  # test-only: moved out of gpu_worker.remote
+    """A process-local stand-in for the ``modal.Dict`` a :class:`SpawnJobRunner` keeps job ids in."""
+
+    def __init__(self):
+        self._data: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        with self._lock:
+            return self._data.get(key, default)
+
+    def put(self, key: str, value: Any, *, skip_if_exists: bool = False) -> bool:
+        with self._lock:
+            if skip_if_exists and key in self._data:
+                return False
+            self._data[key] = value
+            return True
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.put(key, value)
 
 
 # --------------------------------------------------------------------------------------
@@ -67,8 +91,10 @@ def test_imports_without_token_or_network(tmp_path):
 
 
 def test_script_path_import_does_not_shadow_stdlib_http(tmp_path):
-    """`modal deploy gpu_worker/modal_app.py` puts gpu_worker/ on sys.path; our http.py must not
-    become the standard library's `http` there."""
+    """`modal deploy gpu_worker/modal_app.py` puts gpu_worker/ on sys.path: no module there may
+    take a standard library name (the HTTP worker is http_worker.py, not http.py)."""
+    shadowing = sorted(p.stem for p in (ROOT / "gpu_worker").iterdir() if p.stem in sys.stdlib_module_names)
+    assert not shadowing
     home = tmp_path / "home"
     home.mkdir()
     code = textwrap.dedent(f"""
@@ -199,7 +225,7 @@ class FakeModal:
 def test_web_endpoint_spawns_and_polls(tmp_path):
     from starlette.testclient import TestClient
 
-    from gpu_worker.http import create_app
+    from gpu_worker.http_worker import create_app
     from gpu_worker.job import SeparationJob, StorageRef
 
     fake = FakeModal()

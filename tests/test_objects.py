@@ -13,15 +13,10 @@ from pathlib import Path
 import pytest
 
 from gpu_worker.errors import StorageError
-from gpu_worker.objects import (
-    MiB,
-    LocalObjectStore,
-    ObjectStore,
-    S3ObjectStore,
-    publish_set,
-    staging_key,
-    store_from_uri,
-)
+from gpu_worker.stores.base import MiB, ObjectStore
+from gpu_worker.stores.local import LocalObjectStore
+from gpu_worker.stores.publish import publish_set, staging_key
+from gpu_worker.stores.s3 import S3ObjectStore
 
 HOSTILE_KEYS = [
     "with space/a take.wav",
@@ -384,31 +379,3 @@ def test_missing_bucket_says_create_it(seaweed) -> None:
         with pytest.raises(StorageError) as info:
             call()
         assert "stemset-no-such-bucket" in str(info.value) and "Create it" in str(info.value)
-
-
-# -- URIs --------------------------------------------------------------------------------
-
-def test_store_from_uri_local(tmp_path: Path) -> None:
-    (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "a b.wav").write_bytes(b"wav")
-    for uri in (str(tmp_path / "in" / "a b.wav"), (tmp_path / "in" / "a b.wav").as_uri()):
-        store, key = store_from_uri(uri)
-        assert isinstance(store, LocalObjectStore) and key == "a b.wav"
-        assert store.get_bytes(key) == b"wav"
-    store, key = store_from_uri(str(tmp_path / "in"))
-    assert isinstance(store, LocalObjectStore) and key == "" and store.root == tmp_path / "in"
-
-
-@pytest.mark.s3
-def test_store_from_uri_s3(s3_store: S3ObjectStore, seaweed, monkeypatch: pytest.MonkeyPatch) -> None:
-    s3_store.put_bytes("inputs/h4n/take 1.wav", b"riff")
-    monkeypatch.setenv("STEMSET_S3_ENDPOINT_URL", seaweed.endpoint_url)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweed.access_key_id)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweed.secret_access_key)
-    monkeypatch.setenv("AWS_REGION", seaweed.region)
-    store, key = store_from_uri(f"s3://{s3_store.bucket}/inputs/h4n/take 1.wav")
-    assert isinstance(store, S3ObjectStore) and store.bucket == s3_store.bucket
-    assert key == "inputs/h4n/take 1.wav" and store.get_bytes(key) == b"riff"
-    assert seaweed.secret_access_key not in repr(store)
-    with pytest.raises(StorageError):
-        store_from_uri("ftp://host/x")

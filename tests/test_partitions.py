@@ -9,7 +9,7 @@ import pytest
 from dagster import DagsterInstance
 
 from gpu_worker.errors import StorageError
-from gpu_worker.objects import LocalObjectStore
+from gpu_worker.stores.local import LocalObjectStore
 from stemset_assets.core.layout import RecordingRecord, write_record
 from stemset_assets.core.partition_keys import (
     assign_partition_keys,

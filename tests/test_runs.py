@@ -10,7 +10,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance
 
 from gpu_worker.errors import StemsetError
-from gpu_worker.objects import LocalObjectStore
+from gpu_worker.stores.local import LocalObjectStore
 from stemset_assets.config import load_config
 from stemset_assets.core.layout import manifest_key
 from stemset_assets.core.partition_keys import assign_partition_keys, list_inputs

@@ -19,10 +19,15 @@ import pytest
 import soundfile as sf
 import torch
 
-from gpu_worker import audio, models, streaming
-from gpu_worker.engine import EngineStats, run_strategy, separate
+from gpu_worker import models, streaming
+from gpu_worker.audio.analyse import integrated_loudness
+from gpu_worker.audio.decode import decode_audio
+from gpu_worker.engine import run_strategy, separate
+from gpu_worker.inference import EngineStats
+from gpu_worker.segments import SegmentPlan, View
+from gpu_worker.stream_stats import StreamStats, mix_stats_of, tensor_blocks
 from gpu_worker.job import SeparationJob, StorageRef
-from gpu_worker.objects import LocalObjectStore
+from gpu_worker.stores.local import LocalObjectStore
 from gpu_worker.strategy import SeparationParams, parse_strategy
 from gpu_worker.worker import run_job
 from tests.model_fixtures import make_model_repo
@@ -81,7 +86,7 @@ def stream(strategy, wav, repo, seed=None, window_s=WINDOW_S, block=7919, stats=
         return sinks[name]
 
     result = streaming.separate_blocks_streaming(
-        strategy, lambda frames: streaming.tensor_blocks(wav, block), streaming.mix_stats_of(wav), factory,
+        strategy, lambda frames: tensor_blocks(wav, block), mix_stats_of(wav), factory,
         loader(repo), CPU, seed=seed, window_s=window_s, stats=stats, tmpdir=tmpdir)
     assert all(s.closed and not s.aborted for s in sinks.values())
     return {name: torch.from_numpy(s.array) for name, s in sinks.items()}, result
@@ -156,7 +161,7 @@ def test_chained_strategy_equals_engine(repo, tmp_path):
         assert s.frames == wav.shape[1] and s.nonfinite == 0
         assert s.peak == pytest.approx(float(stem.abs().max()), rel=1e-4)
         assert s.sum_squares == pytest.approx(float((stem.double() ** 2).sum()), rel=1e-4)
-        assert s.lufs == pytest.approx(audio.integrated_loudness(stem.numpy()), abs=1e-3)
+        assert s.lufs == pytest.approx(integrated_loudness(stem.numpy()), abs=1e-3)
 
 
 def test_writers_are_aborted_on_error(repo):
@@ -172,7 +177,7 @@ def test_writers_are_aborted_on_error(repo):
         yield wav[:, :30000].numpy()
 
     with pytest.raises(RuntimeError, match="ended after"):
-        streaming.separate_blocks_streaming(st, short_blocks, streaming.mix_stats_of(wav), factory,
+        streaming.separate_blocks_streaming(st, short_blocks, mix_stats_of(wav), factory,
                                             loader(repo), CPU, window_s=0.5)
     assert sinks and all(s.aborted for s in sinks.values())
 
@@ -183,11 +188,11 @@ def test_streaming_loudness_equals_pyloudnorm(seconds):
     n = int(seconds * 44100)
     env = np.where(np.arange(n) % 30000 < 15000, 0.3, 0.003)  # loud and quiet stretches: both gates act
     x = (rng.standard_normal((2, n)) * env).astype(np.float32)
-    s = streaming.StreamStats(n)
+    s = StreamStats(n)
     for i in range(0, n, 5003):
         s.clean(x[:, i : i + 5003])
     s.finish()
-    expected = audio.integrated_loudness(x)
+    expected = integrated_loudness(x)
     if expected is None:
         assert s.lufs is None
     else:
@@ -196,7 +201,7 @@ def test_streaming_loudness_equals_pyloudnorm(seconds):
 
 def test_mix_stats_equal_torch():
     wav = mix(3.0, seed=9) * 0.5 + 0.01
-    st = streaming.mix_stats_of(wav, frames=4099)
+    st = mix_stats_of(wav, frames=4099)
     mean, std = st.normalisation()
     ref = wav.mean(0)
     assert float(mean) == pytest.approx(float(ref.mean()), rel=1e-6, abs=1e-9)
@@ -211,7 +216,7 @@ def test_file_streaming_equals_decode_then_run_strategy(repo, tmp_path):
     t = np.arange(int(3.3 * 48000)) / 48000
     sf.write(str(src), (0.5 * np.sin(2 * np.pi * 220 * t) + 0.1 * np.interp(t, np.arange(x.size) / 44100, x)),
              48000, subtype="PCM_24")
-    wav, _ = audio.decode_audio(src)
+    wav, _ = decode_audio(src)
     st = parse_strategy("s", tree("hdemucs_mmi", 1))
     ref = run_strategy(st, torch.from_numpy(wav), loader(repo), CPU, seed=21)
     sinks = {}
@@ -262,8 +267,8 @@ def test_worker_streams_long_inputs_with_the_same_output(repo, tmp_path, monkeyp
         for field in ("lufs", "peak_dbfs", "rms_dbfs"):
             assert getattr(a, field) == pytest.approx(getattr(b, field), abs=0.011), (name, field)
         assert a.sample_peak == pytest.approx(b.sample_peak, rel=1e-4)
-        x, _ = audio.decode_audio(root / a.key)
-        y, _ = audio.decode_audio(root / b.key)
+        x, _ = decode_audio(root / a.key)
+        y, _ = decode_audio(root / b.key)
         assert x.shape == y.shape == data.shape
         if fmt in ("wav", "flac"):
             # 24-bit output: equal up to the last bit or two where float rounding crossed a step
@@ -360,12 +365,12 @@ def test_cached_transition_scales_equal_direct_sums():
     for _ in range(40):
         seg_len = rng.randint(8, 60)
         stride = rng.randint(1, seg_len)
-        view = streaming._View(trim=0, length=rng.randint(1, 400))
+        view = View(trim=0, length=rng.randint(1, 400))
 
         def member():
             w = torch.cat([torch.arange(1, seg_len // 2 + 1), torch.arange(seg_len - seg_len // 2, 0, -1)])
-            return streaming._Member(model=None, seg_len=seg_len, stride=stride, fixed_valid=None, views=[view],
-                                     coef=torch.ones(1), batch_size=1, weight=w / w.max())
+            plan = SegmentPlan(model=None, seg_len=seg_len, stride=stride, fixed_valid=None, views=[view])
+            return streaming._Member(plan=plan, coef=torch.ones(1), batch_size=1, weight=w / w.max())
 
         cached = member()
         sums = torch.zeros(view.length)  # as the engine accumulates them

@@ -37,7 +37,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from gpu_worker.errors import StemsetError
-from gpu_worker.objects import LocalObjectStore, ObjectStore, guess_content_type
+from gpu_worker.stores.base import ObjectStore, guess_content_type
+from gpu_worker.stores.local import LocalObjectStore
 
 from ..core.layout import OUTPUTS, RECORDINGS, read_manifest
 from ..core.uploads import UploadRejected, check_audio_file, safe_filename

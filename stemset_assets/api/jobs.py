@@ -28,7 +28,7 @@ from typing import Any
 from dagster import DagsterEventType, DagsterInstance, RunsFilter
 
 from gpu_worker.errors import StemsetError
-from gpu_worker.objects import ObjectStore
+from gpu_worker.stores.base import ObjectStore
 
 from ..config import StemsetConfig
 from ..core.layout import read_manifest

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 
 from gpu_worker.errors import StemsetError
-from gpu_worker.http import add_worker_args, run_worker
+from gpu_worker.http_worker import add_worker_args, run_worker
 
 from . import api, automation, catalog, dev, process, separate
 

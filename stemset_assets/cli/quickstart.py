@@ -17,7 +17,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from gpu_worker.objects import ObjectStore
+from gpu_worker.stores.base import ObjectStore
 
 from ..config import StemsetConfig, load_config
 from ..core.layout import CATALOG_CSV, OUTPUTS, input_prefix

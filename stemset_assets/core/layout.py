@@ -30,7 +30,7 @@ from typing import Any
 
 from gpu_worker.errors import StemsetError, StorageError
 from gpu_worker.job import MANIFEST_NAME, SeparationResult
-from gpu_worker.objects import ObjectStore
+from gpu_worker.stores.base import ObjectStore
 
 INPUTS = "inputs"
 RECORDINGS = "recordings"

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import PurePosixPath
 
 from gpu_worker.errors import StorageError
-from gpu_worker.objects import ObjectInfo, ObjectStore
+from gpu_worker.stores.base import ObjectInfo, ObjectStore
 
 from .layout import INPUTS, input_prefix, read_record
 

@@ -80,7 +80,7 @@ def check_audio_file(path: Path, name: str) -> str:
         raise UploadRejected(415, f"{name!r} is not audio: its content starts like no audio format "
                                   "(WAV, FLAC, Ogg, MP3, MP4/M4A, AIFF, WebM).",
                              "Upload the recording itself, not a document, image or archive.")
-    from gpu_worker.audio import probe_audio  # lazy: gpu_worker.audio pulls in scipy (pyloudnorm) and PyAV
+    from gpu_worker.audio.decode import probe_audio  # lazy: gpu_worker.audio pulls in scipy (pyloudnorm) and PyAV
 
     try:
         probe_audio(path)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from dagster import DagsterInstance
 
-from gpu_worker.objects import ObjectStore
+from gpu_worker.stores.base import ObjectStore
 
 from ..config import StemsetConfig
 from ..core.backfill_plan import BackfillPlan, check_request, plan_from_states

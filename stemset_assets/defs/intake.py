@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dagster import DagsterInstance
 
-from gpu_worker.objects import ObjectStore
+from gpu_worker.stores.base import ObjectStore
 
 from ..core.layout import input_prefix
 from ..core.partition_keys import assign_partition_keys, list_inputs

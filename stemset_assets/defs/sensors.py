@@ -48,7 +48,7 @@ from dagster import (
     sensor,
 )
 
-from gpu_worker.objects import ObjectInfo
+from gpu_worker.stores.base import ObjectInfo
 
 from ..config import StemsetConfig
 from ..core.backfill_plan import NEEDS_RECORDING, cost_model

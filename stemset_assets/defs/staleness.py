@@ -16,7 +16,7 @@ reasons and ``input_present`` False, whatever its state.
 
 ``input_changed`` is the ETag comparison: on S3 the ETag is the content's MD5 (single-part
 uploads), so a re-upload of identical bytes is not a change; on local storage it is
-``size-mtime-inode`` (:class:`gpu_worker.objects.LocalObjectStore`), so a ``touch`` counts as a
+``size-mtime-inode`` (:class:`gpu_worker.stores.local.LocalObjectStore`), so a ``touch`` counts as a
 rewrite until the recording is re-materialised (which then keeps its FLAC: same sha256).
 Recording materialisations made before ``input_etag`` was recorded fall back to the old guess:
 modified more than :data:`MTIME_SLACK_S` after the materialisation, or another size.
@@ -48,7 +48,7 @@ from typing import Any
 import pandas as pd
 from dagster import AssetKey, AssetRecordsFilter, DagsterEventType, DagsterInstance, EventLogRecord
 
-from gpu_worker.objects import ObjectStore
+from gpu_worker.stores.base import ObjectStore
 
 from ..config import StemsetConfig
 from ..core.partition_keys import assign_partition_keys, list_inputs, split_partition_key

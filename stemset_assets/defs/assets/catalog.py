@@ -30,7 +30,7 @@ from dagster import AssetExecutionContext, AssetsDefinition, MaterializeResult, 
 
 from gpu_worker.errors import JobError
 from gpu_worker.job import SeparationResult
-from gpu_worker.objects import ObjectInfo, ObjectStore
+from gpu_worker.stores.base import ObjectInfo, ObjectStore
 
 from ...config import StemsetConfig
 from ...core.cost import cost_usd, price_for

@@ -34,7 +34,7 @@ from dagster import (
 
 from gpu_worker.errors import AudioError, EncodeError, StorageError
 from gpu_worker.hashing import file_sha256
-from gpu_worker.objects import ObjectStore
+from gpu_worker.stores.base import ObjectStore
 
 from ...core.layout import (
     RecordingRecord,
@@ -118,32 +118,36 @@ def _reusable(store: ObjectStore, previous: RecordingRecord | None, original: st
 
 def _process(context, store: ObjectStore, pk: str, original: str, etag: str, size: int, sha: str,
              local: Path, tmp: Path) -> tuple[RecordingRecord, dict[str, Path]]:
-    from gpu_worker import audio  # lazy: scipy (pyloudnorm) and PyAV load only when a recording is made
+    # lazy: scipy (pyloudnorm) and PyAV load only when a recording is made
+    from gpu_worker.audio.analyse import integrated_loudness, peak_dbfs, waveform_peaks
+    from gpu_worker.audio.decode import decode_audio
+    from gpu_worker.audio.encode import encode_audio
+    from gpu_worker.audio.info import SAMPLE_RATE, AudioWarning
 
     try:
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", audio.AudioWarning)
-            wav, info = audio.decode_audio(local)
+            warnings.simplefilter("always", AudioWarning)
+            wav, info = decode_audio(local)
         for w in caught:
-            if issubclass(w.category, audio.AudioWarning):
+            if issubclass(w.category, AudioWarning):
                 context.log.warning(str(w.message).replace(str(local), store.uri(original)))
         source = tmp / "source.flac"
-        audio.encode_audio(wav, source, "flac")
+        encode_audio(wav, source, "flac")
     except (AudioError, EncodeError) as err:
         message = str(err).replace(str(local), store.uri(original))
         raise Failure(description=message, metadata={"original_key": original, "sha256": sha},
                       allow_retries=False) from None
 
-    lufs = audio.integrated_loudness(wav)
-    peak = audio.peak_dbfs(wav)
-    peaks = audio.waveform_peaks(wav, PEAKS)
+    lufs = integrated_loudness(wav)
+    peak = peak_dbfs(wav)
+    peaks = waveform_peaks(wav, PEAKS)
     peaks_file = tmp / "peaks.json"
     peaks_file.write_text(json.dumps({
-        "bins": PEAKS, "duration_s": wav.shape[1] / audio.SAMPLE_RATE, "sample_rate": audio.SAMPLE_RATE,
+        "bins": PEAKS, "duration_s": wav.shape[1] / SAMPLE_RATE, "sample_rate": SAMPLE_RATE,
         "min": [round(float(v), 4) for v in peaks[:, 0]], "max": [round(float(v), 4) for v in peaks[:, 1]],
     }, separators=(",", ":")))
     waveform = tmp / "waveform.png"
-    waveform.write_bytes(waveform_png(peaks, wav.shape[1] / audio.SAMPLE_RATE, title=PurePosixPath(original).name))
+    waveform.write_bytes(waveform_png(peaks, wav.shape[1] / SAMPLE_RATE, title=PurePosixPath(original).name))
     record = RecordingRecord(
         partition_key=pk, original_key=original, input_etag=etag, input_bytes=size, sha256=sha,
         source_key=source_key(pk), source_sha256=file_sha256(source), source_bytes=source.stat().st_size,

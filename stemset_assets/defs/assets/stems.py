@@ -46,7 +46,7 @@ from dagster import (
 
 from gpu_worker.errors import StemsetError
 from gpu_worker.job import SeparationJob, SeparationResult
-from gpu_worker.objects import ObjectStore
+from gpu_worker.stores.base import ObjectStore
 from gpu_worker.worker import read_manifest
 
 from ...config import StemsetConfig

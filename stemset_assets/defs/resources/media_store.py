@@ -1,12 +1,12 @@
 """``media_store``: the Dagster resource that opens the media store (a local folder or a bucket).
 
-It hands out a :class:`gpu_worker.objects.ObjectStore`, the same interface the GPU worker
+It hands out a :class:`gpu_worker.stores.base.ObjectStore`, the same interface the GPU worker
 uses (paginated ``list``, ``head``, streaming ``open_read`` / ``download`` / ``upload``,
 ``put_bytes``, ``get_bytes``, ``delete``, ``copy``, ``url`` for playback, ``uri``):
 
-- ``backend: local``: a :class:`~gpu_worker.objects.LocalObjectStore` on ``root``;
+- ``backend: local``: a :class:`~gpu_worker.stores.local.LocalObjectStore` on ``root``;
 - ``backend: s3``: the boto3 client of dagster-aws' ``S3Resource`` (``endpoint_url``,
-  ``region_name``, credentials) wrapped in an :class:`~gpu_worker.objects.S3ObjectStore`, so
+  ``region_name``, credentials) wrapped in an :class:`~gpu_worker.stores.s3.S3ObjectStore`, so
   Cloudflare R2 (region ``auto``), MinIO, SeaweedFS and AWS all work.
 
 :meth:`MediaStoreResource.storage_ref` describes the same store for a separation job without
@@ -26,7 +26,9 @@ from pydantic import Field, PrivateAttr
 
 from gpu_worker.errors import StorageError
 from gpu_worker.job import StorageRef
-from gpu_worker.objects import LocalObjectStore, ObjectStore, S3ObjectStore
+from gpu_worker.stores.base import ObjectStore
+from gpu_worker.stores.local import LocalObjectStore
+from gpu_worker.stores.s3 import S3ObjectStore
 
 from ...config import StemsetConfig, raw_section
 

@@ -31,7 +31,7 @@ from pydantic import Field, PrivateAttr
 
 from gpu_worker.errors import StemsetError
 from gpu_worker.job import SeparationJob, SeparationResult
-from gpu_worker.objects import ObjectStore
+from gpu_worker.stores.base import ObjectStore
 from gpu_worker.worker import run_job
 
 from ...config import GpuConfig, StemsetConfig, raw_section

@@ -17,7 +17,7 @@ echoed. Jobs run on the app's job runner: in this process on a background thread
 by default (:class:`~gpu_worker.remote.ThreadJobRunner`), or on Modal
 (:class:`~gpu_worker.remote.SpawnJobRunner`, wired in ``gpu_worker/modal_app.py``).
 
-Run it with :func:`serve`, ``python -m gpu_worker.http --port 8000`` or ``stemset worker serve``;
+Run it with :func:`serve`, ``python -m gpu_worker.http_worker --port 8000`` or ``stemset worker serve``;
 the token comes from ``GPU_WORKER_TOKEN``. Without a token the worker serves only on a loopback
 address.
 """
@@ -214,7 +214,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, token: str | None = None, m
           device: str = "auto", log_level: str = "info") -> None:
     """Run the worker with uvicorn until interrupted. Without ``token`` only a loopback host is allowed."""
     check_bind(host, token)
-    import uvicorn
+    import uvicorn  # lazy: only serving needs it, not every `stemset` command that registers this one
 
     app = build_app(token, model_repo, preload=preload, max_concurrent=max_concurrent, gpu_type=gpu_type,
                     device=device)
@@ -222,7 +222,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, token: str | None = None, m
 
 
 # --------------------------------------------------------------------------------------
-# Command line: `python -m gpu_worker.http` and the `stemset worker serve` glue
+# Command line: `python -m gpu_worker.http_worker` and the `stemset worker serve` glue
 # --------------------------------------------------------------------------------------
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -267,7 +267,7 @@ def run_worker(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gpu_worker.http", description=run_serve.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m gpu_worker.http_worker", description=run_serve.__doc__)
     add_serve_args(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
