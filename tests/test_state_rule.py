@@ -6,7 +6,8 @@ import pytest
 
 from gpu_worker.objects import LocalObjectStore
 from stemset_assets.core import state as st
-from stemset_assets.core.set_facts import FAILURE_NAME, MemoryFactCache, collect_states
+from stemset_assets.core.layout import FAILURE_NAME
+from stemset_assets.core.set_facts import MemoryFactCache, collect_states
 
 FP, SHA, ETAG = "fp-now", "sha-flac", "etag-in"
 TARGET = st.Target(FP, "m4a")

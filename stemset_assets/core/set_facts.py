@@ -23,11 +23,17 @@ from gpu_worker.errors import StorageError
 from gpu_worker.job import MANIFEST_NAME
 from gpu_worker.objects import STAGING_DIR, ObjectInfo, ObjectStore
 
-from ..layout import INPUTS, OUTPUTS, RECORD_NAME, RECORDINGS
+from .layout import FAILURE_NAME, INPUTS, OUTPUTS, RECORD_NAME, RECORDINGS
 from .state import FailureFacts, ManifestFacts, RecordingFacts, SetFacts, SetState, Target, decide_state
 
-FAILURE_NAME = "failure.json"
 READ_THREADS = 16  # small GETs: on S3 each is a round trip, so overlap them
+NARROW_MAX = 20  # up to this many partitions, list their folders instead of whole profiles
+# The fields of each document the rule and its readers use: all a cache entry keeps.
+KEPT_FIELDS = frozenset({
+    "fingerprint", "input_sha256", "stems", "billed_seconds", "backend", "gpu_type", "device", "input_duration_s",
+    "source_sha256", "input_etag", "duration_s", "original_key", "sha256", "error", "failed_at", "cpu_seconds",
+})
+STEM_FIELDS = ("key", "bytes", "format")
 
 
 class FactCache(Protocol):
@@ -80,16 +86,21 @@ class _Listed:
     stems: dict[tuple[str, str], dict[str, int]]  # (partition, strategy) -> {stem key: size}
 
 
-def _list(store: ObjectStore, profiles: Iterable[str]) -> _Listed:
+def _list(store: ObjectStore, partitions: Sequence[str]) -> _Listed:
+    """One listing per profile and area; for a few partitions, their own folders only (the
+    inputs are then looked up by key once the recordings name them)."""
     out = _Listed({}, {}, {}, {}, defaultdict(dict))
-    for profile in sorted(set(profiles)):
-        for info in store.list(f"{INPUTS}/{profile}/"):
-            out.inputs[info.key] = info
-        for info in store.list(f"{RECORDINGS}/{profile}/"):
+    narrow = len(partitions) <= NARROW_MAX
+    scopes = sorted(set(partitions)) if narrow else sorted({pk.partition("/")[0] for pk in partitions})
+    for scope in scopes:
+        if not narrow:
+            for info in store.list(f"{INPUTS}/{scope}/"):
+                out.inputs[info.key] = info
+        for info in store.list(f"{RECORDINGS}/{scope}/"):
             parts = info.key.split("/")
             if len(parts) == 4 and parts[3] == RECORD_NAME:
                 out.records[f"{parts[1]}/{parts[2]}"] = info
-        for info in store.list(f"{OUTPUTS}/{profile}/"):
+        for info in store.list(f"{OUTPUTS}/{scope}/"):
             parts = info.key.split("/")
             if len(parts) != 5 or STAGING_DIR in parts:
                 continue  # staged objects and anything not <profile>/<slug>/<strategy>/<name>
@@ -124,7 +135,7 @@ def _read_json(store: ObjectStore, infos: Sequence[ObjectInfo], cache: FactCache
             raise err
         except ValueError:
             return info, None
-        return info, data if isinstance(data, dict) else None
+        return info, _slim(data) if isinstance(data, dict) else None
 
     # Remote stores pay a round trip per GET, so overlap them; a local folder reads faster in line.
     threads = min(getattr(store, "read_concurrency", READ_THREADS), len(todo))
@@ -141,6 +152,14 @@ def _read_json(store: ObjectStore, infos: Sequence[ObjectInfo], cache: FactCache
     return out
 
 
+def _slim(doc: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in doc.items() if k in KEPT_FIELDS}
+    if isinstance(out.get("stems"), dict):
+        out["stems"] = {name: {f: stem.get(f) for f in STEM_FIELDS} if isinstance(stem, dict) else stem
+                        for name, stem in out["stems"].items()}
+    return out
+
+
 def manifest_facts(data: Mapping[str, Any], made_at: float | None = None) -> ManifestFacts | None:
     """The facts of a manifest document (a SeparationResult), or None if it is not one."""
     try:
@@ -150,7 +169,7 @@ def manifest_facts(data: Mapping[str, Any], made_at: float | None = None) -> Man
             fingerprint=str(data["fingerprint"]), input_sha256=str(data["input_sha256"]),
             output_format=formats.pop() if len(formats) == 1 else ",".join(sorted(formats)),
             stems=stems, billed_seconds=float(data.get("billed_seconds") or 0.0),
-            backend=str(data.get("backend") or "local"),
+            backend=str(data.get("backend") or "local"), gpu_type=data.get("gpu_type"),
             duration_s=_float(data.get("input_duration_s")), made_at=made_at,
         )
     except (KeyError, TypeError, ValueError, AttributeError):
@@ -190,11 +209,17 @@ def collect_states(store: ObjectStore, partitions: Sequence[str], strategies: Se
     fingerprint ask for; ``wanted[profile]``: the strategies the profile runs (others are
     ``unused``). Partitions are ``<profile>/<slug>`` keys.
     """
-    listed = _list(store, {pk.partition("/")[0] for pk in partitions})
+    listed = _list(store, partitions)
     docs = _read_json(store, [*listed.records.values(), *listed.manifests.values(), *listed.failures.values()],
                       cache)
-    if isinstance(cache, MemoryFactCache):
+    if isinstance(cache, MemoryFactCache) and len(partitions) > NARROW_MAX:
         cache.keep_only(docs)
+    if len(partitions) <= NARROW_MAX:  # inputs by key: the recordings name them
+        for info in listed.records.values():
+            original = docs.get(info.key, {}).get("original_key")
+            found = store.head(original) if isinstance(original, str) else None
+            if found is not None:
+                listed.inputs[found.key] = found
     rows: list[PairFacts] = []
     for pk in partitions:
         profile = pk.partition("/")[0]

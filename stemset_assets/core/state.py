@@ -65,6 +65,7 @@ class ManifestFacts:
     stems: Mapping[str, tuple[str, int]]  # stem name -> (object key, bytes)
     billed_seconds: float = 0.0
     backend: str = "local"
+    gpu_type: str | None = None
     duration_s: float | None = None
     made_at: float | None = None
 
@@ -149,6 +150,12 @@ def decide_state(facts: SetFacts, target: Target) -> SetState:
     if stale:
         return SetState(STALE, (*stale, *extra), ", ".join(r.replace("_", " ") for r in stale))
     return SetState(CURRENT, (UP_TO_DATE, *extra), "up to date")
+
+
+def reusable(state: SetState) -> bool:
+    """Whether the stored set is what separating the recording as it stands would make: current,
+    or stale only because the input changed (which redoing the recording, not the stems, resolves)."""
+    return state.state == CURRENT or (state.state == STALE and set(state.reasons) <= {INPUT_CHANGED, INPUT_MISSING})
 
 
 def _incomplete(manifest: ManifestFacts, present: Mapping[str, int]) -> tuple[str, str] | None:
