@@ -37,7 +37,8 @@ from stemset_assets.core.layout import manifest_key, read_record, source_key, st
 from stemset_assets.core.partition_keys import assign_partition_keys, hashed_key, list_inputs
 from stemset_assets.core.stemsets import data_version, fingerprints
 from stemset_assets.defs import checks
-from stemset_assets.defs.assets.catalog import build_catalog, build_catalog_asset, markdown_table
+from stemset_assets.core.catalog import build_catalog, markdown_table
+from stemset_assets.defs.assets.catalog import build_catalog_asset
 from stemset_assets.defs.assets.recording import recording
 from stemset_assets.defs.assets.stems import build_stems_asset
 from stemset_assets.defs.build import build_definitions, process_job_name

@@ -11,11 +11,12 @@ import pytest
 from dagster import AssetKey, build_sensor_context, instance_for_test
 
 from stemset_assets.cli.main import main
+from stemset_assets.core.status import status_frame, summary
 from stemset_assets.core.stemsets import fingerprints
 from stemset_assets.defs.asset_keys import stem_keys
 from stemset_assets.defs.backfill import launch_backfill, plan_backfill
 from stemset_assets.defs.sensors import build_auto_reprocess_sensor, build_new_recordings_sensor
-from stemset_assets.defs.staleness import staleness, summary
+from stemset_assets.defs.status import read_status
 from tests.audio_fixtures import music_like
 from tests.test_assets import World, model_repo, write_config  # noqa: F401 - model_repo is a fixture
 
@@ -25,6 +26,10 @@ SENSORS = "\nsensors: {settle_s: 0, max_new_per_tick: 50}\n"
 
 def rows(df):
     return {(r.partition, r.strategy): r for r in df.itertuples()}
+
+
+def staleness(instance, config, strategies=None, profile=None, **kw):
+    return status_frame(read_status(instance, config, strategies, profile, **kw))
 
 
 @pytest.fixture
@@ -79,7 +84,8 @@ def test_staleness_dry_run_backfill_and_auto_reprocess(world: World, model_repo,
     assert r[("h4n/a", "htdemucs")].state == "current" and r[("h4n/b", "htdemucs")].reason == "up_to_date"
     assert r[("h4n/c", "htdemucs")].state == "missing"
     assert r[("h4n/c", "htdemucs")].reason == "recording_not_materialised"
-    assert {r[(pk, "htdemucs_6s")].state for pk in ("h4n/a", "h4n/b", "h4n/c")} == {"missing"}
+    # No profile runs htdemucs_6s: unused, not missing (nothing to do).
+    assert {r[(pk, "htdemucs_6s")].state for pk in ("h4n/a", "h4n/b", "h4n/c")} == {"unused"}
     assert r[("h4n/a", "htdemucs")].duration_s == pytest.approx(1.0, abs=1e-3)
 
     # The strategy's params change: exactly the processed partitions go stale; others untouched.
@@ -94,9 +100,10 @@ def test_staleness_dry_run_backfill_and_auto_reprocess(world: World, model_repo,
     assert r[("h4n/b", "htdemucs")].reason == "strategy_changed;input_missing"
     assert r[("h4n/b", "htdemucs")].input_present is False
     assert r[("h4n/c", "htdemucs")].state == "missing"
-    assert r[("h4n/a", "htdemucs_ft")].state == "missing"
+    assert r[("h4n/a", "htdemucs_ft")].state == "unused"
     table = summary(df).set_index("strategy")
     assert table.loc["htdemucs", ["current", "stale", "missing", "inputs_missing"]].tolist() == [0, 2, 1, 1]
+    assert table.loc["htdemucs_ft", ["unused", "missing"]].tolist() == [3, 0]
 
     # --dry-run: numbers from the CLI, through the same instance (DAGSTER_HOME) and bucket.
     cfg2 = str(cli_config(tmp_path / "cfg2" / "config.yaml", world, monkeypatch))
@@ -204,14 +211,18 @@ class RecordingOnly:
         (event,) = result.get_asset_materialization_events()
         return {k: v.value for k, v in event.event_specific_data.materialization.metadata.items()}
 
-    def separated(self, pk: str, sha: str) -> None:
-        from dagster import AssetMaterialization
-
+    def separated(self, pk: str) -> None:
+        """A published stem set of the recording as it stands (what the worker writes), no model run."""
+        source_sha = json.loads(self.store.get_bytes(f"recordings/{pk}/recording.json"))["source_sha256"]
         fp = fingerprints(self.config)["htdemucs"]
-        self.instance.report_runless_asset_event(AssetMaterialization(
-            stem_keys(self.config, ["htdemucs"])[0], partition=pk,
-            metadata={"fingerprint": fp, "input_sha256": sha, "duration_s": 1.0, "billed_seconds": 0.5,
-                      "backend": "local", "cost_usd": 0.0}))
+        stems = {}
+        for stem in ("drums", "bass", "other", "vocals"):
+            key = f"outputs/{pk}/htdemucs/{stem}.m4a"
+            self.store.put_bytes(key, b"stem")
+            stems[stem] = {"key": key, "bytes": 4, "format": "m4a"}
+        self.store.put_bytes(f"outputs/{pk}/htdemucs/manifest.json", json.dumps(
+            {"fingerprint": fp, "input_sha256": source_sha, "stems": stems, "billed_seconds": 0.5,
+             "backend": "local", "input_duration_s": 1.0}).encode())
 
     def row(self, pk: str):
         return rows(staleness(self.instance, self.config, store=self.store))[(pk, "htdemucs")]
@@ -235,10 +246,10 @@ def test_input_changed_is_the_etag_on_s3(tmp_path, seaweed):
         meta = w.record("h4n/a")
         head = w.store.head("inputs/h4n/a.wav")
         assert meta["input_etag"] == head.etag and meta["original_key"] == "inputs/h4n/a.wav"
-        w.separated("h4n/a", meta["sha256"])
+        w.separated("h4n/a")
         assert w.row("h4n/a").reason == "up_to_date"
 
-        time.sleep(3.5)  # well past MTIME_SLACK_S (S3 times are whole seconds): by time alone, a rewrite
+        time.sleep(1.5)  # S3 times are whole seconds: a later modification time, the same ETag
         w.put("inputs/h4n/a.wav", seed=1)  # the same bytes again
         again = w.store.head("inputs/h4n/a.wav")
         assert again.etag == head.etag and again.last_modified > head.last_modified
@@ -260,14 +271,10 @@ def test_input_changed_is_the_etag_on_s3(tmp_path, seaweed):
 def test_touch_on_local_storage_is_input_changed_until_recorded(tmp_path):
     """Local storage's ETag is size-mtime-inode (LocalObjectStore), so a touch with identical
     content is reported as input_changed; re-materialising the recording reuses its FLAC (same
-    sha256), records the new ETag, and the stem set is current again. A recording materialised
-    before input_etag was recorded falls back to the size / modification-time guess."""
+    sha256), records the new ETag, and the stem set is current again."""
     import os
 
-    from dagster import AssetKey, AssetMaterialization
-
     from stemset_assets.defs.resources import MediaStoreResource
-    from stemset_assets.defs.staleness import RECORDING_FACTS, latest_facts
 
     media = MediaStoreResource(backend="local", root=str(tmp_path / "media"))
     (tmp_path / "dagster").mkdir()
@@ -275,7 +282,7 @@ def test_touch_on_local_storage_is_input_changed_until_recorded(tmp_path):
         w = RecordingOnly(tmp_path, media, instance)
         w.put("inputs/h4n/a.wav", seed=1)
         meta = w.record("h4n/a")
-        w.separated("h4n/a", meta["sha256"])
+        w.separated("h4n/a")
         assert w.row("h4n/a").reason == "up_to_date"
 
         path = tmp_path / "media" / "inputs" / "h4n" / "a.wav"
@@ -291,18 +298,3 @@ def test_touch_on_local_storage_is_input_changed_until_recorded(tmp_path):
         assert again["input_etag"] == w.store.head("inputs/h4n/a.wav").etag
         r = w.row("h4n/a")
         assert r.state == "current" and r.reason == "up_to_date"
-        # The facts cache (instance key-value store) answers as the event log does.
-        assert latest_facts(instance, AssetKey("recording"), RECORDING_FACTS) == \
-            latest_facts(instance, AssetKey("recording"), RECORDING_FACTS, cache=False)
-
-        # An old-style recording materialisation without input_etag: the size / time guess.
-        w.put("inputs/h4n/b.wav", seed=3)
-        old = w.store.head("inputs/h4n/b.wav")
-        instance.add_dynamic_partitions("recordings", ["h4n/b"])
-        instance.report_runless_asset_event(AssetMaterialization(AssetKey("recording"), partition="h4n/b", metadata={
-            "original_key": "inputs/h4n/b.wav", "sha256": "b" * 64, "duration_s": 1.0, "input_bytes": old.size}))
-        w.separated("h4n/b", "b" * 64)
-        assert w.row("h4n/b").reason == "up_to_date"
-        path.with_name("b.wav").write_bytes(path.with_name("b.wav").read_bytes() + b"\0\0")  # another size
-        r = w.row("h4n/b")
-        assert r.state == "stale" and r.reason == "input_changed"

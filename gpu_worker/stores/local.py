@@ -17,6 +17,7 @@ os.umask(_UMASK)
 
 
 class LocalObjectStore(ObjectStore):
+    read_concurrency = 1  # reads are local file reads: threads would only add overhead (core.set_facts)
     """Objects as files under ``root``. Writes are atomic (temporary file + ``os.replace``);
     keys that would escape ``root`` (``..``, absolute paths, NUL) are refused."""
 

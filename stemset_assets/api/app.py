@@ -20,6 +20,7 @@ appear in a response or a log line.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import math
 import shutil
@@ -40,9 +41,9 @@ from gpu_worker.errors import StemsetError
 from gpu_worker.stores.base import ObjectStore, guess_content_type
 from gpu_worker.stores.local import LocalObjectStore
 
-from ..core.layout import OUTPUTS, RECORDINGS, read_manifest
+from ..core.catalog import build_catalog, totals
+from ..core.layout import OUTPUTS, RECORDINGS
 from ..core.uploads import UploadRejected, check_audio_file, safe_filename
-from ..defs.assets.catalog import build_catalog, totals
 from ..defs.intake import ingest_file
 from ..defs.partitions import RECORDINGS_PARTITIONS
 from .jobs import JobManager
@@ -92,14 +93,12 @@ def catalog_json(store: ObjectStore, config, partition_keys, media_url) -> dict[
             "name": (row["original_key"] or pk).rsplit("/", 1)[-1],
             "duration_s": row["duration_s"], "recording_state": row["recording_state"], "strategies": {},
         })
-        stems: dict[str, str] = {}
-        if row["state"] != "missing":
-            manifest = read_manifest(store, pk, row["strategy"])
-            if manifest is not None:
-                stems = {name: media_url(stem.key) for name, stem in manifest.stems.items()}
+        # Only whole sets are playable (the state rule): a broken set's recorded URLs would answer 404.
+        keys = json.loads(row["stem_keys"]) if row["stem_keys"] else {}
+        stems = {name: media_url(key) for name, key in keys.items()}
         rec["strategies"][row["strategy"]] = {
-            "state": row["state"], "reason": row["reason"], "default": bool(row["default"]), "stems": stems,
-            "format": row["format"], "device": row["device"], "gpu_seconds": row["gpu_seconds"],
+            "state": row["state"], "reason": row["reason"], "detail": row["detail"], "default": bool(row["default"]),
+            "stems": stems, "format": row["format"], "gpu_type": row["gpu_type"], "gpu_seconds": row["gpu_seconds"],
             "cost_usd": row["cost_usd"], "made_at": row["made_at"],
         }
     return {"recordings": list(recordings.values()), "totals": {k: _clean(v) for k, v in totals(df).items()}}

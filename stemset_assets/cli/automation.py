@@ -13,6 +13,7 @@ import sys
 from tqdm import tqdm
 
 from ..config import load_config
+from ..core.status import status_frame, summary
 
 
 def add_status_args(p: argparse.ArgumentParser) -> None:
@@ -23,14 +24,14 @@ def add_status_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    """Per profile x strategy: how many stem sets are current, stale or missing (from Dagster's metadata)."""
+    """Per profile x strategy: how many stem sets are in each state (the one state rule, over the bucket)."""
     # Dagster loads only when a command runs, so `stemset --help` stays fast.
     from ..defs.runs import dagster_instance
-    from ..defs.staleness import staleness, summary
+    from ..defs.status import read_status
 
     config = load_config(args.config)
     instance = dagster_instance(config)
-    df = staleness(instance, config, args.strategy, args.profile)
+    df = status_frame(read_status(instance, config, args.strategy, args.profile))
     table = summary(df)
     if args.json:
         rows = json.loads(df.to_json(orient="records"))
@@ -44,10 +45,10 @@ def run_status(args: argparse.Namespace) -> int:
     lost = df[df["input_present"] == False]  # noqa: E712
     if not lost.empty:
         print(f"\n{lost['partition'].nunique()} recording(s) whose input file is gone (partition kept).")
-    todo = df[df["state"] != "current"]
+    todo = df[~df["state"].isin(["current", "unused"])]
     if args.files and not todo.empty:
         print()
-        print(todo[["partition", "strategy", "state", "reason", "duration_s"]].to_string(index=False))
+        print(todo[["partition", "strategy", "state", "reason", "detail"]].to_string(index=False))
     return 0
 
 
@@ -55,11 +56,15 @@ def add_backfill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", "-s", required=True, help="the strategy whose stem sets to redo")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--stale-only", dest="mode", action="store_const", const="stale",
-                       help="only stale stem sets (the default)")
+                       help="only stale stem sets")
     which.add_argument("--missing-only", dest="mode", action="store_const", const="missing",
                        help="only recordings never separated with the strategy")
-    which.add_argument("--all", dest="mode", action="store_const", const="all", help="stale, missing and current")
-    p.set_defaults(mode="stale")
+    which.add_argument("--broken-only", dest="mode", action="store_const", const="broken",
+                       help="only sets with a missing manifest or a missing or short stem object")
+    which.add_argument("--failed-only", dest="mode", action="store_const", const="failed",
+                       help="only sets whose last separation failed")
+    which.add_argument("--all", dest="mode", action="store_const", const="all", help="every set, current ones too")
+    p.set_defaults(mode="redo")  # stale, missing, broken and failed: every set that is not current
     p.add_argument("--profile", "-p", default=None, help="only this profile's recordings")
     p.add_argument("--dry-run", "-n", action="store_true", help="print the count and estimate; launch nothing")
     p.add_argument("--webserver", default=None,
@@ -68,7 +73,8 @@ def add_backfill_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_backfill(args: argparse.Namespace) -> int:
-    """Redo a strategy's stale (or missing, or all) stem sets: count, audio hours and cost first, then a Dagster backfill."""
+    """Redo a strategy's sets that are not current (or one state's): count, audio hours and cost first, then a
+    Dagster backfill."""
     # Dagster loads only when a command runs, so `stemset --help` stays fast.
     from ..defs.backfill import launch_backfill, plan_backfill
     from ..defs.runs import dagster_instance

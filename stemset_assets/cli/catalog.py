@@ -17,7 +17,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the catalog: every recording x strategy with its state, stems and cost."""
     # Dagster and pandas load only when a command runs, so `stemset --help` stays fast.
-    from ..defs.assets.catalog import build_catalog, totals
+    from ..core.catalog import build_catalog, totals
     from ..defs.partitions import RECORDINGS_PARTITIONS
     from ..defs.resources.media_store import open_store
     from ..defs.runs import dagster_instance
@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
                                        for v in row) for row in df[cols].itertuples(index=False)]
         print(format_table(table))
         t = totals(df)
-        print(f"\n{t['recordings']} recordings, {t['audio_hours'] * 60:.1f} min of audio, {t['current']} current / "
-              f"{t['stale']} stale / {t['missing']} missing stem sets, {t['gpu_hours']:.3f} GPU-hours, ${t['cost_usd']:.2f}")
+        states = " / ".join(f"{t[s]} {s}" for s in ("current", "stale", "missing", "failed", "broken", "unused") if t[s])
+        print(f"\n{t['recordings']} recordings, {t['audio_hours'] * 60:.1f} min of audio, stem sets: {states or 'none'}, "
+              f"{t['gpu_hours']:.3f} GPU-hours, ${t['cost_usd']:.2f}")
     return 0

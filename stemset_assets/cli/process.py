@@ -23,6 +23,7 @@ from ..config import load_config
 from ..core.cost import cost_usd, price_for
 from ..core.layout import download_stems, read_manifest
 from ..core.partition_keys import assign_partition_keys, list_inputs
+from ..core.state import TO_REDO
 from ..core.uploads import UploadRejected, check_audio_file
 from .common import existing_file, format_table
 
@@ -111,17 +112,18 @@ def run(args: argparse.Namespace) -> int:
 
 def _not_current(store, instance, config, profile: str, strategies: list[str]) -> dict[str, str]:
     """``{partition: file name}`` of the profile's inputs whose stem sets are not current (by the
-    materialisation metadata, :mod:`stemset_assets.defs.staleness`); inputs never seen are registered."""
+    one state rule, :mod:`stemset_assets.core.state`); inputs never seen are registered."""
     # Dagster loads only when a command runs, so `stemset --help` stays fast.
     from ..defs.partitions import RECORDINGS_PARTITIONS, register_partitions
-    from ..defs.staleness import partition_states
+    from ..defs.status import read_status
 
     existing = instance.get_dynamic_partitions(RECORDINGS_PARTITIONS)
     by_object = assign_partition_keys(profile, list_inputs(store, profile), existing)
     register_partitions(instance, by_object.values())
     names = {pk: obj.rsplit("/", 1)[-1] for obj, pk in by_object.items()}
-    states = partition_states(instance, config, strategies, profile, store=store, partitions=list(names))
-    return {s.partition: names[s.partition] for s in states if s.state != "current"}
+    states = read_status(instance, config, strategies, profile, store=store, partitions=list(names),
+                         also_wanted=strategies)
+    return {s.partition: names[s.partition] for s in states if s.state in TO_REDO}
 
 
 def _run(config, instance, keys: list[str], strategies: list[str], *, local: bool, quiet) -> dict[str, tuple[float, str | None]]:

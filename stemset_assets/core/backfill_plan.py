@@ -1,12 +1,13 @@
 """Backfill planning without Dagster: which of a strategy's stem sets to redo, and what it costs.
 
 :func:`check_request` checks the strategy, mode and profile; :func:`plan_from_states` picks the
-partitions from their states (``stale``, ``missing`` or all) and estimates audio hours and cost:
+partitions from their states (by default every set that is not current: stale, missing, broken
+or failed; or one of those states; or all) and estimates audio hours and cost:
 audio seconds x billed seconds per audio second (recorded on this GPU backend by the strategy's
 latest materialisations, else ``backfill.billed_seconds_per_audio_second``) x the configured
 GPU's price per hour (0 for the local backend, whose runs cost nothing).
 
-The states come from :func:`stemset_assets.defs.staleness.partition_states`;
+The states come from :func:`stemset_assets.core.status.status_rows` (the one state rule);
 :mod:`stemset_assets.defs.backfill` reads them and launches the plan.
 """
 
@@ -20,9 +21,14 @@ from gpu_worker.errors import StemsetError
 
 from ..config import StemsetConfig
 from .selection import check_profile, check_strategies
-from .stemsets import INPUT_CHANGED, MISSING, NOT_RECORDED, STALE, PartitionState, StrategyHistory
+from .state import BROKEN, CURRENT, FAILED, INPUT_CHANGED, MISSING, NOT_RECORDED, STALE, TO_REDO
+from .status import SetStatus, StrategyHistory
 
-MODES = ("stale", "missing", "all")
+MODE_STATES = {
+    "redo": tuple(sorted(TO_REDO)), "stale": (STALE,), "missing": (MISSING,), "broken": (BROKEN,),
+    "failed": (FAILED,), "all": (*sorted(TO_REDO), CURRENT),
+}
+MODES = tuple(MODE_STATES)
 NEEDS_RECORDING = (INPUT_CHANGED, NOT_RECORDED)
 """Reasons that need the ``recording`` asset materialised again before the stems."""
 
@@ -97,7 +103,7 @@ class BackfillPlan:
         cost = ("$0.00 (local backend: runs in this machine)" if self.estimate.backend == "local"
                 else f"${self.cost_usd:.2f} on {self.estimate.gpu_type} at ${self.estimate.price_per_hour:.2f}/h")
         lines = [
-            f"{self.count} {self.mode if self.mode != 'all' else ''} partition(s){where} for strategy {self.strategy!r}"
+            f"{self.count} {self.mode if self.mode not in ('all', 'redo') else ''} partition(s){where} for strategy {self.strategy!r}"
             .replace("  ", " "),
             f"  audio: {self.audio_hours:.3f} h ({self.audio_seconds:.0f} s)"
             + (f"; {self.unknown_duration} without a known duration" if self.unknown_duration else ""),
@@ -121,10 +127,10 @@ def check_request(config: StemsetConfig, strategy: str, mode: str, profile: str 
 
 
 def plan_from_states(config: StemsetConfig, strategy: str, mode: str, profile: str | None,
-                     states: Sequence[PartitionState], history: StrategyHistory | None) -> BackfillPlan:
-    """The partitions of ``strategy`` in ``states`` to redo (``mode``: stale | missing | all) and
-    their estimate from ``history`` (the strategy's recorded runs; None: the config default)."""
-    wanted = {"stale": (STALE,), "missing": (MISSING,), "all": (STALE, MISSING, "current")}[mode]
+                     states: Sequence[SetStatus], history: StrategyHistory | None) -> BackfillPlan:
+    """The partitions of ``strategy`` in ``states`` to redo (``mode``: one of :data:`MODES`; unused
+    sets are never chosen) and their estimate from ``history`` (None: the config default)."""
+    wanted = MODE_STATES[mode]
     chosen: list[str] = []
     skipped: dict[str, str] = {}
     seconds, unknown, recording = 0.0, 0, False

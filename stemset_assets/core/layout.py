@@ -9,6 +9,7 @@ One layout for the local folder and the bucket (``<partition key>`` is ``<profil
     recordings/<partition key>/recording.json        a :class:`RecordingRecord`, written last
     outputs/<partition key>/<strategy>/<stem>.<ext>  stems (published by the worker)
     outputs/<partition key>/<strategy>/manifest.json the worker's SeparationResult, written last
+    outputs/<partition key>/<strategy>/failure.json  the latest failed attempt (removed once a set is published)
     catalog/catalog.csv, catalog/catalog.parquet     the catalog asset
 
 ``recording.json`` is what the stem assets and the catalog read to learn a recording's
@@ -41,6 +42,7 @@ SOURCE_NAME = "source.flac"
 PEAKS_NAME = "peaks.json"
 WAVEFORM_NAME = "waveform.png"
 RECORD_NAME = "recording.json"
+FAILURE_NAME = "failure.json"
 
 CATALOG_CSV = f"{CATALOG}/catalog.csv"
 CATALOG_PARQUET = f"{CATALOG}/catalog.parquet"
@@ -76,6 +78,11 @@ def stems_prefix(partition_key: str, strategy: str) -> str:
 
 def manifest_key(partition_key: str, strategy: str) -> str:
     return f"{stems_prefix(partition_key, strategy)}/{MANIFEST_NAME}"
+
+
+def failure_key(partition_key: str, strategy: str) -> str:
+    """Where the latest failed attempt at the set is described (removed when a set is published)."""
+    return f"{stems_prefix(partition_key, strategy)}/{FAILURE_NAME}"
 
 
 def parse_manifest_key(key: str) -> tuple[str, str] | None:

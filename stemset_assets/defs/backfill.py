@@ -1,6 +1,6 @@
 """Backfills of one strategy's stem sets: the plan from the instance's records, and launching it.
 
-:func:`plan_backfill` reads the states (:func:`~stemset_assets.defs.staleness.partition_states`)
+:func:`plan_backfill` reads the states (:func:`~stemset_assets.defs.status.read_status`)
 and plans with :mod:`stemset_assets.core.backfill_plan`. :func:`launch_backfill` starts a real
 Dagster backfill: through the webserver's GraphQL (``launchPartitionBackfill``; the daemon then
 groups partitions into runs by the stem assets' backfill policy) when a webserver URL is
@@ -19,22 +19,22 @@ from gpu_worker.stores.base import ObjectStore
 
 from ..config import StemsetConfig
 from ..core.backfill_plan import BackfillPlan, check_request, plan_from_states
-from ..core.stemsets import PartitionState, StrategyHistory
+from ..core.status import SetStatus, history
 from .runs import RunOutcome, materialize_in_process, selection_for
-from .staleness import partition_states
+from .status import read_status
 from .webserver import WebserverClient
 
 
-def plan_backfill(instance: DagsterInstance, config: StemsetConfig, strategy: str, mode: str = "stale",
+def plan_backfill(instance: DagsterInstance, config: StemsetConfig, strategy: str, mode: str = "redo",
                   profile: str | None = None, *, store: ObjectStore | None = None,
-                  states: Sequence[PartitionState] | None = None) -> BackfillPlan:
-    """The partitions of ``strategy`` to redo (``mode``: stale | missing | all) and their estimate;
-    ``states`` (default: read from the instance and the store) are the strategy's partition states."""
+                  states: Sequence[SetStatus] | None = None) -> BackfillPlan:
+    """The partitions of ``strategy`` to redo (``mode``: one of ``core.backfill_plan.MODES``;
+    default every set that is not current) and their estimate; ``states`` (default: read from the
+    instance and the store) are the strategy's set states."""
     strategy = check_request(config, strategy, mode, profile)
-    history: dict[str, StrategyHistory] = {}
     if states is None:
-        states = partition_states(instance, config, [strategy], profile, store=store, history=history)
-    return plan_from_states(config, strategy, mode, profile, states, history.get(strategy))
+        states = read_status(instance, config, [strategy], profile, store=store)
+    return plan_from_states(config, strategy, mode, profile, states, history(states, strategy))
 
 
 def webserver_url(config: StemsetConfig, override: str | None = None) -> str | None:

@@ -5,7 +5,8 @@
 - resources: ``media_store`` (config ``storage``) and ``separator`` (config ``gpu``);
 - jobs ``process_<profile>``: ``recording`` plus the stems of that profile's default strategies,
   partitioned by ``recordings``;
-- sensors: ``new_recordings`` and ``auto_reprocess_<strategy>`` (see :mod:`stemset_assets.defs.sensors`).
+- sensors: ``new_recordings`` and ``auto_reprocess_<strategy>`` (see :mod:`stemset_assets.defs.sensors`),
+  ``stem_set_state`` (catalog refresh and ``set_complete``, :mod:`stemset_assets.defs.state_sensor`).
 
 Building reads the model repo's small files (for fingerprints); it imports neither torch nor
 Demucs: separation imports them when a run starts. :mod:`stemset_assets.definitions` is the
@@ -27,6 +28,7 @@ from .assets.stems import build_stems_asset
 from .resources.media_store import MediaStoreResource
 from .resources.separator import SeparatorResource
 from .sensors import build_sensors
+from .state_sensor import build_state_sensor
 
 
 def process_job_name(profile: str) -> str:
@@ -50,9 +52,9 @@ def build_definitions(config: StemsetConfig, *, resources: dict[str, Any] | None
         for name, profile in config.profiles.items()
     ]
     return Definitions(
-        assets=[recording, *stems, build_catalog_asset(config, fps)],
+        assets=[recording, *stems, build_catalog_asset(config)],
         jobs=jobs,
-        sensors=build_sensors(config),
+        sensors=[*build_sensors(config), build_state_sensor(config)],
         resources={
             "media_store": MediaStoreResource.from_config(config),
             "separator": SeparatorResource.from_config(config),

@@ -21,6 +21,9 @@ On every stem:
 
 On the set (attached to its first stem, e.g. ``stems/htdemucs/drums``):
 
+- ``set_complete`` (error): every stem the manifest lists is in the store with the size the
+  manifest gives (the one state rule's ``broken`` test, :mod:`stemset_assets.core.state`); also
+  evaluated by the ``stem_set_state`` sensor when objects vanish after the run.
 - ``set_not_all_silent`` (error): at least one stem's peak is above :data:`SILENCE_DBFS`
   (unless the recording itself is silent).
 - ``set_reconstructs_mix`` (error): the sum of the stems gives back the mix; the residual
@@ -51,7 +54,8 @@ SILENCE_DBFS = -90.0
 MAX_RESIDUAL_DB = -20.0
 
 STEM_CHECKS = ("duration_matches_input", "finite_samples", "audible")
-SET_CHECKS = ("set_not_all_silent", "set_reconstructs_mix")
+SET_COMPLETE = "set_complete"
+SET_CHECKS = (SET_COMPLETE, "set_not_all_silent", "set_reconstructs_mix")
 
 
 def check_specs(strategy: str, stems: Sequence[str],
@@ -61,6 +65,7 @@ def check_specs(strategy: str, stems: Sequence[str],
         "duration_matches_input": "The stem is as long as the recording (tolerance by format).",
         "finite_samples": "The model produced no NaN or Inf samples.",
         "audible": f"The stem's peak is above {SILENCE_DBFS:g} dBFS (a warning: silent stems can be right).",
+        SET_COMPLETE: "Every stem the manifest lists is in the store, whole (else the set is broken).",
         "set_not_all_silent": f"At least one stem of the set peaks above {SILENCE_DBFS:g} dBFS.",
         "set_reconstructs_mix": f"Sum of the stems matches the mix: residual at most {MAX_RESIDUAL_DB:g} dB.",
     }
@@ -85,9 +90,13 @@ def _dbfs(value: float | None) -> float | MetadataValue:
 
 
 def evaluate(strategy: str, stems: Sequence[str], manifest: SeparationResult,
-             mix_peak_dbfs: float | None = None) -> list[AssetCheckResult]:
-    """Every check of the set, from a manifest; ``mix_peak_dbfs`` is the recording's peak."""
-    results: list[AssetCheckResult] = []
+             mix_peak_dbfs: float | None = None, incomplete: str | None = None) -> list[AssetCheckResult]:
+    """Every check of the set, from a manifest; ``mix_peak_dbfs`` is the recording's peak;
+    ``incomplete`` what the state rule found missing or short (None: the set is whole)."""
+    results: list[AssetCheckResult] = [AssetCheckResult(
+        asset_key=stem_asset_key(strategy, stems[0]), check_name=SET_COMPLETE, passed=incomplete is None,
+        description=incomplete, metadata={"manifest": manifest.manifest_key, "stems": len(manifest.stems)},
+    )]
     expected_s = float(manifest.input_duration_s)
     audible = []
     for stem in stems:

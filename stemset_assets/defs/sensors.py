@@ -10,8 +10,10 @@
 3. takes the not yet handled objects, oldest first, at most ``sensors.max_new_per_tick``, adds
    their new partition keys in one ``SensorResult(dynamic_partitions_requests=[...])`` and
    requests a run of ``recording`` plus the profile's strategies' stems per object, with
-   ``run_key = "<partition>@<etag>"``: a re-upload with other content gets a new etag, so it runs
-   again, and Dagster drops a repeated run key, so nothing runs twice.
+   ``run_key = "<partition>@<etag>@<etag the recording was made from, or new>"``: a re-upload
+   with other content runs again, content that comes back (A, then B, then A) runs again because
+   the recording now holds B, and an object whose recording already holds its ETag is not run
+   (so the same upload never runs twice, even with a lost cursor).
 
 The cursor is the set of objects handled, as 6-byte digests of ``key + etag`` (base64, about
 8 bytes an object: 80 KB for 10,000 inputs), pruned to the objects still listed. A backlog
@@ -20,8 +22,8 @@ its partition as it is.
 
 ``auto_reprocess_<strategy>`` exists for each strategy under ``sensors.auto_reprocess``
 (running by default when ``enabled: true``, else stopped until started in the UI). Each tick
-it computes :func:`~stemset_assets.defs.staleness.partition_states` for the strategy and requests
-runs for at most ``max_per_tick`` stale partitions whose input is present, while the day's
+it reads the strategy's states (:func:`~stemset_assets.defs.status.read_status`, the one rule) and
+requests runs for at most ``max_per_tick`` stale or broken partitions that can be redone, while the day's
 (UTC) estimated cost stays under ``daily_cost_ceiling_usd`` (estimate: audio seconds x recorded
 billed seconds per audio second, else ``backfill.billed_seconds_per_audio_second``, x the GPU
 price). Its run key names the partition and the fingerprint and recording it targets.
@@ -52,13 +54,15 @@ from gpu_worker.stores.base import ObjectInfo
 
 from ..config import StemsetConfig
 from ..core.backfill_plan import NEEDS_RECORDING, cost_model
+from ..core.layout import RECORD_NAME, RECORDINGS, read_record
 from ..core.partition_keys import assign_partition_keys, list_inputs, relative_name
-from ..core.stemsets import INPUT_CHANGED, StrategyHistory
+from ..core.state import BROKEN, STALE
+from ..core.status import history
 from ..core.uploads import AUDIO_EXTENSIONS
 from .asset_keys import RECORDING_KEY, stem_keys
 from .partitions import RECORDINGS_PARTITIONS, recordings
 from .resources.media_store import MediaStoreResource
-from .staleness import partition_states
+from .status import read_status
 
 NEW_RECORDINGS = "new_recordings"
 TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".upload", ".uploading", ".filepart")
@@ -156,6 +160,21 @@ def scan_new_inputs(config: StemsetConfig, store, existing: list[str], handled: 
     return out, new_handled, skips
 
 
+def recorded_etags(store, batch: list[tuple[str, ObjectInfo, str]]) -> dict[str, str]:
+    """``{partition: the input ETag its recording was made from}`` for the batch's partitions that
+    have a recording: one listing of ``recordings/<profile>/`` per profile, then a read of only
+    those records (re-uploads; brand-new inputs have none)."""
+    out: dict[str, str] = {}
+    for profile in sorted({p for p, _, _ in batch}):
+        made = {info.key for info in store.list(f"{RECORDINGS}/{profile}/") if info.key.endswith("/" + RECORD_NAME)}
+        for p, _, pk in batch:
+            if p == profile and f"{RECORDINGS}/{pk}/{RECORD_NAME}" in made:
+                record = read_record(store, pk)
+                if record is not None:
+                    out[pk] = clean_etag(record.input_etag)
+    return out
+
+
 def build_new_recordings_sensor(config: StemsetConfig) -> SensorDefinition:
     """The ``new_recordings`` sensor for ``config``'s profiles."""
     all_stems = stem_keys(config)
@@ -179,15 +198,17 @@ def build_new_recordings_sensor(config: StemsetConfig) -> SensorDefinition:
         batch, handled, _ = scan_new_inputs(config, store, existing, decode_cursor(context.cursor), time.time(),
                                             context.log)
         new_keys = list(dict.fromkeys(pk for _, _, pk in batch if pk not in known))
+        made_from = recorded_etags(store, batch)
         requests = [
             RunRequest(
-                run_key=f"{pk}@{clean_etag(info.etag)}",
+                run_key=f"{pk}@{clean_etag(info.etag)}@{made_from.get(pk, 'new')}",
                 partition_key=pk,
                 asset_selection=per_profile[profile],
                 tags={"stemset/input_key": info.key, "stemset/input_etag": clean_etag(info.etag),
                       "stemset/launched_by": NEW_RECORDINGS},
             )
             for profile, info, pk in batch
+            if made_from.get(pk) != clean_etag(info.etag)  # its recording already holds this content
         ]
         cursor = encode_cursor(handled)
         if not requests:
@@ -215,9 +236,10 @@ def _today() -> str:
 
 
 def select_for_reprocess(states, cap: int, per_partition_cost, spent: float, ceiling: float):
-    """Stale partitions that can be redone (input present, or only the stems to redo), oldest stem set first, at most ``cap``, while
-    ``spent`` + their estimated cost stays within ``ceiling``. Returns ``(chosen, spent, held_back)``."""
-    stale = [s for s in states if s.state == "stale"
+    """Stale or broken sets that can be redone (input present, or only the stems to redo), oldest
+    stem set first, at most ``cap``, while ``spent`` + their estimated cost stays within ``ceiling``.
+    Returns ``(chosen, spent, held_back)``. (Failed sets wait for a person: a rerun would likely fail again.)"""
+    stale = [s for s in states if s.state in (STALE, BROKEN)
              and (s.input_present is not False or not any(r in NEEDS_RECORDING for r in s.reasons))]
     stale.sort(key=lambda s: (s.materialized_at or 0.0, s.partition))
     chosen, held = [], 0
@@ -249,10 +271,8 @@ def build_auto_reprocess_sensor(config: StemsetConfig, strategy: str) -> SensorD
         state = json.loads(context.cursor) if context.cursor else {}
         day = _today()
         spent = float(state.get("spent_usd", 0.0)) if state.get("day") == day else 0.0
-        history: dict[str, StrategyHistory] = {}
-        states = partition_states(context.instance, config, [strategy], store=media_store.get_store(),
-                                  history=history)
-        estimate = cost_model(config, history[strategy])
+        states = read_status(context.instance, config, [strategy], store=media_store.get_store())
+        estimate = cost_model(config, history(states, strategy))
         chosen, spent, held = select_for_reprocess(
             states, settings.max_per_tick, lambda s: estimate.cost_usd(s.duration_s or 0.0), spent,
             settings.daily_cost_ceiling_usd)
@@ -266,7 +286,7 @@ def build_auto_reprocess_sensor(config: StemsetConfig, strategy: str) -> SensorD
                                 cursor=cursor)
         requests = []
         for s, cost in chosen:
-            selection = ([RECORDING_KEY] if INPUT_CHANGED in s.reasons else []) + stems
+            selection = ([RECORDING_KEY] if set(NEEDS_RECORDING) & set(s.reasons) else []) + stems
             requests.append(RunRequest(
                 run_key=f"{s.partition}@{s.current_fingerprint}@{s.recording_sha256 or ''}@{s.reason}",
                 partition_key=s.partition, asset_selection=selection,

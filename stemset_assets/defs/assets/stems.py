@@ -26,6 +26,8 @@ Data version: a hash of the recording's sha256 and the fingerprint.
 # No `from __future__ import annotations`: Dagster reads the context and resource annotations at runtime.
 
 import hashlib
+import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -37,9 +39,8 @@ from dagster import (
     AssetsDefinition,
     AssetSpec,
     BackfillPolicy,
-    DataVersion,
+    DagsterEventType,
     Failure,
-    MaterializeResult,
     MetadataValue,
     multi_asset,
 )
@@ -50,8 +51,10 @@ from gpu_worker.stores.base import ObjectStore
 from gpu_worker.worker import read_manifest
 
 from ...config import StemsetConfig
-from ...core.layout import RecordingRecord, manifest_key, read_record, stems_prefix
+from ...core.layout import RecordingRecord, failure_key, manifest_key, read_record, stems_prefix
 from ...core.partition_keys import split_partition_key
+from ...core.set_facts import collect_states
+from ...core.state import BROKEN, SetState, Target, reusable
 from ...core.stemsets import data_version, model_repo, strategy_fingerprint, suggested_gain_db
 from .. import checks
 from ..asset_keys import RECORDING_KEY, stem_asset_key
@@ -59,10 +62,14 @@ from ..partitions import recordings
 from ..resources.media_store import MediaStoreResource
 from ..resources.separator import SeparatorResource
 
-# Dagster's tags for an event's data and code version (dagster._core.definitions.data_version, not
-# exported publicly); tests/test_assets.py pins them to Dagster's own values.
+# Dagster's tags for an event's data version, code version and provenance
+# (dagster._core.definitions.data_version, not exported publicly); tests/test_assets.py pins them
+# to Dagster's own values.
 DATA_VERSION_TAG = "dagster/data_version"
+DATA_VERSION_USER_PROVIDED_TAG = "dagster/data_version_is_user_provided"
 CODE_VERSION_TAG = "dagster/code_version"
+INPUT_DATA_VERSION_TAG = "dagster/input_data_version"
+INPUT_EVENT_POINTER_TAG = "dagster/input_event_pointer"
 
 def build_stems_asset(config: StemsetConfig, name: str, fp: str | None = None) -> AssetsDefinition:
     """The ``stems_<name>`` multi-asset for strategy ``name`` of ``config``."""
@@ -109,14 +116,22 @@ def _job_id(run_id: str, pk: str, strategy: str) -> str:
     return f"{run_id}-{hashlib.sha256(f'{pk}:{strategy}'.encode()).hexdigest()[:8]}"
 
 
-def _reusable(store: ObjectStore, manifest: SeparationResult | None, record: RecordingRecord, fp: str,
-              stems: list[str], fmt: str, prefix: str) -> bool:
-    if manifest is None or manifest.fingerprint != fp or manifest.input_sha256 != record.source_sha256:
-        return False
-    if sorted(manifest.stems) != sorted(stems) or any(f.format != fmt for f in manifest.stems.values()):
-        return False
-    present = {info.key: info.size for info in store.list(prefix + "/")}  # one list, not a head per stem
-    return all(present.get(f.key) == f.bytes for f in manifest.stems.values())
+def set_state(store: ObjectStore, pk: str, name: str, fp: str, fmt: str) -> SetState:
+    """The one rule's state of this partition's set, as this run would make it (so wanted)."""
+    profile = pk.partition("/")[0]
+    (pair,) = collect_states(store, [pk], [name], {(profile, name): Target(fp, fmt)}, {profile: frozenset({name})})
+    return pair.state
+
+
+def _record_failure(store: ObjectStore, pk: str, name: str, fp: str, record: RecordingRecord | None,
+                    error: str) -> None:
+    """``failure.json`` beside the set, so every reader of state sees ``failed`` with this error."""
+    doc = {"fingerprint": fp, "input_sha256": record.source_sha256 if record else None, "error": error,
+           "failed_at": time.time()}
+    try:
+        store.put_bytes(failure_key(pk, name), json.dumps(doc).encode(), content_type="application/json")
+    except StemsetError:
+        pass  # the run fails with the separation's error either way; a store that refuses this says so there
 
 
 @dataclass
@@ -147,7 +162,7 @@ def _plan(context: AssetExecutionContext, config: StemsetConfig, name: str, fp: 
     fmt, bitrate = profile.output.format, profile.output.bitrate
     prefix, mkey = stems_prefix(pk, name), manifest_key(pk, name)
     old = read_manifest(store, mkey)
-    if _reusable(store, old, record, fp, strategy.stems, fmt, prefix):
+    if old is not None and reusable(set_state(store, pk, name, fp, fmt)):
         context.log.info(f"{pk}: stems of {name!r} are current (fingerprint {fp}); reusing {store.uri(mkey)}")
         return _Planned(pk, record, old, True, None)
     job = SeparationJob(
@@ -170,37 +185,23 @@ def _stored_set(store: ObjectStore, plan: _Planned, name: str) -> SeparationResu
     if plan.old is not None and not plan.reused:
         for key in {f.key for f in plan.old.stems.values()} - {f.key for f in stored.stems.values()}:
             store.delete(key)
+    if store.head(failure_key(plan.pk, name)) is not None:  # an earlier attempt's failure is history now
+        store.delete(failure_key(plan.pk, name))
     return stored
 
 
 def materialize_stem_set(context: AssetExecutionContext, config: StemsetConfig, name: str, fp: str,
                          media_store: MediaStoreResource,
-                         separator: SeparatorResource) -> Iterator[MaterializeResult | object]:
-    """Make the run's partitions' stem sets. One partition: MaterializeResults (with their checks).
-    Several (a backfill run): their jobs go to the separator together (``separate_many``: the model
-    loads once; Modal fans them out), and each partition gets its own materialisation and check
-    events; partitions that fail are listed in one Failure after the others are recorded."""
+                         separator: SeparatorResource) -> Iterator[AssetMaterialization | AssetCheckEvaluation]:
+    """Make the run's partitions' stem sets, one partition or many (a backfill run) alike: their jobs
+    go to the separator together (``separate_many``: the model loads once; Modal fans them out),
+    and each partition gets its own materialisation, with the same data-version and provenance
+    tags however the run was launched, and its own check evaluations. A failed partition gets
+    ``failure.json`` beside its set; failures are listed in one Failure after the others are recorded."""
     store = media_store.get_store()
     keys = list(context.partition_keys)
     selected = set(context.selected_asset_keys)
     checked = {(k.asset_key, k.name) for k in context.selected_asset_check_keys}
-    if len(keys) == 1:
-        plan = _plan(context, config, name, fp, store, media_store, separator, keys[0])
-        if plan.job is not None:
-            try:
-                separator.separate(plan.job, store)
-            except StemsetError as err:
-                raise Failure(description=f"{plan.pk}: separation with {name!r} failed: {err}",
-                              allow_retries=False) from err
-        stored = _stored_set(store, plan, name)
-        for key, metadata, version in _stem_events(config, name, fp, store, media_store, separator, plan, stored):
-            if key in selected:
-                yield MaterializeResult(asset_key=key, data_version=version, metadata=metadata)
-        yield from (r for r in checks.evaluate(name, config.strategy(name).stems, stored,
-                                               mix_peak_dbfs=plan.record.peak_dbfs)
-                    if (r.asset_key, r.check_name) in checked)
-        return
-
     failed: dict[str, str] = {}
     plans: list[_Planned] = []
     for pk in keys:
@@ -212,40 +213,65 @@ def materialize_stem_set(context: AssetExecutionContext, config: StemsetConfig, 
     context.log.info(f"{len(plans)} partition(s) of {name!r}: {len(todo)} to separate, "
                      f"{len(plans) - len(todo)} current")
     outcomes = dict(zip((plan.pk for plan in todo), separator.separate_many([p.job for p in todo], store), strict=True))
+    pointers = context.instance.get_latest_storage_id_by_partition(
+        RECORDING_KEY, DagsterEventType.ASSET_MATERIALIZATION, {plan.pk for plan in plans})
     for plan in plans:
         outcome = outcomes.get(plan.pk)
         if isinstance(outcome, Exception):
             failed[plan.pk] = f"separation with {name!r} failed: {outcome}"
+            _record_failure(store, plan.pk, name, fp, plan.record, str(outcome))
             continue
         try:
             stored = _stored_set(store, plan, name)
         except Failure as err:
             failed[plan.pk] = err.description or str(err)
             continue
-        for key, metadata, version in _stem_events(config, name, fp, store, media_store, separator, plan, stored):
+        tags = provenance_tags(plan.record.sha256, fp, pointers.get(plan.pk))
+        for key, metadata in _stem_events(config, name, fp, store, media_store, separator, plan, stored):
             if key in selected:
-                yield AssetMaterialization(key, partition=plan.pk, metadata=metadata,
-                                           tags={DATA_VERSION_TAG: version.value, CODE_VERSION_TAG: fp})
-        for result in checks.evaluate(name, config.strategy(name).stems, stored, mix_peak_dbfs=plan.record.peak_dbfs):
+                yield AssetMaterialization(key, partition=plan.pk, metadata=metadata, tags=tags)
+        state = set_state(store, plan.pk, name, fp, stored_format(stored))
+        for result in checks.evaluate(name, config.strategy(name).stems, stored, mix_peak_dbfs=plan.record.peak_dbfs,
+                                      incomplete=state.detail if state.state == BROKEN else None):
             if (result.asset_key, result.check_name) in checked:
                 yield AssetCheckEvaluation(
                     asset_key=result.asset_key, check_name=result.check_name, passed=result.passed,
                     metadata=result.metadata, severity=result.severity, description=result.description,
                     partition=plan.pk)
     if failed:
+        if len(keys) == 1:
+            (why,) = failed.values()
+            raise Failure(description=f"{keys[0]}: {why}", allow_retries=False)
         lines = "\n".join(f"- {pk}: {why}" for pk, why in failed.items())
         raise Failure(description=f"{len(failed)} of {len(keys)} partition(s) failed:\n{lines}", allow_retries=False)
 
 
+def provenance_tags(recording_sha256: str, fp: str, recording_storage_id: int | None) -> dict[str, str]:
+    """The tags Dagster's staleness reads (what it writes itself for a one-partition run's outputs):
+    this stem's data and code version, and which ``recording`` materialisation it was made from."""
+    return {
+        DATA_VERSION_TAG: data_version(recording_sha256, fp),
+        DATA_VERSION_USER_PROVIDED_TAG: "true",
+        CODE_VERSION_TAG: fp,
+        f"{INPUT_DATA_VERSION_TAG}/{RECORDING_KEY.to_user_string()}": recording_sha256,
+        f"{INPUT_EVENT_POINTER_TAG}/{RECORDING_KEY.to_user_string()}": (
+            str(recording_storage_id) if recording_storage_id else "NULL"),
+    }
+
+
+def stored_format(stored: SeparationResult) -> str:
+    formats = {f.format for f in stored.stems.values()}
+    return formats.pop() if len(formats) == 1 else ",".join(sorted(formats))
+
+
 def _stem_events(config: StemsetConfig, name: str, fp: str, store: ObjectStore, media_store: MediaStoreResource,
                  separator: SeparatorResource, plan: _Planned,
-                 stored: SeparationResult) -> Iterator[tuple[AssetKey, dict, DataVersion]]:
-    """``(asset key, metadata, data version)`` of every stem of a stored set."""
+                 stored: SeparationResult) -> Iterator[tuple[AssetKey, dict]]:
+    """``(asset key, metadata)`` of every stem of a stored set."""
     record, pk, reused = plan.record, plan.pk, plan.reused
     mkey = manifest_key(pk, name)
     price = separator.price(stored)
     cost = separator.cost_usd(stored)
-    version = DataVersion(data_version(record.sha256, fp))
     for stem in config.strategy(name).stems:
         f = stored.stems.get(stem)
         if f is None:
@@ -280,7 +306,7 @@ def _stem_events(config: StemsetConfig, name: str, fp: str, store: ObjectStore, 
             "job_id": stored.job_id,
             "manifest": store.uri(mkey),
             "engine_version": stored.engine_version,
-        }, version
+        }
 
 
 def _num(value: float | None):

@@ -1,0 +1,245 @@
+"""The facts the state rule looks at, read from the bucket (or the local media folder).
+
+Per profile, three listings (``inputs/``, ``recordings/``, ``outputs/``) give every object's
+key, size and ETag; then the small JSON documents that carry meaning (``recording.json``,
+``manifest.json``, ``failure.json``) are read, in parallel, unless a :class:`FactCache` already
+holds them under the same key and ETag (an object's ETag changes whenever its bytes do, so a
+cached entry is valid exactly while the listing shows the same ETag). Staging objects
+(``.staging/``) are never facts: they are not part of any set until published.
+
+This module imports no Dagster.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gpu_worker.errors import StorageError
+from gpu_worker.job import MANIFEST_NAME
+from gpu_worker.stores.base import ObjectInfo, ObjectStore
+from gpu_worker.stores.publish import STAGING_DIR
+
+from .layout import FAILURE_NAME, INPUTS, OUTPUTS, RECORD_NAME, RECORDINGS
+from .state import FailureFacts, ManifestFacts, RecordingFacts, SetFacts, SetState, Target, decide_state
+
+READ_THREADS = 16  # small GETs: on S3 each is a round trip, so overlap them
+NARROW_MAX = 20  # up to this many partitions, list their folders instead of whole profiles
+# The fields of each document the rule and its readers use: all a cache entry keeps.
+KEPT_FIELDS = frozenset({
+    "fingerprint", "input_sha256", "stems", "billed_seconds", "backend", "gpu_type", "device", "input_duration_s",
+    "source_sha256", "input_etag", "duration_s", "original_key", "sha256", "error", "failed_at", "cpu_seconds",
+})
+STEM_FIELDS = ("key", "bytes", "format")
+
+
+class FactCache(Protocol):
+    """Parsed JSON documents keyed by (object key, ETag)."""
+
+    def get(self, key: str, etag: str) -> dict[str, Any] | None: ...
+
+    def put(self, key: str, etag: str, value: dict[str, Any]) -> None: ...
+
+
+class MemoryFactCache:
+    """A :class:`FactCache` in a dict (one process; the Dagster side keeps a durable one)."""
+
+    def __init__(self, entries: Mapping[str, tuple[str, dict[str, Any]]] | None = None):
+        self.entries: dict[str, tuple[str, dict[str, Any]]] = dict(entries or {})
+        self.changed = False
+
+    def get(self, key: str, etag: str) -> dict[str, Any] | None:
+        hit = self.entries.get(key)
+        return hit[1] if hit is not None and hit[0] == etag else None
+
+    def put(self, key: str, etag: str, value: dict[str, Any]) -> None:
+        self.entries[key] = (etag, value)
+        self.changed = True
+
+    def keep_only(self, keys: Iterable[str]) -> None:
+        """Drop entries for objects no longer listed."""
+        live = set(keys)
+        for key in [k for k in self.entries if k not in live]:
+            del self.entries[key]
+            self.changed = True
+
+
+@dataclass(frozen=True)
+class PairFacts:
+    """One (recording, strategy) pair: its facts and the state the rule gives them."""
+
+    partition: str
+    strategy: str
+    facts: SetFacts
+    state: SetState
+
+
+@dataclass
+class _Listed:
+    inputs: dict[str, ObjectInfo]  # object key -> info
+    records: dict[str, ObjectInfo]  # partition -> recording.json info
+    manifests: dict[tuple[str, str], ObjectInfo]  # (partition, strategy) -> manifest.json info
+    failures: dict[tuple[str, str], ObjectInfo]
+    stems: dict[tuple[str, str], dict[str, int]]  # (partition, strategy) -> {stem key: size}
+
+
+def _list(store: ObjectStore, partitions: Sequence[str]) -> _Listed:
+    """One listing per profile and area; for a few partitions, their own folders only (the
+    inputs are then looked up by key once the recordings name them)."""
+    out = _Listed({}, {}, {}, {}, defaultdict(dict))
+    narrow = len(partitions) <= NARROW_MAX
+    scopes = sorted(set(partitions)) if narrow else sorted({pk.partition("/")[0] for pk in partitions})
+    for scope in scopes:
+        if not narrow:
+            for info in store.list(f"{INPUTS}/{scope}/"):
+                out.inputs[info.key] = info
+        for info in store.list(f"{RECORDINGS}/{scope}/"):
+            parts = info.key.split("/")
+            if len(parts) == 4 and parts[3] == RECORD_NAME:
+                out.records[f"{parts[1]}/{parts[2]}"] = info
+        for info in store.list(f"{OUTPUTS}/{scope}/"):
+            parts = info.key.split("/")
+            if len(parts) != 5 or STAGING_DIR in parts:
+                continue  # staged objects and anything not <profile>/<slug>/<strategy>/<name>
+            pair = (f"{parts[1]}/{parts[2]}", parts[3])
+            if parts[4] == MANIFEST_NAME:
+                out.manifests[pair] = info
+            elif parts[4] == FAILURE_NAME:
+                out.failures[pair] = info
+            else:
+                out.stems[pair][info.key] = info.size
+    return out
+
+
+def _read_json(store: ObjectStore, infos: Sequence[ObjectInfo], cache: FactCache | None) -> dict[str, dict]:
+    """``{key: parsed document}`` for the objects that parse as a JSON object (others are left out:
+    an unreadable manifest is as good as none)."""
+    out: dict[str, dict] = {}
+    todo = []
+    for info in infos:
+        hit = cache.get(info.key, info.etag) if cache is not None else None
+        if hit is not None:
+            out[info.key] = hit
+        else:
+            todo.append(info)
+
+    def read(info: ObjectInfo) -> tuple[ObjectInfo, dict | None]:
+        try:
+            data = json.loads(store.get_bytes(info.key))
+        except StorageError as err:
+            if store.head(info.key) is None:
+                return info, None  # deleted between the listing and the read
+            raise err
+        except ValueError:
+            return info, None
+        return info, _slim(data) if isinstance(data, dict) else None
+
+    # Remote stores pay a round trip per GET, so overlap them; a local folder reads faster in line.
+    threads = min(getattr(store, "read_concurrency", READ_THREADS), len(todo))
+    if threads > 1:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            results = list(pool.map(read, todo))
+    else:
+        results = [read(info) for info in todo]
+    for info, data in results:
+        if data is not None:
+            out[info.key] = data
+            if cache is not None:
+                cache.put(info.key, info.etag, data)
+    return out
+
+
+def _slim(doc: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in doc.items() if k in KEPT_FIELDS}
+    if isinstance(out.get("stems"), dict):
+        out["stems"] = {name: {f: stem.get(f) for f in STEM_FIELDS} if isinstance(stem, dict) else stem
+                        for name, stem in out["stems"].items()}
+    return out
+
+
+def manifest_facts(data: Mapping[str, Any], made_at: float | None = None) -> ManifestFacts | None:
+    """The facts of a manifest document (a SeparationResult), or None if it is not one."""
+    try:
+        stems = {name: (str(f["key"]), int(f["bytes"])) for name, f in data["stems"].items()}
+        formats = {str(f["format"]) for f in data["stems"].values()}
+        return ManifestFacts(
+            fingerprint=str(data["fingerprint"]), input_sha256=str(data["input_sha256"]),
+            output_format=formats.pop() if len(formats) == 1 else ",".join(sorted(formats)),
+            stems=stems, billed_seconds=float(data.get("billed_seconds") or 0.0),
+            backend=str(data.get("backend") or "local"), gpu_type=data.get("gpu_type"),
+            duration_s=_float(data.get("input_duration_s")), made_at=made_at,
+        )
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def recording_facts(data: Mapping[str, Any]) -> RecordingFacts | None:
+    try:
+        return RecordingFacts(source_sha256=str(data["source_sha256"]), input_etag=str(data["input_etag"]),
+                              duration_s=_float(data.get("duration_s")), original_key=data.get("original_key"))
+    except (KeyError, TypeError):
+        return None
+
+
+def failure_facts(data: Mapping[str, Any]) -> FailureFacts | None:
+    try:
+        return FailureFacts(fingerprint=str(data["fingerprint"]), input_sha256=data.get("input_sha256"),
+                            error=str(data.get("error") or "separation failed"),
+                            failed_at=float(data.get("failed_at") or 0.0))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def collect_states(store: ObjectStore, partitions: Sequence[str], strategies: Sequence[str],
+                   targets: Mapping[tuple[str, str], Target], wanted: Mapping[str, frozenset[str]],
+                   cache: FactCache | None = None) -> list[PairFacts]:
+    """Facts and state of every ``partition x strategy``.
+
+    ``targets[(profile, strategy)]``: what the profile's output format and the strategy's
+    fingerprint ask for; ``wanted[profile]``: the strategies the profile runs (others are
+    ``unused``). Partitions are ``<profile>/<slug>`` keys.
+    """
+    listed = _list(store, partitions)
+    docs = _read_json(store, [*listed.records.values(), *listed.manifests.values(), *listed.failures.values()],
+                      cache)
+    if isinstance(cache, MemoryFactCache) and len(partitions) > NARROW_MAX:
+        cache.keep_only(docs)
+    if len(partitions) <= NARROW_MAX:  # inputs by key: the recordings name them
+        for info in listed.records.values():
+            original = docs.get(info.key, {}).get("original_key")
+            found = store.head(original) if isinstance(original, str) else None
+            if found is not None:
+                listed.inputs[found.key] = found
+    rows: list[PairFacts] = []
+    for pk in partitions:
+        profile = pk.partition("/")[0]
+        rec_info = listed.records.get(pk)
+        rec = recording_facts(docs.get(rec_info.key, {})) if rec_info is not None else None
+        input_info = listed.inputs.get(rec.original_key) if rec is not None and rec.original_key else None
+        for name in strategies:
+            pair = (pk, name)
+            m_info, f_info = listed.manifests.get(pair), listed.failures.get(pair)
+            manifest = (manifest_facts(docs.get(m_info.key, {}), m_info.last_modified)
+                        if m_info is not None else None)
+            failure = failure_facts(docs.get(f_info.key, {})) if f_info is not None else None
+            facts = SetFacts(
+                wanted=name in wanted.get(profile, frozenset()), recording=rec,
+                input_etag=input_info.etag if input_info is not None else None,
+                manifest=manifest, failure=failure, stem_objects=dict(listed.stems.get(pair, {})),
+            )
+            target = targets.get((profile, name))
+            state = decide_state(facts, target) if target is not None else decide_state(
+                SetFacts(False, rec, facts.input_etag, manifest), Target("", ""))
+            rows.append(PairFacts(pk, name, facts, state))
+    return rows
