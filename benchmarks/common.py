@@ -15,8 +15,7 @@ import yaml
 # The released htdemucs: HTDemucs defaults with a 512-channel bottleneck before the cross
 # transformer and a 7.8 s segment (41.5 M parameters, like the published checkpoint).
 # Speed does not depend on weight values, so random weights stand in for the real ones.
-RELEASE_HTDEMUCS = dict(sources=["drums", "bass", "other", "vocals"], bottom_channels=512,
-                        segment=Fraction(39, 5))
+RELEASE_HTDEMUCS = dict(sources=["drums", "bass", "other", "vocals"], bottom_channels=512, segment=Fraction(39, 5))
 
 
 def release_htdemucs(seed: int = 0):
@@ -34,9 +33,16 @@ def write_release_repo(folder: Path) -> Path:
     if not list(folder.glob("955717e8-*.th")):
         model = release_htdemucs()
         args, kwargs = model._init_args_kwargs
-        save_with_checksum({"klass": type(model), "args": args, "kwargs": kwargs,
-                            "state": get_state(model, None, half=False), "training_args": {}},
-                           folder / "955717e8.th")
+        save_with_checksum(
+            {
+                "klass": type(model),
+                "args": args,
+                "kwargs": kwargs,
+                "state": get_state(model, None, half=False),
+                "training_args": {},
+            },
+            folder / "955717e8.th",
+        )
     (folder / "htdemucs.yaml").write_text(yaml.safe_dump({"models": ["955717e8"]}))
     return folder
 
@@ -59,8 +65,12 @@ def peak_rss_mb() -> float:
 
 
 def machine() -> dict:
-    info = {"python": sys.version.split()[0], "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    info = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

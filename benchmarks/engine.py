@@ -36,8 +36,7 @@ def _sync(device: torch.device) -> None:
 def run_demucs(repo: Path, wav: torch.Tensor, device: torch.device, seed: int, shifts: int):
     from demucs.api import Separator
 
-    sep = Separator(model="htdemucs", repo=repo, device=str(device), shifts=shifts, overlap=0.25,
-                    progress=False)
+    sep = Separator(model="htdemucs", repo=repo, device=str(device), shifts=shifts, overlap=0.25, progress=False)
     random.seed(seed)
     _sync(device)
     t0 = time.perf_counter()
@@ -89,17 +88,31 @@ def main(argv=None) -> int:
         if not args.skip_demucs:
             t, ref = run_demucs(repo, wav, device, seed, args.shifts)
             demucs_s = min(demucs_s, t)
-    result = {"seconds": args.seconds, "device": str(device), "precision": args.precision,
-              "batch_size": params.batch_size or "auto", "shifts": args.shifts,
-              "repeats": args.repeats, "segments": stats.segments, "batches": stats.batches,
-              "ours_s": round(ours_s, 3), "ours_rtf": round(args.seconds / ours_s, 2),
-              "ms_per_segment": round(1000 * ours_s / max(1, stats.segments), 2)}
+    result = {
+        "seconds": args.seconds,
+        "device": str(device),
+        "precision": args.precision,
+        "batch_size": params.batch_size or "auto",
+        "shifts": args.shifts,
+        "repeats": args.repeats,
+        "segments": stats.segments,
+        "batches": stats.batches,
+        "ours_s": round(ours_s, 3),
+        "ours_rtf": round(args.seconds / ours_s, 2),
+        "ms_per_segment": round(1000 * ours_s / max(1, stats.segments), 2),
+    }
     if device.type == "cuda":
         result["gpu_peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
     if not args.skip_demucs:
         err = max(((ours[k].float().cpu() - ref[k].cpu()).abs().max() / ref[k].abs().max()).item() for k in ref)
-        result.update({"demucs_s": round(demucs_s, 3), "demucs_rtf": round(args.seconds / demucs_s, 2),
-                       "speedup": round(demucs_s / ours_s, 3), "max_rel_err": float(f"{err:.3g}")})
+        result.update(
+            {
+                "demucs_s": round(demucs_s, 3),
+                "demucs_rtf": round(args.seconds / demucs_s, 2),
+                "speedup": round(demucs_s / ours_s, 3),
+                "max_rel_err": float(f"{err:.3g}"),
+            }
+        )
     result["peak_rss_mb"] = round(peak_rss_mb())
     result["machine"] = machine()
     emit(result, args.json)

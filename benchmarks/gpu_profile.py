@@ -1,6 +1,6 @@
 """Where the GPU time goes: model forward alone vs the whole engine, and a profiler table.
 
-    python benchmarks/gpu_profile.py --seconds 240 --batch-size 64 --precision bf16
+python benchmarks/gpu_profile.py --seconds 240 --batch-size 64 --precision bf16
 """
 
 from __future__ import annotations
@@ -56,11 +56,13 @@ def main() -> int:
                 return sub(x)
 
         t = bench(fwd, 3)
-        print(f"forward only  batch {b:3d}: {t*1000:8.1f} ms  {t*1000/b:6.2f} ms/segment")
+        print(f"forward only  batch {b:3d}: {t * 1000:8.1f} ms  {t * 1000 / b:6.2f} ms/segment")
     wav = synthetic_mix(args.seconds)
     stats = EngineStats()
     t = bench(lambda: separate(model, wav, params, dev, rng=random.Random(1), stats=stats), 3)
-    print(f"whole engine {args.seconds:.0f}s: {t*1000:8.1f} ms  ({args.seconds/t:.1f}x realtime, {stats.segments//4} segments)")
+    print(
+        f"whole engine {args.seconds:.0f}s: {t * 1000:8.1f} ms  ({args.seconds / t:.1f}x realtime, {stats.segments // 4} segments)"
+    )
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

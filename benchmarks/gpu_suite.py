@@ -88,8 +88,9 @@ def main(argv=None) -> int:
     stock_s, ref = timed(stock, device, args.repeats)
     ref = {k: v.float().cpu() for k, v in ref.items()}
     n_seg = None
-    rows.append({"engine": "demucs", "precision": "fp32", "batch": 1, "s": stock_s,
-                 "gpu_mem_mb": _peak_mb(device), "err": 0.0})
+    rows.append(
+        {"engine": "demucs", "precision": "fp32", "batch": 1, "s": stock_s, "gpu_mem_mb": _peak_mb(device), "err": 0.0}
+    )
 
     model = models.load_model("htdemucs", repo)
     for precision in args.precisions.split(","):
@@ -110,14 +111,25 @@ def main(argv=None) -> int:
                 continue
             n_seg = stats.segments // args.repeats
             err = max(((out[k].float().cpu() - ref[k]).abs().max() / ref[k].abs().max()).item() for k in ref)
-            rows.append({"engine": "stemset", "precision": precision, "batch": bs, "s": s,
-                         "gpu_mem_mb": _peak_mb(device), "err": err,
-                         "segments": n_seg})
+            rows.append(
+                {
+                    "engine": "stemset",
+                    "precision": precision,
+                    "batch": bs,
+                    "s": s,
+                    "gpu_mem_mb": _peak_mb(device),
+                    "err": err,
+                    "segments": n_seg,
+                }
+            )
             del out
 
     song_s = 240.0
     print(f"\n{machine()}  input {args.seconds:.0f} s, shifts=1, overlap=0.25, median of {args.repeats}")
-    head = f"{'engine':8} {'prec':5} {'batch':>5} {'x realtime':>10} {'ms/seg':>7} {'speedup':>7} {'GPU MiB':>8} {'err vs fp32':>11} " + " ".join(f"{'$/song ' + g:>13}" for g in PRICES)
+    head = (
+        f"{'engine':8} {'prec':5} {'batch':>5} {'x realtime':>10} {'ms/seg':>7} {'speedup':>7} {'GPU MiB':>8} {'err vs fp32':>11} "
+        + " ".join(f"{'$/song ' + g:>13}" for g in PRICES)
+    )
     print(head)
     for r in rows:
         if r.get("oom"):
@@ -125,12 +137,19 @@ def main(argv=None) -> int:
             continue
         segs = r.get("segments") or n_seg or 1
         per_song = r["s"] * song_s / args.seconds
-        r.update({"x_realtime": args.seconds / r["s"], "ms_per_segment": 1000 * r["s"] / segs,
-                  "speedup_vs_demucs": stock_s / r["s"],
-                  "usd_per_4min_song": {g: per_song * p / 3600 for g, p in PRICES.items()}})
-        print(f"{r['engine']:8} {r['precision']:5} {r['batch']:>5} {r['x_realtime']:>10.1f} {r['ms_per_segment']:>7.2f} "
-              f"{r['speedup_vs_demucs']:>7.2f} {r['gpu_mem_mb']:>8.0f} {r['err']:>11.2e} "
-              + " ".join(f"{r['usd_per_4min_song'][g]:>13.5f}" for g in PRICES))
+        r.update(
+            {
+                "x_realtime": args.seconds / r["s"],
+                "ms_per_segment": 1000 * r["s"] / segs,
+                "speedup_vs_demucs": stock_s / r["s"],
+                "usd_per_4min_song": {g: per_song * p / 3600 for g, p in PRICES.items()},
+            }
+        )
+        print(
+            f"{r['engine']:8} {r['precision']:5} {r['batch']:>5} {r['x_realtime']:>10.1f} {r['ms_per_segment']:>7.2f} "
+            f"{r['speedup_vs_demucs']:>7.2f} {r['gpu_mem_mb']:>8.0f} {r['err']:>11.2e} "
+            + " ".join(f"{r['usd_per_4min_song'][g]:>13.5f}" for g in PRICES)
+        )
     if args.out:
         args.out.write_text(json.dumps({"machine": machine(), "seconds": args.seconds, "rows": rows}, indent=1))
     return 0

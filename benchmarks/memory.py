@@ -68,18 +68,25 @@ def write_repo(kind: str, folder: Path) -> tuple[Path, str]:
         from benchmarks.common import write_release_repo
 
         return write_release_repo(folder / "release"), "htdemucs"
+    import torch
     import yaml
     from demucs.hdemucs import HDemucs
 
-    import torch
     from gpu_worker.demo_models import save_model
 
     folder = folder / "tiny"
     folder.mkdir(parents=True, exist_ok=True)
     if not list(folder.glob("7e57a11e-*.th")):
         torch.manual_seed(0)
-        model = HDemucs(sources=["drums", "bass", "other", "vocals"], channels=4, depth=3, nfft=256,
-                        dconv_depth=1, dconv_comp=2, segment=Fraction(39, 5)).eval()
+        model = HDemucs(
+            sources=["drums", "bass", "other", "vocals"],
+            channels=4,
+            depth=3,
+            nfft=256,
+            dconv_depth=1,
+            dconv_comp=2,
+            segment=Fraction(39, 5),
+        ).eval()
         save_model(model, folder, "7e57a11e")
     (folder / "tiny_release_shape.yaml").write_text(yaml.safe_dump({"models": ["7e57a11e"]}))
     return folder, "tiny_release_shape"
@@ -124,8 +131,20 @@ def predict(points: list[tuple[float, float]], minutes: float) -> float:
 
 
 def run_child(engine: str, repo: Path, model: str, wav: Path, work: Path, threads: int | None) -> dict:
-    cmd = [sys.executable, __file__, "--child", engine, "--repo", str(repo), "--model-name", model,
-           "--input", str(wav), "--work", str(work)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        engine,
+        "--repo",
+        str(repo),
+        "--model-name",
+        model,
+        "--input",
+        str(wav),
+        "--work",
+        str(work),
+    ]
     if threads:
         cmd += ["--threads", str(threads)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("STEMSET_")}
@@ -162,8 +181,7 @@ def child(args) -> dict:
         wav = torch.from_numpy(data.T.copy())
         del data
         seconds = wav.shape[1] / sr
-        sep = Separator(model=args.model_name, repo=args.repo, device="cpu", shifts=1, overlap=0.25,
-                        progress=False)
+        sep = Separator(model=args.model_name, repo=args.repo, device="cpu", shifts=1, overlap=0.25, progress=False)
         random.seed(SEED)
         t0 = time.perf_counter()
         _, stems = sep.separate_tensor(wav)
@@ -175,24 +193,51 @@ def child(args) -> dict:
         from gpu_worker.worker import run_job
 
         os.environ["STEMSET_STREAM_MIN_SECONDS"] = "0" if args.child == "stemset" else "1e12"
-        st = parse_strategy("bench", {"_": args.model_name, "drums": "drums", "bass": "bass", "other": "other",
-                                      "vocals": "vocals", "__params": {"shifts": 1, "overlap": 0.25}})
+        st = parse_strategy(
+            "bench",
+            {
+                "_": args.model_name,
+                "drums": "drums",
+                "bass": "bass",
+                "other": "other",
+                "vocals": "vocals",
+                "__params": {"shifts": 1, "overlap": 0.25},
+            },
+        )
         out = Path(args.work) / f"out-{os.getpid()}"
         job = SeparationJob(
-            job_id=f"mem{os.getpid()}", input_key=Path(args.input).name, output_prefix="stems",
-            strategy_name="bench", strategy=st.to_tree(), fingerprint="0" * 16,
+            job_id=f"mem{os.getpid()}",
+            input_key=Path(args.input).name,
+            output_prefix="stems",
+            strategy_name="bench",
+            strategy=st.to_tree(),
+            fingerprint="0" * 16,
             storage=StorageRef("local", root=str(Path(args.input).parent)),
-            output_storage=StorageRef("local", root=str(out)), output_format="wav", bitrate_kbps=None,
-            model_repo=str(args.repo), device="cpu", seed=SEED)
+            output_storage=StorageRef("local", root=str(out)),
+            output_format="wav",
+            bitrate_kbps=None,
+            model_repo=str(args.repo),
+            device="cpu",
+            seed=SEED,
+        )
         result = run_job(job)
         shutil.rmtree(out, ignore_errors=True)
         seconds = result.input_duration_s
         wall = result.timings["total"]
-        extra = {"separate_s": round(result.timings["separate"], 2), "segments": result.segments,
-                 "residual_db": result.residual_db}
-    return {"engine": args.child, "audio_s": round(seconds, 2), "wall_s": round(wall, 2),
-            "rtf": round(seconds / wall, 3), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "threads": torch.get_num_threads(), **extra}
+        extra = {
+            "separate_s": round(result.timings["separate"], 2),
+            "segments": result.segments,
+            "residual_db": result.residual_db,
+        }
+    return {
+        "engine": args.child,
+        "audio_s": round(seconds, 2),
+        "wall_s": round(wall, 2),
+        "rtf": round(seconds / wall, 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "threads": torch.get_num_threads(),
+        **extra,
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -204,9 +249,13 @@ def main(argv=None) -> int:
     ap.add_argument("--model", choices=["release", "tiny"], default="tiny")
     ap.add_argument("--engines", default="stemset,demucs", help=f"comma-separated, of {','.join(ENGINES)}")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in each run (default: torch's)")
-    ap.add_argument("--max-memory-fraction", type=float, default=0.75,
-                    help="skip a whole-input engine (demucs, stemset_memory) where its predicted peak exceeds "
-                         "this share of the memory available now")
+    ap.add_argument(
+        "--max-memory-fraction",
+        type=float,
+        default=0.75,
+        help="skip a whole-input engine (demucs, stemset_memory) where its predicted peak exceeds "
+        "this share of the memory available now",
+    )
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "stemset-memory-bench")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
@@ -236,12 +285,20 @@ def main(argv=None) -> int:
             if engine in WHOLE_IN_MEMORY and points.get(engine):
                 predicted = predict(points[engine], minutes)
                 if predicted > args.max_memory_fraction * mem_available_mb():
-                    row = {"engine": engine, "minutes": minutes, "skipped": f"predicted peak {predicted:.0f} MB "
-                           f"> {args.max_memory_fraction:.0%} of {mem_available_mb():.0f} MB available"}
+                    row = {
+                        "engine": engine,
+                        "minutes": minutes,
+                        "skipped": f"predicted peak {predicted:.0f} MB "
+                        f"> {args.max_memory_fraction:.0%} of {mem_available_mb():.0f} MB available",
+                    }
                     rows.append(row)
                     print(json.dumps(row) if args.json else row, file=sys.stderr, flush=True)
                     continue
-            row = {"model": args.model, "minutes": minutes, **run_child(engine, repo, name, wav, args.work, args.threads)}
+            row = {
+                "model": args.model,
+                "minutes": minutes,
+                **run_child(engine, repo, name, wav, args.work, args.threads),
+            }
             if "peak_rss_mb" in row:
                 points.setdefault(engine, []).append((minutes, row["peak_rss_mb"]))
             rows.append(row)

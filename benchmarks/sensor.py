@@ -50,12 +50,19 @@ def make_store(kind: str, root: Path, stack):
 
     from tests.conftest import _start, _stop, _weed_binary
 
-    server = _start(_weed_binary(), root / "weed", "BENCH" + secrets.token_hex(6).upper(), secrets.token_urlsafe(24), "auto")
+    server = _start(
+        _weed_binary(), root / "weed", "BENCH" + secrets.token_hex(6).upper(), secrets.token_urlsafe(24), "auto"
+    )
     stack.callback(_stop, server.process)
     bucket = server.make_bucket()
-    store = S3ObjectStore.from_settings(endpoint_url=server.endpoint_url, bucket=bucket, region=server.region,
-                                        access_key_id=server.access_key_id,
-                                        secret_access_key=server.secret_access_key, max_attempts=3)
+    store = S3ObjectStore.from_settings(
+        endpoint_url=server.endpoint_url,
+        bucket=bucket,
+        region=server.region,
+        access_key_id=server.access_key_id,
+        secret_access_key=server.secret_access_key,
+        max_attempts=3,
+    )
     return store, (server, bucket)
 
 
@@ -65,8 +72,14 @@ def media_resource(kind: str, root: Path, s3):
     if kind == "local":
         return MediaStoreResource(backend="local", root=str(root))
     server, bucket = s3
-    return MediaStoreResource(backend="s3", endpoint_url=server.endpoint_url, bucket=bucket, region=server.region,
-                              access_key_id=server.access_key_id, secret_access_key=server.secret_access_key)
+    return MediaStoreResource(
+        backend="s3",
+        endpoint_url=server.endpoint_url,
+        bucket=bucket,
+        region=server.region,
+        access_key_id=server.access_key_id,
+        secret_access_key=server.secret_access_key,
+    )
 
 
 def upload(store, n: int) -> float:
@@ -74,8 +87,11 @@ def upload(store, n: int) -> float:
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda i: store.put_bytes(f"inputs/h4n/take_{i:05d}.wav", b"RIFF" + i.to_bytes(4, "big") * 8),
-                      range(n)))
+        list(
+            pool.map(
+                lambda i: store.put_bytes(f"inputs/h4n/take_{i:05d}.wav", b"RIFF" + i.to_bytes(4, "big") * 8), range(n)
+            )
+        )
     return time.perf_counter() - t0
 
 
@@ -98,10 +114,17 @@ def bench_sensor(config, instance, media) -> dict:
         added.append(sum(len(r.partition_keys) for r in result.dynamic_partitions_requests or []))
         if not runs:
             break
-    return {"ticks": len(ticks), "tick_s_first": round(ticks[0], 3), "tick_s_max": round(max(ticks), 3),
-            "tick_s_mean": round(statistics.mean(ticks), 3), "tick_s_last_empty": round(ticks[-1], 3),
-            "partitions_added_per_tick": max(added), "runs_requested": requested,
-            "partitions": len(instance.get_dynamic_partitions("recordings")), "cursor_bytes": len(cursor or "")}
+    return {
+        "ticks": len(ticks),
+        "tick_s_first": round(ticks[0], 3),
+        "tick_s_max": round(max(ticks), 3),
+        "tick_s_mean": round(statistics.mean(ticks), 3),
+        "tick_s_last_empty": round(ticks[-1], 3),
+        "partitions_added_per_tick": max(added),
+        "runs_requested": requested,
+        "partitions": len(instance.get_dynamic_partitions("recordings")),
+        "cursor_bytes": len(cursor or ""),
+    }
 
 
 def seed_events(config, instance, keys: list[str], all_stems: bool = True, store=None) -> float:
@@ -124,21 +147,49 @@ def seed_events(config, instance, keys: list[str], all_stems: bool = True, store
     for i, pk in enumerate(keys):
         sha = f"{i:064x}"
         original = f"inputs/{pk}.wav"
-        instance.report_runless_asset_event(AssetMaterialization(
-            AssetKey("recording"), partition=pk, metadata={
-                "original_key": original, "sha256": sha, "duration_s": 180.0, "input_bytes": 36,
-                "input_etag": etags.get(original, ""),
-                "format": "wav", "sample_rate": 44100, "channels": 2, "lufs": -14.2, "peak_dbfs": -1.1,
-                "uri": f"recordings/{pk}/source.flac", "waveform_preview": MetadataValue.md(preview), "reused": False},
-            tags={"dagster/data_version": sha, "dagster/code_version": RECORDING_CODE_VERSION}))
+        instance.report_runless_asset_event(
+            AssetMaterialization(
+                AssetKey("recording"),
+                partition=pk,
+                metadata={
+                    "original_key": original,
+                    "sha256": sha,
+                    "duration_s": 180.0,
+                    "input_bytes": 36,
+                    "input_etag": etags.get(original, ""),
+                    "format": "wav",
+                    "sample_rate": 44100,
+                    "channels": 2,
+                    "lufs": -14.2,
+                    "peak_dbfs": -1.1,
+                    "uri": f"recordings/{pk}/source.flac",
+                    "waveform_preview": MetadataValue.md(preview),
+                    "reused": False,
+                },
+                tags={"dagster/data_version": sha, "dagster/code_version": RECORDING_CODE_VERSION},
+            )
+        )
         used = fp if i % 2 else "0ld0ld0ld0ld"
-        for key in stem_keys(config, ["htdemucs"])[:None if all_stems else 1]:
-            instance.report_runless_asset_event(AssetMaterialization(key, partition=pk, metadata={
-                "fingerprint": used, "input_sha256": sha, "duration_s": 180.0,
-                "billed_seconds": 9.0, "backend": "modal", "cost_usd": 0.00625, "bytes": 1_000_000,
-                "uri": f"outputs/{pk}/htdemucs/{key.path[-1]}.m4a", "strategy": "htdemucs",
-                "timings": MetadataValue.json({"decode": 0.1, "separate": 8.0, "encode": 0.5, "total": 9.0})},
-                tags={"dagster/data_version": data_version(sha, used), "dagster/code_version": used}))
+        for key in stem_keys(config, ["htdemucs"])[: None if all_stems else 1]:
+            instance.report_runless_asset_event(
+                AssetMaterialization(
+                    key,
+                    partition=pk,
+                    metadata={
+                        "fingerprint": used,
+                        "input_sha256": sha,
+                        "duration_s": 180.0,
+                        "billed_seconds": 9.0,
+                        "backend": "modal",
+                        "cost_usd": 0.00625,
+                        "bytes": 1_000_000,
+                        "uri": f"outputs/{pk}/htdemucs/{key.path[-1]}.m4a",
+                        "strategy": "htdemucs",
+                        "timings": MetadataValue.json({"decode": 0.1, "separate": 8.0, "encode": 0.5, "total": 9.0}),
+                    },
+                    tags={"dagster/data_version": data_version(sha, used), "dagster/code_version": used},
+                )
+            )
     return time.perf_counter() - t0
 
 
@@ -156,10 +207,18 @@ def main(argv=None) -> int:
     ap.add_argument("--per-tick", type=int, default=200, help="sensors.max_new_per_tick (default 200, as shipped)")
     ap.add_argument("--storage", choices=["local", "s3"], default="local")
     ap.add_argument("--skip-status", action="store_true")
-    ap.add_argument("--status-partitions", type=int, default=None,
-                    help="seed events for only this many partitions (SQLite writes ~25 ms per event here)")
-    ap.add_argument("--stems", choices=["all", "first"], default="all",
-                    help="seed all 4 stems' events, or only the first (the one status reads)")
+    ap.add_argument(
+        "--status-partitions",
+        type=int,
+        default=None,
+        help="seed events for only this many partitions (SQLite writes ~25 ms per event here)",
+    )
+    ap.add_argument(
+        "--stems",
+        choices=["all", "first"],
+        default="all",
+        help="seed all 4 stems' events, or only the first (the one status reads)",
+    )
     ap.add_argument("--repeat", type=int, default=3, help="warm status calls to time (the best is reported)")
     ap.add_argument("--tmpdir", default=None, help="where the instance and media folder go (e.g. /dev/shm)")
     ap.add_argument("--json", action="store_true")
@@ -170,14 +229,19 @@ def main(argv=None) -> int:
         store, s3 = make_store(args.storage, Path(tmp), stack)
         config = parse_config(CONFIG % {"root": root, "per_tick": args.per_tick}, base_dir=tmp)
         media = media_resource(args.storage, root, s3)
-        result = {"benchmark": "sensor", "storage": args.storage, "objects": args.objects,
-                  "max_new_per_tick": args.per_tick, "machine": machine()}
+        result = {
+            "benchmark": "sensor",
+            "storage": args.storage,
+            "objects": args.objects,
+            "max_new_per_tick": args.per_tick,
+            "machine": machine(),
+        }
         result["upload_s"] = round(upload(store, args.objects), 2)
         (Path(tmp) / "dagster").mkdir()
         with instance_for_test(temp_dir=str(Path(tmp) / "dagster")) as instance:
             result["sensor"] = bench_sensor(config, instance, media)
             if not args.skip_status:
-                keys = sorted(instance.get_dynamic_partitions("recordings"))[:args.status_partitions]
+                keys = sorted(instance.get_dynamic_partitions("recordings"))[: args.status_partitions]
                 result["status_partitions"] = len(keys)
                 result["seed_events_s"] = round(seed_events(config, instance, keys, args.stems == "all", store), 1)
                 result["seeded_stems"] = args.stems
@@ -192,7 +256,9 @@ def main(argv=None) -> int:
                 warm = [timed() for _ in range(max(1, args.repeat))]
                 result["status_s"] = min(t for t, _ in warm)
                 result["status_s_warm_all"] = [t for t, _ in warm]
-                result["status_s_without_listing"] = min(timed(check_inputs=False)[0] for _ in range(max(1, args.repeat)))
+                result["status_s_without_listing"] = min(
+                    timed(check_inputs=False)[0] for _ in range(max(1, args.repeat))
+                )
                 result["status_rows"] = len(df)
                 result["status_same_when_warm"] = bool(df.equals(warm[-1][1]))
                 result["status_summary"] = summary(df).to_dict(orient="records")

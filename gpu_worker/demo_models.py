@@ -27,15 +27,23 @@ SOURCES6 = ["drums", "bass", "other", "vocals", "guitar", "piano"]
 def tiny_htdemucs(sources=SOURCES4, seed=0, segment=Fraction(1, 1)):
     torch.manual_seed(seed)
     return HTDemucs(
-        sources=list(sources), channels=4, depth=2, nfft=512, t_layers=1, t_heads=1,
-        t_hidden_scale=1.0, dconv_depth=1, dconv_comp=2, bottom_channels=0, segment=segment,
+        sources=list(sources),
+        channels=4,
+        depth=2,
+        nfft=512,
+        t_layers=1,
+        t_heads=1,
+        t_hidden_scale=1.0,
+        dconv_depth=1,
+        dconv_comp=2,
+        bottom_channels=0,
+        segment=segment,
     ).eval()
 
 
 def tiny_hdemucs(sources=SOURCES4, seed=0):
     torch.manual_seed(seed)
-    return HDemucs(sources=list(sources), channels=4, depth=3, nfft=256, dconv_depth=1,
-                   dconv_comp=2, segment=1).eval()
+    return HDemucs(sources=list(sources), channels=4, depth=3, nfft=256, dconv_depth=1, dconv_comp=2, segment=1).eval()
 
 
 def save_model(model, folder: Path, sig: str) -> Path:
@@ -43,8 +51,13 @@ def save_model(model, folder: Path, sig: str) -> Path:
     for old in folder.glob(f"{sig}-*.th"):
         old.unlink()  # Demucs refuses a repo with two files for one signature
     args, kwargs = model._init_args_kwargs
-    package = {"klass": model.__class__, "args": args, "kwargs": kwargs,
-               "state": get_state(model, None, half=False), "training_args": {}}
+    package = {
+        "klass": model.__class__,
+        "args": args,
+        "kwargs": kwargs,
+        "state": get_state(model, None, half=False),
+        "training_args": {},
+    }
     save_with_checksum(package, folder / f"{sig}.th")
     return next(folder.glob(f"{sig}-*.th"))
 
@@ -68,8 +81,9 @@ def make_model_repo(folder: Path) -> Path:
     # A bag mixing two members with soft weights: exercises per-source weighted averaging.
     save_model(tiny_htdemucs(seed=40), folder, "b0a9e1e1")
     save_model(tiny_htdemucs(seed=41), folder, "b0a9e1e2")
-    (folder / "tiny_bag.yaml").write_text(yaml.safe_dump(
-        {"models": ["b0a9e1e1", "b0a9e1e2"], "weights": [[1.0, 0.5, 2.0, 1.0], [1.0, 1.5, 1.0, 0.0]]}))
+    (folder / "tiny_bag.yaml").write_text(
+        yaml.safe_dump({"models": ["b0a9e1e1", "b0a9e1e2"], "weights": [[1.0, 0.5, 2.0, 1.0], [1.0, 1.5, 1.0, 0.0]]})
+    )
     return folder
 
 

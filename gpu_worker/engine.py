@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch.nn import functional as F
 
 from .errors import ModelError
-from .inference import EngineStats, Progress, autocast, auto_batch_size, center_trim, prepare_model, to_device
+from .inference import EngineStats, Progress, auto_batch_size, autocast, center_trim, prepare_model, to_device
 from .segments import Segment, bag_members, count_segments, is_bag, plan_segments, transition_weight
 from .strategy import SeparationParams, Strategy, StrategyNode, check_node_model
 
@@ -57,7 +58,7 @@ def separate(
     out = _apply(model, mix, params, device, needed_sources, rng, progress, stats)
     out = out * std + mean
     target = home if output_device is None else torch.device(output_device)
-    return {name: to_device(stem, target) for name, stem in zip(model.sources, out[0])}
+    return {name: to_device(stem, target) for name, stem in zip(model.sources, out[0], strict=True)}
 
 
 def _apply(model, mix, params, device, needed_sources, rng, progress, stats) -> torch.Tensor:
@@ -106,7 +107,7 @@ def _apply_single(model, mix, params, device, rng, progress, stats) -> torch.Ten
             stats.forward_s += time.perf_counter() - t0
             stats.batches += 1
             stats.segments += len(batch)
-            for s, y_s in zip(batch, y):
+            for s, y_s in zip(batch, y, strict=True):
                 y_s = center_trim(y_s, s.length)
                 w = weight[: s.length]
                 outs[s.view][..., s.offset : s.offset + s.length] += w * y_s
@@ -115,7 +116,7 @@ def _apply_single(model, mix, params, device, rng, progress, stats) -> torch.Ten
                 progress(len(batch))
 
     result = torch.zeros(1, len(model.sources), channels, length, device=device)
-    for view, out, total in zip(plan.views, outs, sums):
+    for view, out, total in zip(plan.views, outs, sums, strict=True):
         out /= total
         result[0] += out[..., view.trim :]
     if params.shifts:
@@ -147,8 +148,17 @@ def run_strategy(
     def visit(node: StrategyNode, mix: torch.Tensor, path: str) -> None:
         model = load(node.model)
         check_node_model(strategy.name, node, model, path)
-        sources = separate(model, mix, node.params, device, needed_sources=node.outputs.keys(),
-                           rng=rng, progress=progress, stats=stats, output_device=device)
+        sources = separate(
+            model,
+            mix,
+            node.params,
+            device,
+            needed_sources=node.outputs.keys(),
+            rng=rng,
+            progress=progress,
+            stats=stats,
+            output_device=device,
+        )
         for source, target in node.outputs.items():
             if isinstance(target, StrategyNode):
                 visit(target, sources[source], f"{path}.{source}")  # chained on the device

@@ -30,8 +30,9 @@ import ipaddress
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -58,8 +59,9 @@ def _error(status: int, kind: str, message: str, headers: dict[str, str] | None 
     return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
 
 
-def create_app(*, runner: Any, token: str | None, require_token: bool = False,
-               info: dict[str, Any] | None = None) -> Starlette:
+def create_app(
+    *, runner: Any, token: str | None, require_token: bool = False, info: dict[str, Any] | None = None
+) -> Starlette:
     """The ASGI app over ``runner`` (a ThreadJobRunner or SpawnJobRunner).
 
     ``token``: the bearer token clients must send (compared in constant time); None = no auth,
@@ -71,25 +73,34 @@ def create_app(*, runner: Any, token: str | None, require_token: bool = False,
     def unauthorized(request: Request) -> JSONResponse | None:
         if expected is None:
             if require_token:
-                return _error(503, "WorkerConfigError",
-                              f"This worker has no token configured, so it accepts no jobs. Set {TOKEN_ENV} "
-                              "on the worker (for Modal: add it to the r2-secret with "
-                              "scripts/setup_modal_secret.sh) and restart or redeploy it.")
+                return _error(
+                    503,
+                    "WorkerConfigError",
+                    f"This worker has no token configured, so it accepts no jobs. Set {TOKEN_ENV} "
+                    "on the worker (for Modal: add it to the r2-secret with "
+                    "scripts/setup_modal_secret.sh) and restart or redeploy it.",
+                )
             return None
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and given and hmac.compare_digest(given.strip().encode(), expected):
             return None
         what = "was rejected" if given else "is missing"
-        return _error(401, "AuthError",
-                      f"The bearer token {what}. Send 'Authorization: Bearer <token>' with the worker's "
-                      f"token ({TOKEN_ENV} on the worker, gpu.token in config.yaml on the caller).",
-                      headers={"WWW-Authenticate": 'Bearer realm="stemset-worker"'})
+        return _error(
+            401,
+            "AuthError",
+            f"The bearer token {what}. Send 'Authorization: Bearer <token>' with the worker's "
+            f"token ({TOKEN_ENV} on the worker, gpu.token in config.yaml on the caller).",
+            headers={"WWW-Authenticate": 'Bearer realm="stemset-worker"'},
+        )
 
     async def read_job(request: Request) -> SeparationJob | JSONResponse:
         body = await request.body()
         if len(body) > MAX_BODY_BYTES:
-            return _error(413, "JobError", f"The request body is {len(body)} bytes; a job is at most "
-                                           f"{MAX_BODY_BYTES} bytes of JSON.")
+            return _error(
+                413,
+                "JobError",
+                f"The request body is {len(body)} bytes; a job is at most {MAX_BODY_BYTES} bytes of JSON.",
+            )
         try:
             return SeparationJob.from_json(body)
         except StemsetError as err:
@@ -132,8 +143,12 @@ def create_app(*, runner: Any, token: str | None, require_token: bool = False,
         return _error(404, "NotFound", missing.format(key=key)) if record is None else record
 
     async def get_job(request: Request) -> JSONResponse:
-        record = await lookup(request, "job_id", runner.get, "This worker knows no job {key!r} (it may have "
-                              "restarted); submit the job again: job ids make that safe.")
+        record = await lookup(
+            request,
+            "job_id",
+            runner.get,
+            "This worker knows no job {key!r} (it may have restarted); submit the job again: job ids make that safe.",
+        )
         return record if isinstance(record, JSONResponse) else JSONResponse(record.to_dict())
 
     async def post_seed(request: Request) -> JSONResponse:
@@ -141,16 +156,20 @@ def create_app(*, runner: Any, token: str | None, require_token: bool = False,
         if isinstance(out, JSONResponse):
             return out
         record, _created = out
-        return JSONResponse({"accepted": True, "call_id": record.call_id or record.job_id, "job_id": record.job_id},
-                            status_code=202)
+        return JSONResponse(
+            {"accepted": True, "call_id": record.call_id or record.job_id, "job_id": record.job_id}, status_code=202
+        )
 
     async def get_result(request: Request) -> JSONResponse:
         record = await lookup(request, "call_id", runner.get_call, "No call {key!r} on this worker.")
         if isinstance(record, JSONResponse):
             return record
         call_id = request.path_params["call_id"]
-        out: dict[str, Any] = {"call_id": call_id, "job_id": record.job_id,
-                               "status": {"queued": "pending", "running": "pending"}.get(record.status, record.status)}
+        out: dict[str, Any] = {
+            "call_id": call_id,
+            "job_id": record.job_id,
+            "status": {"queued": "pending", "running": "pending"}.get(record.status, record.status),
+        }
         if record.result is not None:
             out["result"] = record.result
         if record.error is not None:
@@ -195,29 +214,45 @@ def check_bind(host: str, token: str | None) -> None:
             f"Refusing to serve on {host} without a token: anyone who can reach it could run jobs "
             "with this machine's bucket credentials.",
             f"Set {TOKEN_ENV} to a long random string (e.g. `export {TOKEN_ENV}=$(openssl rand -hex 32)`) "
-            "and give the same token to the caller (gpu.token in config.yaml), or bind to 127.0.0.1.")
+            "and give the same token to the caller (gpu.token in config.yaml), or bind to 127.0.0.1.",
+        )
 
 
-def build_app(token: str | None = None, model_repo: str | None = None, *, preload: Sequence[str] = (),
-              max_concurrent: int = 1, gpu_type: str | None = None, device: str = "auto") -> Starlette:
+def build_app(
+    token: str | None = None,
+    model_repo: str | None = None,
+    *,
+    preload: Sequence[str] = (),
+    max_concurrent: int = 1,
+    gpu_type: str | None = None,
+    device: str = "auto",
+) -> Starlette:
     """The in-process worker app: a WarmWorker (models preloaded, moved to the GPU) behind the routes."""
-    worker = WarmWorker(backend="http", model_repo=model_repo, preload_models=preload, gpu_type=gpu_type,
-                        device=device)
+    worker = WarmWorker(backend="http", model_repo=model_repo, preload_models=preload, gpu_type=gpu_type, device=device)
     worker.charge_startup(worker.preload() + worker.to_device())
     runner = ThreadJobRunner(worker, max_concurrent=max_concurrent)
-    return create_app(runner=runner, token=token,
-                      info={"backend": "http", "gpu_type": gpu_type, "max_concurrent": max_concurrent})
+    return create_app(
+        runner=runner, token=token, info={"backend": "http", "gpu_type": gpu_type, "max_concurrent": max_concurrent}
+    )
 
 
-def serve(host: str = "127.0.0.1", port: int = 8000, token: str | None = None, model_repo: str | None = None,
-          *, preload: Sequence[str] = (), max_concurrent: int = 1, gpu_type: str | None = None,
-          device: str = "auto", log_level: str = "info") -> None:
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    token: str | None = None,
+    model_repo: str | None = None,
+    *,
+    preload: Sequence[str] = (),
+    max_concurrent: int = 1,
+    gpu_type: str | None = None,
+    device: str = "auto",
+    log_level: str = "info",
+) -> None:
     """Run the worker with uvicorn until interrupted. Without ``token`` only a loopback host is allowed."""
     check_bind(host, token)
     import uvicorn  # lazy: only serving needs it, not every `stemset` command that registers this one
 
-    app = build_app(token, model_repo, preload=preload, max_concurrent=max_concurrent, gpu_type=gpu_type,
-                    device=device)
+    app = build_app(token, model_repo, preload=preload, max_concurrent=max_concurrent, gpu_type=gpu_type, device=device)
     uvicorn.run(app, host=host, port=int(port), log_level=log_level, timeout_graceful_shutdown=5)
 
 
@@ -225,17 +260,28 @@ def serve(host: str = "127.0.0.1", port: int = 8000, token: str | None = None, m
 # Command line: `python -m gpu_worker.http_worker` and the `stemset worker serve` glue
 # --------------------------------------------------------------------------------------
 
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1",
-                   help=f"address to bind (default 127.0.0.1; any other needs {TOKEN_ENV})")
+    p.add_argument(
+        "--host", default="127.0.0.1", help=f"address to bind (default 127.0.0.1; any other needs {TOKEN_ENV})"
+    )
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--model-repo", default=None,
-                   help="Demucs model folder on this machine (default $STEMSET_MODEL_REPO, else Demucs' download)")
-    p.add_argument("--preload", default=None,
-                   help="comma-separated models to load at start (default $STEMSET_PRELOAD_MODELS, else none)")
+    p.add_argument(
+        "--model-repo",
+        default=None,
+        help="Demucs model folder on this machine (default $STEMSET_MODEL_REPO, else Demucs' download)",
+    )
+    p.add_argument(
+        "--preload",
+        default=None,
+        help="comma-separated models to load at start (default $STEMSET_PRELOAD_MODELS, else none)",
+    )
     p.add_argument("--max-concurrent", type=int, default=1, help="jobs run at once (default 1: one GPU, one job)")
-    p.add_argument("--gpu-type", default=None,
-                   help="this machine's GPU type as priced in gpu.prices_per_hour (default $STEMSET_GPU_TYPE)")
+    p.add_argument(
+        "--gpu-type",
+        default=None,
+        help="this machine's GPU type as priced in gpu.prices_per_hour (default $STEMSET_GPU_TYPE)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -243,19 +289,24 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     """Serve the separation worker over HTTP (token from $GPU_WORKER_TOKEN)."""
     preload = args.preload if args.preload is not None else os.environ.get("STEMSET_PRELOAD_MODELS", "")
-    serve(host=args.host, port=args.port, token=os.environ.get(TOKEN_ENV) or None,
-          model_repo=args.model_repo or os.environ.get("STEMSET_MODEL_REPO") or None,
-          preload=[m.strip() for m in preload.split(",") if m.strip()], max_concurrent=args.max_concurrent,
-          gpu_type=args.gpu_type or os.environ.get("STEMSET_GPU_TYPE") or None, device=args.device,
-          log_level=args.log_level)
+    serve(
+        host=args.host,
+        port=args.port,
+        token=os.environ.get(TOKEN_ENV) or None,
+        model_repo=args.model_repo or os.environ.get("STEMSET_MODEL_REPO") or None,
+        preload=[m.strip() for m in preload.split(",") if m.strip()],
+        max_concurrent=args.max_concurrent,
+        gpu_type=args.gpu_type or os.environ.get("STEMSET_GPU_TYPE") or None,
+        device=args.device,
+        log_level=args.log_level,
+    )
     return 0
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
     """For `stemset worker ...`: a `serve` subcommand with :func:`add_serve_args`."""
     subs = p.add_subparsers(dest="worker_command", metavar="WORKER_COMMAND", required=True)
-    serve_parser = subs.add_parser("serve", help="serve the separation worker over HTTP",
-                                   description=run_serve.__doc__)
+    serve_parser = subs.add_parser("serve", help="serve the separation worker over HTTP", description=run_serve.__doc__)
     add_serve_args(serve_parser)
 
 

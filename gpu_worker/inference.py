@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -38,8 +39,10 @@ def pick_device(requested: str | None = None) -> torch.device:
     if requested and requested != "auto":
         device = torch.device(requested)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ModelError(f"Device {requested!r} was requested but no CUDA GPU is visible.",
-                             "Use device 'cpu' or 'auto', or run on a machine with a GPU.")
+            raise ModelError(
+                f"Device {requested!r} was requested but no CUDA GPU is visible.",
+                "Use device 'cpu' or 'auto', or run on a machine with a GPU.",
+            )
         return device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -65,7 +65,7 @@ class SeparationJob:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SeparationJob":
+    def from_dict(cls, data: dict[str, Any]) -> SeparationJob:
         _check_version(data, "job")
         data = dict(data)
         if not isinstance(data.get("storage"), dict):
@@ -78,7 +78,7 @@ class SeparationJob:
         return _construct(cls, data, "job")
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "SeparationJob":
+    def from_json(cls, text: str | bytes) -> SeparationJob:
         return cls.from_dict(_loads(text, "job"))
 
 
@@ -129,14 +129,14 @@ class SeparationResult:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SeparationResult":
+    def from_dict(cls, data: dict[str, Any]) -> SeparationResult:
         _check_version(data, "result")
         data = dict(data)
         data["stems"] = {k: _construct(StemFile, v, "stem") for k, v in data["stems"].items()}
         return _construct(cls, data, "result")
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "SeparationResult":
+    def from_json(cls, text: str | bytes) -> SeparationResult:
         return cls.from_dict(_loads(text, "result"))
 
 

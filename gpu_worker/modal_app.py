@@ -67,11 +67,13 @@ image = (
     modal.Image.debian_slim(python_version="3.11")
     .apt_install("libsndfile1", "ffmpeg")
     .pip_install(*ENGINE_REQUIREMENTS)
-    .env({
-        "TORCH_HOME": f"{CACHE_DIR}/torch",
-        "HF_HOME": f"{CACHE_DIR}/huggingface",
-        "PYTHONUNBUFFERED": "1",
-    })
+    .env(
+        {
+            "TORCH_HOME": f"{CACHE_DIR}/torch",
+            "HF_HOME": f"{CACHE_DIR}/huggingface",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     .add_local_python_source("gpu_worker")
 )
 
@@ -144,6 +146,7 @@ class Separator:
 # Web endpoint: POST a job -> {accepted, call_id} at once; GET /result/{call_id} to poll.
 # --------------------------------------------------------------------------------------
 
+
 def _spawn(job_json: str) -> str:
     return Separator().separate.spawn(job_json).object_id
 
@@ -172,5 +175,9 @@ def web():
     Every job route needs ``Authorization: Bearer $GPU_WORKER_TOKEN`` (from the r2-secret)."""
     index = modal.Dict.from_name(f"{APP_NAME}-jobs", create_if_missing=True)
     runner = SpawnJobRunner(spawn=_spawn, poll=_poll, index=index, cancel=_cancel)
-    return create_app(runner=runner, token=os.environ.get("GPU_WORKER_TOKEN") or None, require_token=True,
-                      info={"backend": "modal", "app": APP_NAME, "gpu_type": GPU_TYPE})
+    return create_app(
+        runner=runner,
+        token=os.environ.get("GPU_WORKER_TOKEN") or None,
+        require_token=True,
+        info={"backend": "modal", "app": APP_NAME, "gpu_type": GPU_TYPE},
+    )

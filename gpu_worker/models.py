@@ -57,8 +57,9 @@ def _load_uncached(name: str, repo: Path | None) -> Any:
         raise ModelError(f"Demucs could not load model {name!r}: {str(err).rstrip('.')}.", REPO_HINT) from err
     except (OSError, RuntimeError, ValueError, KeyError) as err:
         where = f"from {repo}" if repo else "from Demucs' download servers (no network?)"
-        raise ModelError(f"Could not load model {name!r} {where}: {type(err).__name__}: {str(err).rstrip('.')}.",
-                         REPO_HINT) from err
+        raise ModelError(
+            f"Could not load model {name!r} {where}: {type(err).__name__}: {str(err).rstrip('.')}.", REPO_HINT
+        ) from err
     except SystemExit as err:  # demucs.utils.fatal exits the process; keep ours alive
         raise ModelError(f"Demucs refused to load model {name!r}.", REPO_HINT) from err
     model.eval()

@@ -22,9 +22,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from . import errors as _errors
 from . import models
@@ -49,6 +50,7 @@ class JobConflictError(JobError):
 # Error envelopes
 # --------------------------------------------------------------------------------------
 
+
 def _stemset_error_classes() -> dict[str, type[StemsetError]]:
     found: dict[str, type[StemsetError]] = {}
     for module_vars in (vars(_errors), globals()):
@@ -64,8 +66,7 @@ def error_info(err: BaseException) -> dict[str, str]:
     if isinstance(err, StemsetError):
         return {"type": type(err).__name__, "message": str(err)}
     text = str(err).strip() or "(no message)"
-    return {"type": "WorkerError",
-            "message": f"The GPU worker failed with an unexpected {type(err).__name__}: {text}"}
+    return {"type": "WorkerError", "message": f"The GPU worker failed with an unexpected {type(err).__name__}: {text}"}
 
 
 def error_from_info(info: Any) -> StemsetError:
@@ -107,6 +108,7 @@ def job_digest(job: SeparationJob) -> str:
 # A warm worker
 # --------------------------------------------------------------------------------------
 
+
 def _env_models(value: str | None) -> tuple[str, ...]:
     if value is None:
         return DEFAULT_PRELOAD
@@ -122,9 +124,15 @@ class WarmWorker:
     first job of a container pays for the container getting ready and later jobs do not.
     """
 
-    def __init__(self, *, backend: str, model_repo: str | None = None,
-                 preload_models: Iterable[str] = DEFAULT_PRELOAD, gpu_type: str | None = None,
-                 device: str = "auto"):
+    def __init__(
+        self,
+        *,
+        backend: str,
+        model_repo: str | None = None,
+        preload_models: Iterable[str] = DEFAULT_PRELOAD,
+        gpu_type: str | None = None,
+        device: str = "auto",
+    ):
         self.backend = backend
         self.model_repo = model_repo or None
         self.preload_models = tuple(preload_models)
@@ -134,17 +142,22 @@ class WarmWorker:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_env(cls, *, backend: str, gpu_type: str | None = None) -> "WarmWorker":
+    def from_env(cls, *, backend: str, gpu_type: str | None = None) -> WarmWorker:
         """Settings from ``STEMSET_MODEL_REPO`` (a Demucs repo folder on this machine; empty =
         Demucs' download), ``STEMSET_PRELOAD_MODELS`` (comma-separated, default ``htdemucs``;
         empty = none) and ``STEMSET_GPU_TYPE``."""
-        return cls(backend=backend, model_repo=os.environ.get("STEMSET_MODEL_REPO") or None,
-                   preload_models=_env_models(os.environ.get("STEMSET_PRELOAD_MODELS")),
-                   gpu_type=gpu_type or os.environ.get("STEMSET_GPU_TYPE") or None)
+        return cls(
+            backend=backend,
+            model_repo=os.environ.get("STEMSET_MODEL_REPO") or None,
+            preload_models=_env_models(os.environ.get("STEMSET_PRELOAD_MODELS")),
+            gpu_type=gpu_type or os.environ.get("STEMSET_GPU_TYPE") or None,
+        )
 
     def __repr__(self) -> str:
-        return (f"WarmWorker(backend={self.backend!r}, model_repo={self.model_repo!r}, "
-                f"preload_models={self.preload_models!r}, gpu_type={self.gpu_type!r})")
+        return (
+            f"WarmWorker(backend={self.backend!r}, model_repo={self.model_repo!r}, "
+            f"preload_models={self.preload_models!r}, gpu_type={self.gpu_type!r})"
+        )
 
     def charge_startup(self, seconds: float) -> None:
         """Add ``seconds`` to what the next job is billed for getting this worker ready."""
@@ -220,6 +233,7 @@ class WarmWorker:
 # Job runners (the HTTP app's backends)
 # --------------------------------------------------------------------------------------
 
+
 @dataclass
 class JobRecord:
     job_id: str
@@ -234,8 +248,12 @@ class JobRecord:
     finished_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"job_id": self.job_id, "call_id": self.call_id or self.job_id,
-                               "status": self.status, "progress": round(self.progress, 3)}
+        out: dict[str, Any] = {
+            "job_id": self.job_id,
+            "call_id": self.call_id or self.job_id,
+            "status": self.status,
+            "progress": round(self.progress, 3),
+        }
         if self.result is not None:
             out["result"] = self.result
         if self.error is not None:
@@ -264,7 +282,8 @@ class ThreadJobRunner:
                 if existing.digest != digest:
                     raise JobConflictError(
                         f"Job id {job.job_id!r} was already submitted with a different payload.",
-                        "Give a changed job a new id; resubmit an unchanged job with the same id.")
+                        "Give a changed job a new id; resubmit an unchanged job with the same id.",
+                    )
                 return existing, False
             record = JobRecord(job_id=job.job_id, digest=digest, submitted_at=time.time())
             self._jobs[job.job_id] = record
@@ -309,7 +328,7 @@ class ThreadJobRunner:
     def _forget_old(self) -> None:
         finished = [r for r in self._jobs.values() if r.status in ("complete", "error")]
         excess = len(self._jobs) - self.keep
-        for record in sorted(finished, key=lambda r: r.finished_at or 0)[:max(0, excess)]:
+        for record in sorted(finished, key=lambda r: r.finished_at or 0)[: max(0, excess)]:
             del self._jobs[record.job_id]
 
 
@@ -329,8 +348,9 @@ class SpawnJobRunner:
     - ``cancel(call_id)`` stops a call that lost a race for the same job id.
     """
 
-    def __init__(self, spawn: Callable[[str], str], poll: Poll, index: Any,
-                 cancel: Callable[[str], None] | None = None):
+    def __init__(
+        self, spawn: Callable[[str], str], poll: Poll, index: Any, cancel: Callable[[str], None] | None = None
+    ):
         self.spawn, self.poll, self.index, self.cancel = spawn, poll, index, cancel
 
     def submit(self, job: SeparationJob) -> tuple[JobRecord, bool]:
@@ -355,8 +375,9 @@ class SpawnJobRunner:
             entry = self.index.get(job.job_id, None) or value
             self._check_digest(job.job_id, entry, digest)
             return self.get_call(entry["call_id"], job_id=job.job_id), False
-        return JobRecord(job_id=job.job_id, digest=digest, status="queued", call_id=call_id,
-                         submitted_at=time.time()), True
+        return JobRecord(
+            job_id=job.job_id, digest=digest, status="queued", call_id=call_id, submitted_at=time.time()
+        ), True
 
     def get(self, job_id: str) -> JobRecord | None:
         entry = self.index.get(job_id, None)
@@ -379,8 +400,10 @@ class SpawnJobRunner:
                 record.job_id = job_id or result.job_id
         elif state == "expired":
             record.status = "error"
-            record.error = {"type": "ExpiredError",
-                            "message": f"The result of call {call_id} has expired; submit the job again."}
+            record.error = {
+                "type": "ExpiredError",
+                "message": f"The result of call {call_id} has expired; submit the job again.",
+            }
         else:
             record.status, record.error = "error", {"type": "WorkerError", "message": str(payload)}
         return record
@@ -396,4 +419,5 @@ class SpawnJobRunner:
         if entry.get("digest") and entry["digest"] != digest:
             raise JobConflictError(
                 f"Job id {job_id!r} was already submitted with a different payload.",
-                "Give a changed job a new id; resubmit an unchanged job with the same id.")
+                "Give a changed job a new id; resubmit an unchanged job with the same id.",
+            )

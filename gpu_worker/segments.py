@@ -16,8 +16,9 @@ recording the mix reads as zeros, as Demucs' zero-padded ``TensorChunk`` does.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from demucs.apply import BagOfModels
@@ -87,8 +88,11 @@ class SegmentPlan:
 
     def window_segments(self, w0: int, w1: int, first: bool, member: int = 0) -> list[Segment]:
         """The segments whose first output sample lies in [w0, w1), view by view."""
-        return [self.segment(v, off, member) for v, view in enumerate(self.views)
-                for off in self.offsets(view, w0, w1, first)]
+        return [
+            self.segment(v, off, member)
+            for v, view in enumerate(self.views)
+            for off in self.offsets(view, w0, w1, first)
+        ]
 
     def weight_sum(self, weight: torch.Tensor, view: View, off: int, chunk_len: int) -> torch.Tensor:
         """The total transition ``weight`` the view's segments put on its positions [off, off + chunk_len)."""
@@ -114,7 +118,7 @@ def is_bag(model: Any) -> bool:
 def sub_models(model: Any) -> list[tuple[Any, list[float]]]:
     """``(member, per-source weights)`` of a bag, or the model itself with weight 1 per source."""
     if is_bag(model):
-        return list(zip(model.models, model.weights))
+        return list(zip(model.models, model.weights, strict=True))
     return [(model, [1.0] * len(model.sources))]
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from . import ENGINE_VERSION
 from .errors import ModelError, StrategyError
@@ -44,10 +45,10 @@ class SeparationParams:
 @dataclass(frozen=True)
 class StrategyNode:
     model: str
-    outputs: Mapping[str, "str | StrategyNode"]
+    outputs: Mapping[str, str | StrategyNode]
     params: SeparationParams = field(default_factory=SeparationParams)
 
-    def walk(self) -> Iterator["StrategyNode"]:
+    def walk(self) -> Iterator[StrategyNode]:
         yield self
         for target in self.outputs.values():
             if isinstance(target, StrategyNode):
@@ -171,9 +172,7 @@ def _parse_node(tree: Any, path: str, inherited: SeparationParams) -> StrategyNo
             # A child inherits its parent's params unless it sets its own.
             outputs[key] = _parse_node(target, f"{path}.{key}", params)
         else:
-            raise StrategyError(
-                f"{path}.{key} must be a stem name or a child node, got {target!r}."
-            )
+            raise StrategyError(f"{path}.{key} must be a stem name or a child node, got {target!r}.")
     return StrategyNode(model=model, outputs=outputs, params=params)
 
 

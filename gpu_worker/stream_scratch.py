@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -17,7 +17,7 @@ class Spill:
 
     def __init__(self, path: Path):
         self.path = path
-        self.file = open(path, "wb")
+        self.file = open(path, "wb")  # noqa: SIM115 - kept open across update() calls, closed by close()
         self.stats = MixStats()
 
     def write(self, block: np.ndarray) -> None:
@@ -51,7 +51,7 @@ class Residual:
     def __init__(self, path: Path | None):
         self.energy = 0.0
         self.path = path
-        self.file = open(path, "w+b") if path is not None else None
+        self.file = open(path, "w+b") if path is not None else None  # noqa: SIM115 - closed by close()
 
     def update(self, pos: int, mix: np.ndarray | None, stems: np.ndarray, last: bool) -> None:
         """``stems``: float64 (channels, n) sum of this pass's final stems; ``mix`` on the first pass."""

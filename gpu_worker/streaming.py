@@ -56,9 +56,10 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -68,11 +69,11 @@ from .audio.decode import decode_source
 from .audio.info import CHANNELS, SAMPLE_RATE, AudioWarning
 from .audio.source import open_source
 from .errors import ModelError
-from .inference import EngineStats, Progress, autocast, auto_batch_size, center_trim, prepare_model, to_device
+from .inference import EngineStats, Progress, auto_batch_size, autocast, center_trim, prepare_model, to_device
 from .segments import Segment, SegmentPlan, View, bag_members, plan_segments, transition_weight
+from .strategy import Strategy, StrategyNode, check_node_model
 from .stream_scratch import Residual, Spill
 from .stream_stats import MixStats, StreamResult, StreamStats, scan_file
-from .strategy import Strategy, StrategyNode, check_node_model
 
 DEFAULT_WINDOW_S = 30.0  # output finalised per step (more on a GPU, to fill a batch)
 _EMIT_FRAMES = SAMPLE_RATE * 10  # finished output goes to the writers in slices of this size
@@ -123,8 +124,9 @@ class _NodePlan:
     members: list[_Member]
 
 
-def _plan_node(node: StrategyNode, model: Any, strategy: Strategy, path: str, length: int,
-               rng: random.Random, device: torch.device) -> _NodePlan:
+def _plan_node(
+    node: StrategyNode, model: Any, strategy: Strategy, path: str, length: int, rng: random.Random, device: torch.device
+) -> _NodePlan:
     check_node_model(strategy.name, node, model, path)
     if model.audio_channels != CHANNELS:
         raise ModelError(f"Model expects {model.audio_channels} channels, got {CHANNELS}.")
@@ -137,10 +139,13 @@ def _plan_node(node: StrategyNode, model: Any, strategy: Strategy, path: str, le
     members = []
     for sub, weights in subs:
         coef = [(w / totals[k] if totals[k] else w) / (params.shifts or 1) for k, w in enumerate(weights)]
-        members.append(_Member(
-            plan=plan_segments(sub, params, length, rng), coef=torch.tensor(coef, dtype=torch.float32),
-            batch_size=params.batch_size or auto_batch_size(device, params.precision),
-        ))
+        members.append(
+            _Member(
+                plan=plan_segments(sub, params, length, rng),
+                coef=torch.tensor(coef, dtype=torch.float32),
+                batch_size=params.batch_size or auto_batch_size(device, params.precision),
+            )
+        )
     return _NodePlan(node=node, name=path, sources=list(model.sources), members=members)
 
 
@@ -224,8 +229,17 @@ def _window_segments(plan: _NodePlan, k: int, window: int) -> list[Segment]:
 Emit = Callable[[int, np.ndarray, "_Reader"], None]  # (first frame, (sources, 2, n) stems, reader)
 
 
-def _run_node(plan: _NodePlan, blocks: Iterable[np.ndarray], length: int, mix_stats: MixStats, window: int,
-              device: torch.device, emit: Emit, progress: Progress | None, stats: EngineStats) -> None:
+def _run_node(
+    plan: _NodePlan,
+    blocks: Iterable[np.ndarray],
+    length: int,
+    mix_stats: MixStats,
+    window: int,
+    device: torch.device,
+    emit: Emit,
+    progress: Progress | None,
+    stats: EngineStats,
+) -> None:
     mean, std = mix_stats.normalisation()
     mean_t, std_t = torch.tensor(mean), torch.tensor(std)
     for m in plan.members:
@@ -256,7 +270,7 @@ def _run_node(plan: _NodePlan, blocks: Iterable[np.ndarray], length: int, mix_st
                 stats.forward_s += time.perf_counter() - t0
                 stats.batches += 1
                 stats.segments += len(batch)
-                for j, y_j in zip(batch, y):
+                for j, y_j in zip(batch, y, strict=True):
                     skip = max(0, -j.out_start)
                     if skip >= j.length:
                         continue  # a shifted view's first segment can fall wholly before the mix
@@ -360,8 +374,7 @@ def separate_blocks_streaming(
                     spills[id(target)] = Spill(scratch / f"{plan.name}.{source}-{os.getpid()}.f32")
             routes = [(k, node.outputs.get(s)) for k, s in enumerate(plan.sources) if s in node.outputs]
 
-            def emit(pos: int, out: np.ndarray, reader: _Reader, routes=routes, first=(index == 0),
-                     last=last) -> None:
+            def emit(pos: int, out: np.ndarray, reader: _Reader, routes=routes, first=(index == 0), last=last) -> None:
                 nonlocal encode_s
                 t0 = time.perf_counter()
                 total = np.zeros((CHANNELS, out.shape[-1]), np.float64)
@@ -381,7 +394,7 @@ def separate_blocks_streaming(
             if index:
                 spills.pop(id(node)).remove()
             t0 = time.perf_counter()
-            for k, target in routes:
+            for _k, target in routes:
                 if isinstance(target, str):
                     results[target].finish()
                     writers.pop(target).close()
@@ -400,9 +413,13 @@ def separate_blocks_streaming(
         if own_tmp:
             shutil.rmtree(scratch, ignore_errors=True)
     total_s = time.perf_counter() - started
-    return StreamResult(stems=results, length=length, mix_energy=mix_stats.energy,
-                        residual_energy=residual.energy,
-                        timings={"separate": total_s - encode_s, "encode": encode_s})
+    return StreamResult(
+        stems=results,
+        length=length,
+        mix_energy=mix_stats.energy,
+        residual_energy=residual.energy,
+        timings={"separate": total_s - encode_s, "encode": encode_s},
+    )
 
 
 def separate_file_streaming(
@@ -432,6 +449,15 @@ def separate_file_streaming(
         yield from decode_source(src, frames, SAMPLE_RATE, CHANNELS, [0])
 
     return separate_blocks_streaming(
-        strategy, blocks, mix_stats,
-        writers_factory, load, device, seed=seed, window_s=window_s, progress=progress, stats=stats,
-        tmpdir=tmpdir)
+        strategy,
+        blocks,
+        mix_stats,
+        writers_factory,
+        load,
+        device,
+        seed=seed,
+        window_s=window_s,
+        progress=progress,
+        stats=stats,
+        tmpdir=tmpdir,
+    )

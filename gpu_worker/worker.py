@@ -16,8 +16,8 @@ import resource
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -28,13 +28,13 @@ from .audio.encode import StemWriter, encode_audio
 from .audio.info import SAMPLE_RATE, AudioWarning
 from .audio.source import open_source
 from .errors import AudioError, JobError
+from .hashing import file_sha256 as _sha256
 from .job import MANIFEST_NAME, SeparationJob, SeparationResult, StemFile, StorageRef
 from .stores.base import ObjectStore
 from .stores.local import LocalObjectStore
 from .stores.publish import publish_set, staging_key
 from .stores.s3 import S3ObjectStore
 from .strategy import parse_strategy
-from .hashing import file_sha256 as _sha256
 
 Progress = Callable[[float], None]  # fraction of the job done, 0..1
 
@@ -51,8 +51,9 @@ def open_store(ref: StorageRef) -> ObjectStore:
     """The object store a reference names; S3 credentials come from this machine's AWS_* variables."""
     if ref.backend == "local":
         return LocalObjectStore(Path(ref.root))
-    return S3ObjectStore.from_settings(ref.endpoint_url, ref.bucket, region=ref.region or "auto",
-                                       public_url=ref.public_url or None)
+    return S3ObjectStore.from_settings(
+        ref.endpoint_url, ref.bucket, region=ref.region or "auto", public_url=ref.public_url or None
+    )
 
 
 def job_seed(input_sha256: str, fingerprint: str) -> int:
@@ -165,10 +166,18 @@ def run_job(
             # Decode, separate and encode window by window (timings split inside).
             with named:
                 streamed = streaming.separate_file_streaming(
-                    strategy, local_input,
+                    strategy,
+                    local_input,
                     lambda name: StemWriter(files[name], job.output_format, job.bitrate_kbps),
-                    load, device, seed=seed, window_s=window_s, progress=on_segments, stats=stats,
-                    mix_stats=mix_stats, tmpdir=tmpdir)
+                    load,
+                    device,
+                    seed=seed,
+                    window_s=window_s,
+                    progress=on_segments,
+                    stats=stats,
+                    mix_stats=mix_stats,
+                    tmpdir=tmpdir,
+                )
             local_input.unlink()
             timings["separate"] = streamed.timings["separate"]
             timings["encode"] = streamed.timings["encode"]
@@ -177,8 +186,9 @@ def run_job(
                 described[name] = _describe_stream(stem_stats)
                 durations[name] = stem_stats.frames / SAMPLE_RATE
         else:
-            stems = run_strategy(strategy, torch.from_numpy(wav), load, device, seed=seed, progress=on_segments,
-                                 stats=stats)
+            stems = run_strategy(
+                strategy, torch.from_numpy(wav), load, device, seed=seed, progress=on_segments, stats=stats
+            )
             stems = {name: t.detach().float().cpu().numpy() for name, t in stems.items()}
             timings["separate"] = time.perf_counter() - t0
 
@@ -200,8 +210,15 @@ def run_job(
             final[name] = stem_key(job, name)
             out_store.upload(path, staged[name])
         stem_files = {
-            name: StemFile(name=name, key=final[name], uri=out_store.uri(final[name]), format=job.output_format,
-                           bytes=files[name].stat().st_size, duration_s=durations[name], **described[name])
+            name: StemFile(
+                name=name,
+                key=final[name],
+                uri=out_store.uri(final[name]),
+                format=job.output_format,
+                bytes=files[name].stat().st_size,
+                duration_s=durations[name],
+                **described[name],
+            )
             for name in files
         }
         gpu_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
@@ -210,15 +227,26 @@ def run_job(
         if startup_s > 0:
             timings["startup"] = float(startup_s)
         result = SeparationResult(
-            job_id=job.job_id, strategy_name=strategy.name, fingerprint=job.fingerprint,
-            input_key=job.input_key, input_sha256=sha, input_duration_s=info.duration_s,
-            sample_rate=SAMPLE_RATE, stems=stem_files, manifest_key=manifest_key(job),
-            residual_db=residual_db, timings={k: round(v, 4) for k, v in timings.items()},
-            device=device_name(device), gpu_type=job.gpu_type if device.type == "cuda" else None,
-            peak_memory_mb=round(_peak_rss_mb(), 1), gpu_peak_memory_mb=gpu_peak,
+            job_id=job.job_id,
+            strategy_name=strategy.name,
+            fingerprint=job.fingerprint,
+            input_key=job.input_key,
+            input_sha256=sha,
+            input_duration_s=info.duration_s,
+            sample_rate=SAMPLE_RATE,
+            stems=stem_files,
+            manifest_key=manifest_key(job),
+            residual_db=residual_db,
+            timings={k: round(v, 4) for k, v in timings.items()},
+            device=device_name(device),
+            gpu_type=job.gpu_type if device.type == "cuda" else None,
+            peak_memory_mb=round(_peak_rss_mb(), 1),
+            gpu_peak_memory_mb=gpu_peak,
             billed_seconds=round(timings["total"] + max(0.0, float(startup_s)), 3),
-            segments=stats.segments, batches=stats.batches,
-            engine_version=ENGINE_VERSION, backend=backend,
+            segments=stats.segments,
+            batches=stats.batches,
+            engine_version=ENGINE_VERSION,
+            backend=backend,
         )
         publish_set(out_store, staged, final, manifest_key(job), result.to_json().encode())
     if progress:
@@ -283,8 +311,10 @@ class _user_named_errors(contextlib.AbstractContextManager):
 
     def __exit__(self, exc_type, err, tb):
         if isinstance(err, AudioError):
-            raise AudioError(err.message.replace(self.local, self.where),
-                             err.hint.replace(self.local, self.where) if err.hint else None) from None
+            raise AudioError(
+                err.message.replace(self.local, self.where),
+                err.hint.replace(self.local, self.where) if err.hint else None,
+            ) from None
         return False
 
 
@@ -306,4 +336,3 @@ def _round(value: float | None, digits: int = 2) -> float | None:
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-

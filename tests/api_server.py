@@ -47,7 +47,9 @@ class ApiServer:
 def write_config(folder: Path, repo: Path, auth: bool = True, sections: str = "") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.yaml"
-    path.write_text(tiny_config_yaml(repo, folder / "media", sections=API % {"auth": "true" if auth else "false"} + sections))
+    path.write_text(
+        tiny_config_yaml(repo, folder / "media", sections=API % {"auth": "true" if auth else "false"} + sections)
+    )
     return path
 
 
@@ -62,8 +64,9 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def api_server(folder: Path, repo: Path, token: str | None = "t0ken-" + os.urandom(8).hex(),
-               sections: str = "") -> Iterator[ApiServer]:
+def api_server(
+    folder: Path, repo: Path, token: str | None = "t0ken-" + os.urandom(8).hex(), sections: str = ""
+) -> Iterator[ApiServer]:
     config = write_config(folder, repo, auth=token is not None, sections=sections)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_WEBSERVER_URL", "STEMSET_API_TOKEN")}
@@ -73,10 +76,26 @@ def api_server(folder: Path, repo: Path, token: str | None = "t0ken-" + os.urand
     log_path = folder / "api.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from stemset_assets.cli.main import main; sys.exit(main())", "--config", str(config), "api", "serve",
-             "--host", "127.0.0.1", "--port", str(port)],
-            cwd=folder, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-c",
+                "import sys; from stemset_assets.cli.main import main; sys.exit(main())",
+                "--config",
+                str(config),
+                "api",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            cwd=folder,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     server = ApiServer(f"http://127.0.0.1:{port}", token, folder / "media", log_path, proc)
     try:
         wait_until_up(proc, http_ok(f"{server.url}/healthz"), STARTUP_TIMEOUT_S, "the API server", server.log)

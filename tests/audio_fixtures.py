@@ -76,8 +76,9 @@ def music_like(seconds: float, sr: int = 44100, channels: int = 2, seed: int = 0
     return (0.8 * x / peak).astype(np.float32)
 
 
-def write_audio(path, wav: np.ndarray, sr: int, fmt: str | None = None, subtype: str | None = None,
-                bitrate_kbps: int = 160) -> Path:
+def write_audio(
+    path, wav: np.ndarray, sr: int, fmt: str | None = None, subtype: str | None = None, bitrate_kbps: int = 160
+) -> Path:
     """Write ``(channels, n)`` ``wav`` at ``sr`` to ``path``; ``fmt`` defaults to the extension.
 
     soundfile formats: wav, wavex, flac, ogg (Vorbis), mp3, aiff (``subtype`` as in soundfile,

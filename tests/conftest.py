@@ -137,11 +137,15 @@ def _start(weed: str, base: Path, access_key: str, secret_key: str, region: str)
     data_dir = base / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     config_path = base / "s3.json"
-    identities = {"identities": [{
-        "name": "stemset-tests",
-        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-    }]}
+    identities = {
+        "identities": [
+            {
+                "name": "stemset-tests",
+                "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+            }
+        ]
+    }
     config_path.write_text(json.dumps(identities))
     config_path.chmod(0o600)
 
@@ -151,19 +155,28 @@ def _start(weed: str, base: Path, access_key: str, secret_key: str, region: str)
         ports = _free_ports(8)
     master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = ports
     command = [
-        weed, "mini",
+        weed,
+        "mini",
         f"-dir={data_dir}",
-        "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={master}", f"-master.port.grpc={master_grpc}",
-        f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
-        f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={master}",
+        f"-master.port.grpc={master_grpc}",
+        f"-volume.port={volume}",
+        f"-volume.port.grpc={volume_grpc}",
+        f"-filer.port={filer}",
+        f"-filer.port.grpc={filer_grpc}",
         f"-filer.localSocket={base / 'filer.sock'}",
-        f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}",
+        f"-s3.port={s3}",
+        f"-s3.port.grpc={s3_grpc}",
         f"-s3.localSocket={base / 's3.sock'}",
         f"-s3.config={config_path}",
         "-s3.autoCreateBucket=false",  # like R2: writing to a missing bucket is an error
-        "-s3.port.iceberg=0", "-s3.port.lance=0",
-        f"-admin.port={admin}", f"-admin.port.grpc={admin_grpc}", "-admin.ui=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-admin.port={admin}",
+        f"-admin.port.grpc={admin_grpc}",
+        "-admin.ui=false",
         "-webdav=false",
         "-master.telemetry=false",
     ]
@@ -172,12 +185,26 @@ def _start(weed: str, base: Path, access_key: str, secret_key: str, region: str)
     log_path = base / "weed.log"
     t0 = time.monotonic()
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, cwd=base, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            command,
+            cwd=base,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     atexit.register(_stop, proc)  # a backstop if the session dies before teardown
     server = SeaweedServer(
-        endpoint_url=f"http://127.0.0.1:{s3}", access_key_id=access_key, secret_access_key=secret_key,
-        region=region, data_dir=data_dir, log_path=log_path, command=command, startup_s=0.0, process=proc,
+        endpoint_url=f"http://127.0.0.1:{s3}",
+        access_key_id=access_key,
+        secret_access_key=secret_key,
+        region=region,
+        data_dir=data_dir,
+        log_path=log_path,
+        command=command,
+        startup_s=0.0,
+        process=proc,
     )
     client = server.client(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1})
     deadline = t0 + STARTUP_TIMEOUT_S
@@ -193,8 +220,9 @@ def _start(weed: str, base: Path, access_key: str, secret_key: str, region: str)
             last_error = err
             time.sleep(0.1)
     _stop(proc)
-    raise RuntimeError(f"SeaweedFS S3 was not ready within {STARTUP_TIMEOUT_S:.0f}s "
-                       f"(last error: {last_error}):\n{server.log_tail()}")
+    raise RuntimeError(
+        f"SeaweedFS S3 was not ready within {STARTUP_TIMEOUT_S:.0f}s (last error: {last_error}):\n{server.log_tail()}"
+    )
 
 
 @pytest.fixture(scope="session")

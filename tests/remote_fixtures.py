@@ -23,8 +23,14 @@ from tests.audio_fixtures import music_like, write_audio
 
 ROOT = Path(__file__).resolve().parent.parent
 
-FOUR_STEMS = {"_": "htdemucs", "drums": "drums", "bass": "bass", "other": "other", "vocals": "vocals",
-              "__params": {"shifts": 1, "overlap": 0.25}}
+FOUR_STEMS = {
+    "_": "htdemucs",
+    "drums": "drums",
+    "bass": "bass",
+    "other": "other",
+    "vocals": "vocals",
+    "__params": {"shifts": 1, "overlap": 0.25},
+}
 
 
 def free_port() -> int:
@@ -33,8 +39,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until_up(proc: subprocess.Popen, ready: Callable[[], bool], timeout_s: float, what: str,
-                  log: Callable[[], str] = lambda: "", poll_s: float = 0.3) -> None:
+def wait_until_up(
+    proc: subprocess.Popen,
+    ready: Callable[[], bool],
+    timeout_s: float,
+    what: str,
+    log: Callable[[], str] = lambda: "",
+    poll_s: float = 0.3,
+) -> None:
     """Poll ``ready()`` until true; raise with ``log()`` if ``proc`` exits or ``timeout_s`` passes."""
     deadline = time.monotonic() + timeout_s
     while not ready():
@@ -60,15 +72,25 @@ def http_ok(url: str) -> Callable[[], bool]:
 
 def bucket_store(seaweed: Any) -> S3ObjectStore:
     return S3ObjectStore.from_settings(
-        endpoint_url=seaweed.endpoint_url, bucket=seaweed.make_bucket(), region=seaweed.region,
-        access_key_id=seaweed.access_key_id, secret_access_key=seaweed.secret_access_key,
-        connect_timeout=2, read_timeout=30, max_attempts=2)
+        endpoint_url=seaweed.endpoint_url,
+        bucket=seaweed.make_bucket(),
+        region=seaweed.region,
+        access_key_id=seaweed.access_key_id,
+        secret_access_key=seaweed.secret_access_key,
+        connect_timeout=2,
+        read_timeout=30,
+        max_attempts=2,
+    )
 
 
 def aws_env(seaweed: Any) -> dict[str, str]:
     """What a worker needs to reach the test bucket: the fixture's credentials as AWS_* variables."""
-    return {"AWS_ACCESS_KEY_ID": seaweed.access_key_id, "AWS_SECRET_ACCESS_KEY": seaweed.secret_access_key,
-            "AWS_REGION": seaweed.region, "STEMSET_S3_ENDPOINT_URL": seaweed.endpoint_url}
+    return {
+        "AWS_ACCESS_KEY_ID": seaweed.access_key_id,
+        "AWS_SECRET_ACCESS_KEY": seaweed.secret_access_key,
+        "AWS_REGION": seaweed.region,
+        "STEMSET_S3_ENDPOINT_URL": seaweed.endpoint_url,
+    }
 
 
 def upload_input(store: S3ObjectStore, key: str, seconds: float, seed: int = 0) -> None:
@@ -78,21 +100,36 @@ def upload_input(store: S3ObjectStore, key: str, seconds: float, seed: int = 0) 
         store.upload(path, key)
 
 
-def make_job(store: S3ObjectStore, input_key: str, model_repo: Path | None, *, strategy: dict | None = None,
-             prefix: str | None = None, job_id: str | None = None, with_endpoint: bool = True,
-             output_format: str = "flac") -> SeparationJob:
+def make_job(
+    store: S3ObjectStore,
+    input_key: str,
+    model_repo: Path | None,
+    *,
+    strategy: dict | None = None,
+    prefix: str | None = None,
+    job_id: str | None = None,
+    with_endpoint: bool = True,
+    output_format: str = "flac",
+) -> SeparationJob:
     tree = strategy or FOUR_STEMS
     parsed = parse_strategy("htdemucs", tree)
     repo = str(model_repo) if model_repo else None
     fp = fingerprint(parsed, {m: model_identity(m, repo) for m in parsed.models})
     name = Path(input_key).stem
     return SeparationJob(
-        job_id=job_id or uuid.uuid4().hex[:12], input_key=input_key,
-        output_prefix=prefix or f"outputs/test/{name}/htdemucs", strategy_name="htdemucs",
-        strategy=parsed.to_tree(), fingerprint=fp,
-        storage=StorageRef("s3", bucket=store.bucket, endpoint_url=store.endpoint_url if with_endpoint else None,
-                           region="auto"),
-        output_format=output_format, bitrate_kbps=None, model_repo=None, seed=1,
+        job_id=job_id or uuid.uuid4().hex[:12],
+        input_key=input_key,
+        output_prefix=prefix or f"outputs/test/{name}/htdemucs",
+        strategy_name="htdemucs",
+        strategy=parsed.to_tree(),
+        fingerprint=fp,
+        storage=StorageRef(
+            "s3", bucket=store.bucket, endpoint_url=store.endpoint_url if with_endpoint else None, region="auto"
+        ),
+        output_format=output_format,
+        bitrate_kbps=None,
+        model_repo=None,
+        seed=1,
     )
 
 
@@ -116,11 +153,28 @@ class WorkerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 60.0) -> WorkerProcess:
-        cmd = [sys.executable, "-m", "gpu_worker.http_worker", "--host", "127.0.0.1", "--port", str(self.port),
-               "--log-level", "warning", *self.args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "gpu_worker.http_worker",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+            *self.args,
+        ]
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process, closed just below
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         try:
             wait_until_up(self.proc, http_ok(self.url + "/healthz"), timeout_s, "the worker", self.log_tail, 0.1)

@@ -38,8 +38,13 @@ def wav_bytes(seconds: float, seed: int, tmp: Path) -> bytes:
 
 
 def upload(server, name: str, data: bytes, profile: str = "h4n", headers=None, **fields) -> httpx.Response:
-    return httpx.post(f"{server.url}/api/upload/{profile}", files={"file": (name, data, "audio/wav")},
-                      data=fields or None, headers=server.headers() if headers is None else headers, timeout=30)
+    return httpx.post(
+        f"{server.url}/api/upload/{profile}",
+        files={"file": (name, data, "audio/wav")},
+        data=fields or None,
+        headers=server.headers() if headers is None else headers,
+        timeout=30,
+    )
 
 
 def test_upload_job_stems_and_catalog(server, tmp_path):
@@ -61,8 +66,11 @@ def test_upload_job_stems_and_catalog(server, tmp_path):
     from dagster import DagsterInstance
 
     instance = DagsterInstance.from_config(str(server.media.parent / "home"))
-    pids = {r.event_log_entry.dagster_event.pid for r in instance.get_records_for_run(job["run_id"]).records
-            if r.event_log_entry.dagster_event is not None}
+    pids = {
+        r.event_log_entry.dagster_event.pid
+        for r in instance.get_records_for_run(job["run_id"]).records
+        if r.event_log_entry.dagster_event is not None
+    }
     assert pids and server.process.pid not in pids
     for name, url in job["stems"].items():
         got = httpx.get(url, headers=server.headers(), timeout=10)
@@ -86,8 +94,13 @@ def test_upload_job_stems_and_catalog(server, tmp_path):
 
 
 def test_auth_is_required_and_the_token_never_leaks(server, tmp_path):
-    for method, path in [("GET", "/api/recordings"), ("GET", "/api/config"), ("GET", "/api/jobs/abc"),
-                         ("POST", "/api/upload/h4n"), ("GET", "/api/media/outputs/h4n/x/htdemucs/drums.flac")]:
+    for method, path in [
+        ("GET", "/api/recordings"),
+        ("GET", "/api/config"),
+        ("GET", "/api/jobs/abc"),
+        ("POST", "/api/upload/h4n"),
+        ("GET", "/api/media/outputs/h4n/x/htdemucs/drums.flac"),
+    ]:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {server.token}"}):
             resp = httpx.request(method, f"{server.url}{path}", headers=headers, timeout=10)
             assert resp.status_code == 401, (method, path, headers)
@@ -110,16 +123,22 @@ def test_bad_uploads_are_refused_with_clear_errors(server, tmp_path):
         ("empty", upload(server, "empty.wav", b""), 400, "is empty"),
         ("unknown profile", upload(server, "take.wav", good, profile="nope"), 404, "No profile named 'nope'"),
         ("unknown strategy", upload(server, "take.wav", good, strategy="nope"), 400, "No strategy named 'nope'"),
-        ("no file", httpx.post(f"{server.url}/api/upload/h4n", data={"x": "1"}, headers=server.headers(),
-                               timeout=10), 400, "no file field"),
+        (
+            "no file",
+            httpx.post(f"{server.url}/api/upload/h4n", data={"x": "1"}, headers=server.headers(), timeout=10),
+            400,
+            "no file field",
+        ),
     ]
     for what, resp, status, text in cases:
         assert resp.status_code == status, (what, resp.status_code, resp.text)
         assert text in resp.json()["error"]["message"], (what, resp.text)
         assert str(server.media) not in resp.text and "/tmp" not in resp.text, what  # no server paths
     assert not (server.media / "inputs" / "h4n" / "notes.wav").exists()
-    assert not any(p.name in ("big.wav", "cover.wav", "broken.wav", "empty.wav", "take.wav")
-                   for p in (server.media / "inputs").rglob("*"))
+    assert not any(
+        p.name in ("big.wav", "cover.wav", "broken.wav", "empty.wav", "take.wav")
+        for p in (server.media / "inputs").rglob("*")
+    )
 
 
 def test_safe_filenames():

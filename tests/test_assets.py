@@ -33,11 +33,11 @@ from gpu_worker.audio.resample import resampled_length
 from gpu_worker.job import SeparationResult, StemFile
 from gpu_worker.stores.base import ObjectStore
 from stemset_assets.config import StemsetConfig, load_config
+from stemset_assets.core.catalog import build_catalog, markdown_table
 from stemset_assets.core.layout import manifest_key, read_record, source_key, stems_prefix
 from stemset_assets.core.partition_keys import assign_partition_keys, hashed_key, list_inputs
 from stemset_assets.core.stemsets import data_version, fingerprints
 from stemset_assets.defs import checks
-from stemset_assets.core.catalog import build_catalog, markdown_table
 from stemset_assets.defs.assets.catalog import build_catalog_asset
 from stemset_assets.defs.assets.recording import recording
 from stemset_assets.defs.assets.stems import build_stems_asset
@@ -166,8 +166,9 @@ class World:
         return materialize(assets, instance=self.instance, partition_key=pk, resources=self.resources(), **kw)
 
     def run_catalog(self, config: StemsetConfig | None = None):
-        return materialize([build_catalog_asset(config or self.config)], instance=self.instance,
-                           resources=self.resources())
+        return materialize(
+            [build_catalog_asset(config or self.config)], instance=self.instance, resources=self.resources()
+        )
 
 
 def local_world(tmp: Path, config: StemsetConfig) -> World:
@@ -175,9 +176,15 @@ def local_world(tmp: Path, config: StemsetConfig) -> World:
 
 
 def s3_world(tmp: Path, config: StemsetConfig, seaweed) -> World:
-    media = MediaStoreResource(backend="s3", endpoint_url=seaweed.endpoint_url, bucket=seaweed.make_bucket(),
-                               region=seaweed.region, access_key_id=seaweed.access_key_id,
-                               secret_access_key=seaweed.secret_access_key, max_attempts=2)
+    media = MediaStoreResource(
+        backend="s3",
+        endpoint_url=seaweed.endpoint_url,
+        bucket=seaweed.make_bucket(),
+        region=seaweed.region,
+        access_key_id=seaweed.access_key_id,
+        secret_access_key=seaweed.secret_access_key,
+        max_attempts=2,
+    )
     return World(config, media, DagsterInstance.ephemeral(), tmp)
 
 
@@ -367,10 +374,16 @@ def test_unchanged_partition_reuses_its_stems_and_a_new_input_recomputes(small_w
 def test_changed_strategy_has_a_new_code_version_and_goes_stale(small_world: World, model_repo, tmp_path):
     world, store, pk = small_world, small_world.store, "h4n/take3"
     assert world.run(pk, ["htdemucs", "htdemucs_6s"]).success
-    changed = write_config(tmp_path / "cfg2", model_repo,
-                           replace=("__params: {shifts: 1, overlap: 0.25}", "__params: {shifts: 1, overlap: 0.5}"))
-    cosmetic = write_config(tmp_path / "cfg3", model_repo,
-                            replace=("__params: {shifts: 1, overlap: 0.25}", "__params: {overlap: 0.25, batch_size: 3}"))
+    changed = write_config(
+        tmp_path / "cfg2",
+        model_repo,
+        replace=("__params: {shifts: 1, overlap: 0.25}", "__params: {shifts: 1, overlap: 0.5}"),
+    )
+    cosmetic = write_config(
+        tmp_path / "cfg3",
+        model_repo,
+        replace=("__params: {shifts: 1, overlap: 0.25}", "__params: {overlap: 0.25, batch_size: 3}"),
+    )
     old_fps, new_fps = fingerprints(world.config), fingerprints(changed)
     assert new_fps["htdemucs"] != old_fps["htdemucs"] and new_fps["htdemucs_6s"] == old_fps["htdemucs_6s"]
     assert fingerprints(cosmetic) == old_fps  # batch size and written-out defaults change nothing
@@ -444,39 +457,85 @@ def test_stems_without_a_recording_fail_clearly(small_world: World):
 
 
 def _manifest(durations: dict[str, float], fmt="m4a", peak=-6.0, residual=-30.0, nonfinite=0) -> SeparationResult:
-    stems = {s: StemFile(name=s, key=f"o/{s}.{fmt}", uri=f"o/{s}.{fmt}", format=fmt, bytes=1, duration_s=d,
-                         lufs=-20.0, peak_dbfs=peak, sample_peak=0.5, rms_dbfs=-20.0, nonfinite_samples=nonfinite)
-             for s, d in durations.items()}
+    stems = {
+        s: StemFile(
+            name=s,
+            key=f"o/{s}.{fmt}",
+            uri=f"o/{s}.{fmt}",
+            format=fmt,
+            bytes=1,
+            duration_s=d,
+            lufs=-20.0,
+            peak_dbfs=peak,
+            sample_peak=0.5,
+            rms_dbfs=-20.0,
+            nonfinite_samples=nonfinite,
+        )
+        for s, d in durations.items()
+    }
     return SeparationResult(
-        job_id="j", strategy_name="s", fingerprint="f", input_key="i", input_sha256="x", input_duration_s=10.0,
-        sample_rate=44100, stems=stems, manifest_key="o/manifest.json", residual_db=residual, timings={},
-        device="cpu", gpu_type=None, peak_memory_mb=1.0, gpu_peak_memory_mb=None, billed_seconds=1.0, segments=1,
-        batches=1, engine_version="1")
+        job_id="j",
+        strategy_name="s",
+        fingerprint="f",
+        input_key="i",
+        input_sha256="x",
+        input_duration_s=10.0,
+        sample_rate=44100,
+        stems=stems,
+        manifest_key="o/manifest.json",
+        residual_db=residual,
+        timings={},
+        device="cpu",
+        gpu_type=None,
+        peak_memory_mb=1.0,
+        gpu_peak_memory_mb=None,
+        billed_seconds=1.0,
+        segments=1,
+        batches=1,
+        engine_version="1",
+    )
 
 
 def test_check_figures_and_tolerances():
     frame = 1024 / 44100
-    res = {(r.asset_key.to_user_string(), r.check_name): r
-           for r in checks.evaluate("s", ["a", "b"], _manifest({"a": 10.0 + 0.9 * frame, "b": 10.0 + 1.5 * frame}))}
+    res = {
+        (r.asset_key.to_user_string(), r.check_name): r
+        for r in checks.evaluate("s", ["a", "b"], _manifest({"a": 10.0 + 0.9 * frame, "b": 10.0 + 1.5 * frame}))
+    }
     assert res[("stems/s/a", "duration_matches_input")].passed  # within one AAC frame
     bad = res[("stems/s/b", "duration_matches_input")]
     assert not bad.passed and bad.metadata["difference_ms"].value == pytest.approx(1.5 * frame * 1000, abs=0.01)
     assert res[("stems/s/a", "set_reconstructs_mix")].passed
-    flac = {(r.asset_key.to_user_string(), r.check_name): r
-            for r in checks.evaluate("s", ["a"], _manifest({"a": 10.0 + 1 / 44100}, fmt="flac", residual=-12.0))}
+    flac = {
+        (r.asset_key.to_user_string(), r.check_name): r
+        for r in checks.evaluate("s", ["a"], _manifest({"a": 10.0 + 1 / 44100}, fmt="flac", residual=-12.0))
+    }
     assert not flac[("stems/s/a", "duration_matches_input")].passed  # PCM: exact to the sample
     assert not flac[("stems/s/a", "set_reconstructs_mix")].passed
     assert flac[("stems/s/a", "set_reconstructs_mix")].metadata["residual_db"].value == -12.0
-    silent = {(r.asset_key.to_user_string(), r.check_name): r
-              for r in checks.evaluate("s", ["a"], _manifest({"a": 10.0}, peak=None, residual=None), -120.0)}
+    silent = {
+        (r.asset_key.to_user_string(), r.check_name): r
+        for r in checks.evaluate("s", ["a"], _manifest({"a": 10.0}, peak=None, residual=None), -120.0)
+    }
     assert silent[("stems/s/a", "set_not_all_silent")].passed  # a silent recording may give silent stems
     assert silent[("stems/s/a", "set_reconstructs_mix")].passed
     assert not silent[("stems/s/a", "audible")].passed
 
 
 def test_markdown_preview_escapes_pipes():
-    df = pd.DataFrame([{"partition": "h4n/a|b", "strategy": "s", "state": "current", "reason": "x",
-                        "duration_s": 1.23456, "gpu_seconds": None, "cost_usd": 0.0}])
+    df = pd.DataFrame(
+        [
+            {
+                "partition": "h4n/a|b",
+                "strategy": "s",
+                "state": "current",
+                "reason": "x",
+                "duration_s": 1.23456,
+                "gpu_seconds": None,
+                "cost_usd": 0.0,
+            }
+        ]
+    )
     text = markdown_table(df)
     assert "h4n/a\\|b" in text and "1.235" in text and text.count("\n") == 2
 
@@ -486,7 +545,8 @@ def test_media_store_from_config_keeps_secrets_out_of_the_ui(tmp_path, seaweed):
     path.write_text(
         "storage:\n  backend: s3\n  s3:\n"
         f"    endpoint_url: {seaweed.endpoint_url}\n    bucket: {seaweed.make_bucket()}\n    region: auto\n"
-        "    access_key_id: ${TEST_KEY_ID}\n    secret_access_key: ${TEST_SECRET}\n")
+        "    access_key_id: ${TEST_KEY_ID}\n    secret_access_key: ${TEST_SECRET}\n"
+    )
     env = {"TEST_KEY_ID": seaweed.access_key_id, "TEST_SECRET": seaweed.secret_access_key}
     config = load_config(path, env=env)
     resource = MediaStoreResource.from_config(config)
@@ -495,8 +555,13 @@ def test_media_store_from_config_keeps_secrets_out_of_the_ui(tmp_path, seaweed):
     assert ref.backend == "s3" and ref.bucket == config.storage.s3.bucket
     assert seaweed.secret_access_key not in repr(ref) and seaweed.access_key_id not in repr(ref)
     # The store it opens (dagster-aws S3Resource's client) works against the server.
-    live = MediaStoreResource(backend="s3", endpoint_url=seaweed.endpoint_url, bucket=ref.bucket,
-                              access_key_id=seaweed.access_key_id, secret_access_key=seaweed.secret_access_key)
+    live = MediaStoreResource(
+        backend="s3",
+        endpoint_url=seaweed.endpoint_url,
+        bucket=ref.bucket,
+        access_key_id=seaweed.access_key_id,
+        secret_access_key=seaweed.secret_access_key,
+    )
     store = live.get_store()
     store.put_bytes("inputs/h4n/a b.wav", b"x" * 10)
     assert [i.key for i in store.list("inputs/")] == ["inputs/h4n/a b.wav"]
@@ -508,12 +573,16 @@ def test_each_profile_job_runs_exactly_its_default_strategies(small_world: World
     # h4n runs htdemucs, memos runs htdemucs_6s: each profile's job selects only its own.
     memos = defs.resolve_job_def(process_job_name("memos"))
     assert {k.to_user_string() for k in memos.asset_layer.selected_asset_keys} == {
-        "recording", *(f"stems/htdemucs_6s/{s}" for s in ("drums", "bass", "other", "vocals", "guitar", "piano"))}
+        "recording",
+        *(f"stems/htdemucs_6s/{s}" for s in ("drums", "bass", "other", "vocals", "guitar", "piano")),
+    }
     job = defs.resolve_job_def(process_job_name("h4n"))
     result = job.execute_in_process(partition_key="h4n/take3", instance=small_world.instance)
     assert result.success
-    done = {k.to_user_string() for k in
-            (ev.event_specific_data.materialization.asset_key for ev in result.get_asset_materialization_events())}
+    done = {
+        k.to_user_string()
+        for k in (ev.event_specific_data.materialization.asset_key for ev in result.get_asset_materialization_events())
+    }
     assert done == {"recording", *(f"stems/htdemucs/{s}" for s in ("drums", "bass", "other", "vocals"))}
 
 
@@ -521,9 +590,18 @@ def test_definitions_module_builds_nothing_at_import(tmp_path):
     """Dagster's lazy form: importing the code location reads no config; calling ``defs()`` does."""
     env = dict(os.environ, STEMSET_CONFIG=str(tmp_path / "absent.yaml"))
     probe = subprocess.run(
-        [sys.executable, "-c", "import stemset_assets.definitions as d\n"
-         "try:\n    d.defs()\nexcept Exception as err:\n    print(type(err).__name__)"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+        [
+            sys.executable,
+            "-c",
+            "import stemset_assets.definitions as d\n"
+            "try:\n    d.defs()\nexcept Exception as err:\n    print(type(err).__name__)",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.split() == ["ConfigError"]
 
@@ -544,14 +622,29 @@ def test_definitions_load_without_torch_and_validate(tmp_path, model_repo):
     env = dict(os.environ, STEMSET_CONFIG=str(config), DAGSTER_HOME=str(tmp_path / "dagster_home"))
     (tmp_path / "dagster_home").mkdir()
     probe = subprocess.run(
-        [sys.executable, "-c", "import sys, stemset_assets.definitions as d; "
-         "print(len(list(d.defs().resolve_asset_graph().get_all_asset_keys())), 'torch' in sys.modules)"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+        [
+            sys.executable,
+            "-c",
+            "import sys, stemset_assets.definitions as d; "
+            "print(len(list(d.defs().resolve_asset_graph().get_all_asset_keys())), 'torch' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.split() == [str(1 + 4 + 4 + 6 + 6 + 1), "False"]
     dagster_cli = Path(sys.executable).with_name("dagster")
-    proc = subprocess.run([str(dagster_cli), "definitions", "validate", "-w", "workspace.yaml"],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [str(dagster_cli), "definitions", "validate", "-w", "workspace.yaml"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -575,17 +668,19 @@ def test_a_backfill_run_separates_its_partitions_together_and_reports_each(tmp_p
         world.put_input(f"inputs/h4n/{name}.wav", music_like(1.0 + 0.25 * i, seed=i), 44100)
     assert list(world.register("h4n").values()) == ["h4n/a", "h4n/b", "h4n/c", "h4n/d"]
     for pk in ("h4n/a", "h4n/b", "h4n/d"):  # h4n/c gets no recording: its stems must fail alone
-        assert materialize([recording], instance=world.instance, partition_key=pk,
-                           resources=world.resources()).success
+        assert materialize([recording], instance=world.instance, partition_key=pk, resources=world.resources()).success
     assert world.run("h4n/b", ["htdemucs"], with_recording=False).success  # b is current already
 
     stems = build_stems_asset(world.config, "htdemucs")
     assert stems.backfill_policy.max_partitions_per_run == world.config.backfill.max_partitions_per_run
     BATCHES.clear()
-    result = materialize([stems], instance=world.instance, raise_on_error=False,
-                         resources={"media_store": world.media, "separator": CountingSeparator()},
-                         tags={"dagster/asset_partition_range_start": "h4n/a",
-                               "dagster/asset_partition_range_end": "h4n/d"})
+    result = materialize(
+        [stems],
+        instance=world.instance,
+        raise_on_error=False,
+        resources={"media_store": world.media, "separator": CountingSeparator()},
+        tags={"dagster/asset_partition_range_start": "h4n/a", "dagster/asset_partition_range_end": "h4n/d"},
+    )
     assert not result.success
     assert BATCHES == [["h4n/a", "h4n/d"]]  # one call for the two that needed separating
     text = failure_text(result)
@@ -616,8 +711,13 @@ def test_selecting_one_stem_makes_the_whole_set_and_reports_only_that_stem(small
     world, pk = small_world, "h4n/take3"
     assert materialize([recording], instance=world.instance, partition_key=pk, resources=world.resources()).success
     vocals = AssetKey(["stems", "htdemucs", "vocals"])
-    result = materialize([build_stems_asset(world.config, "htdemucs")], instance=world.instance, partition_key=pk,
-                         resources=world.resources(), selection=AssetSelection.assets(vocals))
+    result = materialize(
+        [build_stems_asset(world.config, "htdemucs")],
+        instance=world.instance,
+        partition_key=pk,
+        resources=world.resources(),
+        selection=AssetSelection.assets(vocals),
+    )
     assert result.success
     assert [e.asset_key for e in result.get_asset_materialization_events()] == [vocals]
     assert {e.asset_key for e in result.get_asset_check_evaluations()} == {vocals}

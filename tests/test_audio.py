@@ -397,7 +397,7 @@ def test_stem_writer_in_blocks_equals_encode_audio(tmp_path, fmt):
     encode_audio(x, one, fmt)
     cuts = [0, 1, 1000, 45100, 45101, x.shape[1]]
     with StemWriter(streamed, fmt) as w:
-        for a, b in zip(cuts, cuts[1:]):
+        for a, b in zip(cuts, cuts[1:], strict=False):
             w.write(x[:, a:b])
     assert w.frames_written == x.shape[1]
     if fmt in ("wav", "flac", "m4a"):
@@ -446,17 +446,14 @@ def test_writer_errors_name_the_file_and_leave_nothing_behind(tmp_path):
     w.write(np.zeros((2, 100), np.float32))
     with pytest.raises(EncodeError, match="nan_stem.flac.*NaN"):
         w.write(np.full((2, 10), np.nan, np.float32))
-    with pytest.raises(EncodeError, match=r"shaped \(3, 10\)"):
-        with StemWriter(tmp_path / "shape.wav", "wav") as w1:
-            w1.write(np.zeros((3, 10), np.float32))
+    with pytest.raises(EncodeError, match=r"shaped \(3, 10\)"), StemWriter(tmp_path / "shape.wav", "wav") as w1:
+        w1.write(np.zeros((3, 10), np.float32))
 
-    with pytest.raises(RuntimeError):
-        with StemWriter(tmp_path / "aborted.m4a", "m4a") as w2:
-            w2.write(np.zeros((2, 5000), np.float32))
-            raise RuntimeError("model crashed")
-    with pytest.raises(EncodeError, match="empty.wav"):
-        with StemWriter(tmp_path / "empty.wav", "wav"):
-            pass
+    with pytest.raises(RuntimeError), StemWriter(tmp_path / "aborted.m4a", "m4a") as w2:
+        w2.write(np.zeros((2, 5000), np.float32))
+        raise RuntimeError("model crashed")
+    with pytest.raises(EncodeError, match="empty.wav"), StemWriter(tmp_path / "empty.wav", "wav"):
+        pass
     assert list(tmp_path.iterdir()) == []  # no stem and no temporary file left behind
 
 

@@ -47,10 +47,18 @@ def test_upload_wait_and_play_in_chromium(tmp_path):
     shot = ARTIFACTS / "player.png"
     shot.unlink(missing_ok=True)
     with api_server(tmp_path / "srv", repo) as server:
-        env = {**os.environ, "STEMSET_URL": server.url + "/", "STEMSET_TOKEN": server.token or "",
-               "AUDIO_FILE": str(take), "SCREENSHOT": str(shot), "CHROMIUM": CHROMIUM, "JOB_TIMEOUT_MS": "150000"}
-        proc = subprocess.run(["node", str(BROWSER / "player.mjs")], cwd=BROWSER, env=env, capture_output=True,
-                              text=True, timeout=240)
+        env = {
+            **os.environ,
+            "STEMSET_URL": server.url + "/",
+            "STEMSET_TOKEN": server.token or "",
+            "AUDIO_FILE": str(take),
+            "SCREENSHOT": str(shot),
+            "CHROMIUM": CHROMIUM,
+            "JOB_TIMEOUT_MS": "150000",
+        }
+        proc = subprocess.run(
+            ["node", str(BROWSER / "player.mjs")], cwd=BROWSER, env=env, capture_output=True, text=True, timeout=240
+        )
         log = server.log()
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert lines, f"no result from the browser script (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"

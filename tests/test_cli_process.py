@@ -103,8 +103,12 @@ def test_process_catalog_local(tmp_path, model_repo, home, capsys):
     assert main(["--config", str(cfg), "catalog", "--format", "json"]) == 0
     data = json.loads(capsys.readouterr().out)
     states = {(r["partition"], r["strategy"]): r["state"] for r in data["rows"]}
-    assert states == {("h4n/take_one", "htdemucs"): "current", ("h4n/take_one", "vocals_only"): "current",
-                      ("h4n/second", "htdemucs"): "missing", ("h4n/second", "vocals_only"): "current"}
+    assert states == {
+        ("h4n/take_one", "htdemucs"): "current",
+        ("h4n/take_one", "vocals_only"): "current",
+        ("h4n/second", "htdemucs"): "missing",
+        ("h4n/second", "vocals_only"): "current",
+    }
     assert data["totals"]["recordings"] == 2 and data["totals"]["current"] == 3
     assert main(["--config", str(cfg), "catalog", "--format", "csv"]) == 0
     csv = capsys.readouterr().out.splitlines()
@@ -151,9 +155,13 @@ def test_process_on_seaweedfs_reports_failures(tmp_path, model_repo, home, seawe
     assert "1 of 2 stem set(s) failed" in captured.err and "notes.wav" in captured.err and "not audio" in captured.err
     assert seaweed.secret_access_key not in captured.out + captured.err
     assert sorted(p.name for p in (out / "h4n" / "bose_take_1").iterdir()) == sorted(f"{s}.flac" for s in STEMS)
-    store = S3ObjectStore.from_settings(endpoint_url=seaweed.endpoint_url, bucket=bucket, region="auto",
-                                        access_key_id=seaweed.access_key_id,
-                                        secret_access_key=seaweed.secret_access_key)
+    store = S3ObjectStore.from_settings(
+        endpoint_url=seaweed.endpoint_url,
+        bucket=bucket,
+        region="auto",
+        access_key_id=seaweed.access_key_id,
+        secret_access_key=seaweed.secret_access_key,
+    )
     assert store.exists("inputs/h4n/Böse Take [1].wav")
     assert not store.exists("inputs/h4n/notes.wav")  # refused before upload
     manifest = json.loads(store.get_bytes(manifest_key("h4n/bose_take_1", "htdemucs")))
@@ -175,7 +183,11 @@ def test_process_errors_before_doing_anything(tmp_path, model_repo, home, capsys
 def test_dev_sets_dagster_home_and_runs_the_workspace(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv, env = dev_command("cfg.yaml", ["--", "-p", "3001"], {"PATH": os.environ["PATH"]})
-    assert argv[1:5] == ["-m", "dagster", "dev", "-w"] and argv[5].endswith("workspace.yaml") and argv[6:] == ["-p", "3001"]
+    assert (
+        argv[1:5] == ["-m", "dagster", "dev", "-w"]
+        and argv[5].endswith("workspace.yaml")
+        and argv[6:] == ["-p", "3001"]
+    )
     assert env["DAGSTER_HOME"] == str(tmp_path / ".dagster_home") and (tmp_path / ".dagster_home").is_dir()
     assert env["STEMSET_CONFIG"] == str(tmp_path / "cfg.yaml")
     _, env = dev_command(None, [], {"DAGSTER_HOME": "/somewhere/else"})

@@ -45,8 +45,9 @@ def test_separates_48k_mono_flac_and_24bit_wav(env, capsys):
     write_audio(wav, music_like(1.7, sr=44100, channels=2, seed=2), 44100, subtype="PCM_24")
     assert sf.info(str(wav)).subtype == "PCM_24"
     out = env / "out"
-    rc = main(["separate", str(flac), str(wav), "--strategy", "htdemucs_6s", "--out", str(out),
-               "--format", "flac", "-q"])
+    rc = main(
+        ["separate", str(flac), str(wav), "--strategy", "htdemucs_6s", "--out", str(out), "--format", "flac", "-q"]
+    )
     assert rc == 0
     for src in (flac, wav):
         folder = out / src.stem
@@ -65,16 +66,23 @@ def test_chained_strategy_and_lossy_format(env):
     out = env / "out"
     assert main(["separate", str(src), "-s", "vocals_guitar_piano", "-o", str(out), "-f", "m4a", "-q"]) == 0
     files = sorted(p.name for p in (out / "take").iterdir())
-    assert files == sorted(["bass.m4a", "drums.m4a", "guitar.m4a", "manifest.json", "other.m4a",
-                            "piano.m4a", "vocals.m4a"])
+    assert files == sorted(
+        ["bass.m4a", "drums.m4a", "guitar.m4a", "manifest.json", "other.m4a", "piano.m4a", "vocals.m4a"]
+    )
     decoded, _ = decode_audio(out / "take" / "piano.m4a")
     assert decoded.shape[1] == expected_frames(src)
 
 
 def run_cli(*args, env_extra=None, timeout=120):
     env = dict(os.environ, **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "stemset_assets.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "stemset_assets.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def write_nan_wav(path: Path):
@@ -127,8 +135,13 @@ def test_unknown_model_in_repo(env, capsys, tmp_path):
 def test_missing_model_offline_says_how_to_set_the_repo(tmp_path):
     src = tmp_path / "take.wav"
     write_audio(src, music_like(0.5), 44100)
-    env_extra = {"STEMSET_MODEL_REPO": "", "STEMSET_CONFIG": str(ROOT / "config.yaml"), "HF_HUB_OFFLINE": "1",
-                 "TORCH_HOME": str(tmp_path / "torch"), "HF_HOME": str(tmp_path / "hf")}
+    env_extra = {
+        "STEMSET_MODEL_REPO": "",
+        "STEMSET_CONFIG": str(ROOT / "config.yaml"),
+        "HF_HUB_OFFLINE": "1",
+        "TORCH_HOME": str(tmp_path / "torch"),
+        "HF_HOME": str(tmp_path / "hf"),
+    }
     proc = run_cli("separate", str(src), "-o", str(tmp_path / "out"), "-q", env_extra=env_extra)
     assert proc.returncode == 1
     assert "models.repo" in proc.stderr and "STEMSET_MODEL_REPO" in proc.stderr
@@ -150,7 +163,10 @@ def test_missing_file(env, capsys):
 def test_common_options_work_before_and_after_nested_subcommands():
     from stemset_assets.cli.main import build_parser
 
-    for argv in (["api", "serve", "--debug", "-q", "--config", "x.yaml"], ["--debug", "-q", "--config", "x.yaml", "api", "serve"],
-                 ["worker", "serve", "--debug", "-q", "--config", "x.yaml"]):
+    for argv in (
+        ["api", "serve", "--debug", "-q", "--config", "x.yaml"],
+        ["--debug", "-q", "--config", "x.yaml", "api", "serve"],
+        ["worker", "serve", "--debug", "-q", "--config", "x.yaml"],
+    ):
         args = build_parser().parse_args(argv)
         assert (args.debug, args.quiet, args.config) == (True, True, "x.yaml"), argv

@@ -227,8 +227,15 @@ def test_secrets_never_appear_in_repr_or_str(tmp_path):
     assert config.storage.s3.secret_access_key == "SECRET-def456"
     assert config.gpu.token == "TOKEN-ghi789"
     # ... and absent from every printed form.
-    shown = [repr(config), str(config), repr(config.storage), str(config.storage.s3),
-             repr(config.storage.s3), repr(config.gpu), str(config.gpu)]
+    shown = [
+        repr(config),
+        str(config),
+        repr(config.storage),
+        str(config.storage.s3),
+        repr(config.storage.s3),
+        repr(config.gpu),
+        str(config.gpu),
+    ]
     for text_form in shown:
         for secret in ("KEYID-abc123", "SECRET-def456", "TOKEN-ghi789"):
             assert secret not in text_form
@@ -246,7 +253,9 @@ def test_unknown_key_in_a_known_section_is_a_typo_error(tmp_path):
     assert "allowed: backend, type, app" in message
     assert "Did you mean 'type'?" in message
 
-    message, _ = error_of(tmp_path, (MINIMAL % 1).replace("strategies: [htdemucs]", "strategies: [htdemucs]\n    outptu: {}"))
+    message, _ = error_of(
+        tmp_path, (MINIMAL % 1).replace("strategies: [htdemucs]", "strategies: [htdemucs]\n    outptu: {}")
+    )
     assert "profiles.h4n.outptu" in message
 
     message, _ = error_of(tmp_path, "storage:\n  backend: local\n  s3: {bukcet: x}\n")
@@ -424,8 +433,12 @@ def test_shipped_config_contents():
 
 def test_shipped_config_s3_section_resolves_with_r2_variables(tmp_path):
     text = (REPO / "config.yaml").read_text().replace("backend: local                 # local | s3", "backend: s3")
-    env = {"R2_ACCOUNT_ID": "acc", "R2_ACCESS_KEY_ID": "k", "R2_SECRET_ACCESS_KEY": "s",
-           "R2_PUBLIC_URL": "https://media.example.com/"}
+    env = {
+        "R2_ACCOUNT_ID": "acc",
+        "R2_ACCESS_KEY_ID": "k",
+        "R2_SECRET_ACCESS_KEY": "s",
+        "R2_PUBLIC_URL": "https://media.example.com/",
+    }
     s3 = parse_config(text, path=tmp_path / "config.yaml", env=env).storage.s3
     assert s3.endpoint_url == "https://acc.r2.cloudflarestorage.com"
     assert s3.public_url == "https://media.example.com"

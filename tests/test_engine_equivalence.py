@@ -24,8 +24,9 @@ def repo(tmp_path_factory):
 def demucs_reference(name, repo, wav, shifts, overlap=0.25, seed=None, segment=None):
     from demucs.api import Separator
 
-    sep = Separator(model=name, repo=repo, device="cpu", shifts=shifts, overlap=overlap,
-                    segment=segment, progress=False)
+    sep = Separator(
+        model=name, repo=repo, device="cpu", shifts=shifts, overlap=overlap, segment=segment, progress=False
+    )
     if seed is not None:
         random.seed(seed)
     _, out = sep.separate_tensor(wav.clone())
@@ -81,8 +82,7 @@ def test_shifts_with_fixed_seed_match_demucs(repo):
     wav = mix(4.2, seed=2)
     model = models.load_model("htdemucs", repo)
     ref = demucs_reference("htdemucs", repo, wav, shifts=2, seed=1234)
-    ours = separate(model, wav, SeparationParams(shifts=2, batch_size=5), torch.device("cpu"),
-                    rng=random.Random(1234))
+    ours = separate(model, wav, SeparationParams(shifts=2, batch_size=5), torch.device("cpu"), rng=random.Random(1234))
     assert_equal_to_demucs(ours, ref)
 
 
@@ -90,8 +90,7 @@ def test_shifts_in_a_bag_match_demucs(repo):
     wav = mix(2.5, seed=4)
     model = models.load_model("tiny_bag", repo)
     ref = demucs_reference("tiny_bag", repo, wav, shifts=2, seed=99)
-    ours = separate(model, wav, SeparationParams(shifts=2, batch_size=8), torch.device("cpu"),
-                    rng=random.Random(99))
+    ours = separate(model, wav, SeparationParams(shifts=2, batch_size=8), torch.device("cpu"), rng=random.Random(99))
     assert_equal_to_demucs(ours, ref)
 
 
@@ -116,7 +115,8 @@ def test_skipping_bag_members_keeps_needed_sources_exact(repo):
     model = models.load_model("htdemucs_ft", repo)
     full = separate(model, wav, SeparationParams(shifts=0), torch.device("cpu"))
     stats = EngineStats()
-    vocals_only = separate(model, wav, SeparationParams(shifts=0), torch.device("cpu"),
-                           needed_sources=["vocals"], stats=stats)
+    vocals_only = separate(
+        model, wav, SeparationParams(shifts=0), torch.device("cpu"), needed_sources=["vocals"], stats=stats
+    )
     assert len(stats.models_run) == 1  # three of the four specialists were skipped
     assert torch.allclose(vocals_only["vocals"], full["vocals"], atol=1e-6)

@@ -43,15 +43,24 @@ def model_repo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def worker_env(seaweed, model_repo):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "GPU_WORKER_", "STEMSET_"))}
-    env.update(aws_env(seaweed), GPU_WORKER_TOKEN=TOKEN, STEMSET_MODEL_REPO=str(model_repo),
-               PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
+    env.update(
+        aws_env(seaweed),
+        GPU_WORKER_TOKEN=TOKEN,
+        STEMSET_MODEL_REPO=str(model_repo),
+        PYTHONPATH=str(ROOT),
+        OMP_NUM_THREADS="2",
+    )
     return env
 
 
 @pytest.fixture(scope="module")
 def worker(worker_env, tmp_path_factory):
-    proc = WorkerProcess(port=free_port(), env=worker_env, log_path=tmp_path_factory.mktemp("worker") / "log",
-                         args=["--preload", "htdemucs", "--gpu-type", "L4"])
+    proc = WorkerProcess(
+        port=free_port(),
+        env=worker_env,
+        log_path=tmp_path_factory.mktemp("worker") / "log",
+        args=["--preload", "htdemucs", "--gpu-type", "L4"],
+    )
     proc.start()
     try:
         yield proc
@@ -102,14 +111,16 @@ def test_worker_errors_surface_verbatim(worker, store):
     client = HttpSeparatorClient(worker.url, TOKEN, timeout_s=60, poll_s=0.1)
     with pytest.raises(StorageError) as caught:
         client.separate(job)
-    state = httpx.get(f"{worker.url}/jobs/{job.job_id}", headers={"Authorization": f"Bearer {TOKEN}"},
-                      timeout=10).json()
+    state = httpx.get(
+        f"{worker.url}/jobs/{job.job_id}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10
+    ).json()
     assert state["status"] == "error" and state["error"]["type"] == "StorageError"
     assert str(caught.value) == state["error"]["message"]
     assert "not-there.wav" in str(caught.value)
 
-    bad = httpx.post(worker.url + "/jobs", content=b'{"job_id": 1}', headers={"Authorization": f"Bearer {TOKEN}"},
-                     timeout=10)
+    bad = httpx.post(
+        worker.url + "/jobs", content=b'{"job_id": 1}', headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10
+    )
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "JobError"
 
 
@@ -176,7 +187,8 @@ def test_killed_mid_job_then_retry_on_restarted_worker(worker_env, store, tmp_pa
         assert result.job_id == job.job_id
         assert SeparationResult.from_json(store.get_bytes(result.manifest_key)) == result
         assert published_keys(store, job.output_prefix) == sorted(
-            [f"{job.output_prefix}/{s}.flac" for s in result.stems] + [result.manifest_key])
+            [f"{job.output_prefix}/{s}.flac" for s in result.stems] + [result.manifest_key]
+        )
     finally:
         first.kill()
         second.stop()
@@ -193,8 +205,14 @@ def test_refuses_public_address_without_token(worker_env, tmp_path):
         check_bind("192.0.2.10", "")
 
     env = {k: v for k, v in worker_env.items() if k != "GPU_WORKER_TOKEN"}
-    out = subprocess.run([sys.executable, "-m", "gpu_worker.http_worker", "--host", "0.0.0.0", "--port", str(free_port())],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "gpu_worker.http_worker", "--host", "0.0.0.0", "--port", str(free_port())],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 1
     assert out.stderr.startswith("error: Refusing to serve on 0.0.0.0 without a token")
     assert "GPU_WORKER_TOKEN" in out.stderr and "Traceback" not in out.stderr

@@ -27,9 +27,13 @@ CLEAN_ENV_DROP = ("MODAL_", "AWS_", "STEMSET_", "GPU_WORKER_")
 
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(CLEAN_ENV_DROP)}
-    env.update(HOME=str(home), PYTHONPATH=str(ROOT),
-               # Any attempt to reach Modal would hit a closed local port and fail.
-               MODAL_SERVER_URL="http://127.0.0.1:9", **extra)
+    env.update(
+        HOME=str(home),
+        PYTHONPATH=str(ROOT),
+        # Any attempt to reach Modal would hit a closed local port and fail.
+        MODAL_SERVER_URL="http://127.0.0.1:9",
+        **extra,
+    )
     return env
 
 
@@ -64,6 +68,7 @@ class MemoryIndex:  # test-only: moved out of gpu_worker.remote
 # Import
 # --------------------------------------------------------------------------------------
 
+
 def test_imports_without_token_or_network(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
@@ -73,8 +78,9 @@ def test_imports_without_token_or_network(tmp_path):
         print(json.dumps({"app": m.app.name, "gpu": m.GPU_TYPE, "torch": "torch" in sys.modules,
                           "classes": sorted(m.app.registered_classes), "functions": sorted(m.app.registered_functions)}))
     """)
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=clean_env(home), capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=clean_env(home), capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info["app"] == "stemset-gpu" and info["gpu"] == "A100-40GB"
@@ -83,9 +89,13 @@ def test_imports_without_token_or_network(tmp_path):
     assert not list(home.iterdir())  # no token file was written
 
     custom = subprocess.run(
-        [sys.executable, "-c", "import gpu_worker.modal_app as m; print(m.app.name, m.GPU_TYPE)"], cwd=tmp_path,
-        env=clean_env(home, STEMSET_MODAL_APP="stemset-test", STEMSET_GPU_TYPE="T4"), capture_output=True,
-        text=True, timeout=120)
+        [sys.executable, "-c", "import gpu_worker.modal_app as m; print(m.app.name, m.GPU_TYPE)"],
+        cwd=tmp_path,
+        env=clean_env(home, STEMSET_MODAL_APP="stemset-test", STEMSET_GPU_TYPE="T4"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert custom.returncode == 0, custom.stderr
     assert custom.stdout.split() == ["stemset-test", "T4"]
 
@@ -99,8 +109,8 @@ def test_script_path_import_does_not_shadow_stdlib_http(tmp_path):
     home.mkdir()
     code = textwrap.dedent(f"""
         import importlib.util, sys
-        sys.path.insert(0, {str(ROOT / 'gpu_worker')!r})
-        spec = importlib.util.spec_from_file_location("modal_app", {str(ROOT / 'gpu_worker' / 'modal_app.py')!r})
+        sys.path.insert(0, {str(ROOT / "gpu_worker")!r})
+        spec = importlib.util.spec_from_file_location("modal_app", {str(ROOT / "gpu_worker" / "modal_app.py")!r})
         module = importlib.util.module_from_spec(spec)
         sys.modules["modal_app"] = module
         spec.loader.exec_module(module)
@@ -108,8 +118,9 @@ def test_script_path_import_does_not_shadow_stdlib_http(tmp_path):
         assert "gpu_worker" not in (http.__file__ or ""), http.__file__
         print(module.app.name)
     """)
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=clean_env(home), capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=clean_env(home), capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "stemset-gpu"
 
@@ -117,6 +128,7 @@ def test_script_path_import_does_not_shadow_stdlib_http(tmp_path):
 # --------------------------------------------------------------------------------------
 # The Separator class through .local()
 # --------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def modal_env(monkeypatch, seaweed, model_repo):
@@ -160,7 +172,8 @@ def test_separator_local_end_to_end(modal_env, seaweed):
     manifest = SeparationResult.from_json(store.get_bytes(first.manifest_key))
     assert manifest == first
     assert published_keys(store, job.output_prefix) == sorted(
-        [f"{job.output_prefix}/{s}.flac" for s in first.stems] + [first.manifest_key])
+        [f"{job.output_prefix}/{s}.flac" for s in first.stems] + [first.manifest_key]
+    )
     for stem in first.stems.values():
         assert stem.duration_s == pytest.approx(1.5, abs=1e-3)
 
@@ -184,14 +197,34 @@ def test_separator_answers_job_errors_with_an_envelope(modal_env, seaweed):
 # The web endpoint's logic: spawn at once, poll by call id, idempotent by job id
 # --------------------------------------------------------------------------------------
 
+
 def _fake_result(job) -> str:
-    return json.dumps({
-        "job_id": job.job_id, "strategy_name": job.strategy_name, "fingerprint": job.fingerprint,
-        "input_key": job.input_key, "input_sha256": "0" * 64, "input_duration_s": 1.0, "sample_rate": 44100,
-        "stems": {}, "manifest_key": f"{job.output_prefix}/manifest.json", "residual_db": None,
-        "timings": {"total": 1.0}, "device": "NVIDIA A100", "gpu_type": "A100-40GB", "peak_memory_mb": 1.0,
-        "gpu_peak_memory_mb": 1.0, "billed_seconds": 1.0, "segments": 1, "batches": 1, "engine_version": "1",
-        "backend": "modal", "reused": False, "version": 1})
+    return json.dumps(
+        {
+            "job_id": job.job_id,
+            "strategy_name": job.strategy_name,
+            "fingerprint": job.fingerprint,
+            "input_key": job.input_key,
+            "input_sha256": "0" * 64,
+            "input_duration_s": 1.0,
+            "sample_rate": 44100,
+            "stems": {},
+            "manifest_key": f"{job.output_prefix}/manifest.json",
+            "residual_db": None,
+            "timings": {"total": 1.0},
+            "device": "NVIDIA A100",
+            "gpu_type": "A100-40GB",
+            "peak_memory_mb": 1.0,
+            "gpu_peak_memory_mb": 1.0,
+            "billed_seconds": 1.0,
+            "segments": 1,
+            "batches": 1,
+            "engine_version": "1",
+            "backend": "modal",
+            "reused": False,
+            "version": 1,
+        }
+    )
 
 
 class FakeModal:
@@ -230,9 +263,15 @@ def test_web_endpoint_spawns_and_polls(tmp_path):
 
     fake = FakeModal()
     runner = SpawnJobRunner(spawn=fake.spawn, poll=fake.poll, index=MemoryIndex(), cancel=fake.cancel)
-    job = SeparationJob(job_id="job-1", input_key="inputs/h4n/a.wav", output_prefix="outputs/h4n/a/htdemucs",
-                        strategy_name="htdemucs", strategy={"_": "htdemucs", "vocals": "vocals"}, fingerprint="fp",
-                        storage=StorageRef("s3", bucket="b"))
+    job = SeparationJob(
+        job_id="job-1",
+        input_key="inputs/h4n/a.wav",
+        output_prefix="outputs/h4n/a/htdemucs",
+        strategy_name="htdemucs",
+        strategy={"_": "htdemucs", "vocals": "vocals"},
+        fingerprint="fp",
+        storage=StorageRef("s3", bucket="b"),
+    )
 
     # A public endpoint without a configured token accepts no jobs.
     with TestClient(create_app(runner=runner, token=None, require_token=True)) as client:
@@ -268,8 +307,10 @@ def test_web_endpoint_spawns_and_polls(tmp_path):
         call2 = client.post("/", content=job2.to_json(), headers=auth).json()["call_id"]
         fake.finish(call2, json.dumps({"error": {"type": "AudioError", "message": "a.wav is not audio."}}))
         failed = client.get(f"/result/{call2}", headers=auth).json()
-        assert failed["status"] == "error" and failed["error"] == {"type": "AudioError",
-                                                                   "message": "a.wav is not audio."}
+        assert failed["status"] == "error" and failed["error"] == {
+            "type": "AudioError",
+            "message": "a.wav is not audio.",
+        }
 
         # An expired result is run again on resubmission.
         fake.calls["fc-1"]["expired"] = True
@@ -296,8 +337,11 @@ with open(os.environ["FAKE_MODAL_LOG"], "a") as fh:
 print("Created a new secret with the keys " + ", ".join(sorted(record.get("json", {}))))
 """
 
-SECRETS = {"R2_ACCOUNT_ID": "0123456789abcdef0123456789abcdef", "R2_ACCESS_KEY_ID": "AKIDEXAMPLE9a8b7c6d5e4f",
-           "R2_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzzEXAMPLEKEY"}
+SECRETS = {
+    "R2_ACCOUNT_ID": "0123456789abcdef0123456789abcdef",
+    "R2_ACCESS_KEY_ID": "AKIDEXAMPLE9a8b7c6d5e4f",
+    "R2_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzzEXAMPLEKEY",
+}
 
 
 def _run_script(tmp_path: Path, env_extra: dict[str, str], dotenv: str | None = None):
@@ -313,8 +357,14 @@ def _run_script(tmp_path: Path, env_extra: dict[str, str], dotenv: str | None = 
     log = tmp_path / "modal.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("R2_", "GPU_WORKER_", "AWS_", "MODAL"))}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", FAKE_MODAL_LOG=str(log), HOME=str(tmp_path), **env_extra)
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "setup_modal_secret.sh")], cwd=work, env=env,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "setup_modal_secret.sh")],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     return out, calls
 
@@ -328,8 +378,13 @@ def _assert_no_secret(text: str, *values: str) -> None:
 def test_secret_script_from_environment(tmp_path):
     out, calls = _run_script(tmp_path, {**SECRETS, "GPU_WORKER_TOKEN": "tok-0123456789-abcdef"})
     assert out.returncode == 0, out.stderr
-    _assert_no_secret(out.stdout + out.stderr, SECRETS["R2_ACCESS_KEY_ID"], SECRETS["R2_SECRET_ACCESS_KEY"],
-                      SECRETS["R2_ACCOUNT_ID"], "tok-0123456789-abcdef")
+    _assert_no_secret(
+        out.stdout + out.stderr,
+        SECRETS["R2_ACCESS_KEY_ID"],
+        SECRETS["R2_SECRET_ACCESS_KEY"],
+        SECRETS["R2_ACCOUNT_ID"],
+        "tok-0123456789-abcdef",
+    )
     assert "r2-secret" in out.stdout and "****" in out.stdout
     assert len(calls) == 1
     args = calls[0]["args"]
@@ -349,9 +404,9 @@ def test_secret_script_from_environment(tmp_path):
 def test_secret_script_from_dotenv_file(tmp_path):
     dotenv = textwrap.dedent(f"""
         # Cloudflare R2
-        export R2_ACCOUNT_ID={SECRETS['R2_ACCOUNT_ID']}
-        R2_ACCESS_KEY_ID="{SECRETS['R2_ACCESS_KEY_ID']}"
-        R2_SECRET_ACCESS_KEY='{SECRETS['R2_SECRET_ACCESS_KEY']}'
+        export R2_ACCOUNT_ID={SECRETS["R2_ACCOUNT_ID"]}
+        R2_ACCESS_KEY_ID="{SECRETS["R2_ACCESS_KEY_ID"]}"
+        R2_SECRET_ACCESS_KEY='{SECRETS["R2_SECRET_ACCESS_KEY"]}'
         R2_PUBLIC_URL=https://media.example.org
     """)
     out, calls = _run_script(tmp_path, {"MODAL_ENVIRONMENT": "staging"}, dotenv=dotenv)

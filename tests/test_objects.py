@@ -59,6 +59,7 @@ def fetch(url: str) -> bytes:
 
 # -- basics --------------------------------------------------------------------------------
 
+
 def test_put_get_head(store: ObjectStore) -> None:
     assert store.head("a/b.txt") is None
     assert not store.exists("a/b.txt")
@@ -93,8 +94,14 @@ def test_list_paginates_past_1000(store: ObjectStore) -> None:
 
 
 def test_prefix_filtering(store: ObjectStore) -> None:
-    written = ["inputs/h4n/a.wav", "inputs/h4n/sub/b.wav", "inputs/h4nx/c.wav", "inputs/phone/d.m4a",
-               "inputs-x.txt", "outputs/e.flac"]
+    written = [
+        "inputs/h4n/a.wav",
+        "inputs/h4n/sub/b.wav",
+        "inputs/h4nx/c.wav",
+        "inputs/phone/d.m4a",
+        "inputs-x.txt",
+        "outputs/e.flac",
+    ]
     for k in written:
         store.put_bytes(k, b"1")
     assert keys(store, "inputs/h4n/") == ["inputs/h4n/a.wav", "inputs/h4n/sub/b.wav"]
@@ -108,6 +115,7 @@ def test_prefix_filtering(store: ObjectStore) -> None:
 
 
 # -- streaming -------------------------------------------------------------------------
+
 
 def test_streaming_upload_download(store: ObjectStore, tmp_path: Path) -> None:
     data = os.urandom(3 * MiB + 123)
@@ -151,6 +159,7 @@ def test_multipart_upload(store: ObjectStore, tmp_path: Path) -> None:
 
 # -- copy, delete, missing -------------------------------------------------------------
 
+
 def test_copy_move_delete(store: ObjectStore) -> None:
     store.put_bytes("x/src.flac", b"stem")
     store.copy("x/src.flac", "y/dst.flac")
@@ -181,6 +190,7 @@ def test_missing_key_errors_name_the_key(store: ObjectStore, tmp_path: Path) -> 
 
 # -- urls ------------------------------------------------------------------------------
 
+
 def test_url_fetches_the_bytes(store: ObjectStore) -> None:
     data = os.urandom(1000)
     for key in ["plain/url.bin", "ünï code/a b#c?d+e,f.bin"]:
@@ -204,6 +214,7 @@ def test_public_url_is_not_presigned(s3_store: S3ObjectStore) -> None:
 
 # -- keys --------------------------------------------------------------------------------
 
+
 def test_hostile_keys_round_trip(store: ObjectStore, tmp_path: Path) -> None:
     for i, key in enumerate(HOSTILE_KEYS):
         store.put_bytes(key, f"{i}".encode())
@@ -221,11 +232,16 @@ def test_hostile_keys_round_trip(store: ObjectStore, tmp_path: Path) -> None:
     assert keys(store) == sorted("copies/" + k for k in HOSTILE_KEYS)
 
 
-@pytest.mark.parametrize("key", ["../escape.txt", "a/../../escape.txt", "/etc/passwd", "a\x00b", "",
-                                 "a//b", "./a", "a/.", "trailing/"])
+@pytest.mark.parametrize(
+    "key", ["../escape.txt", "a/../../escape.txt", "/etc/passwd", "a\x00b", "", "a//b", "./a", "a/.", "trailing/"]
+)
 def test_local_refuses_escaping_keys(local_store: LocalObjectStore, key: str) -> None:
-    for call in (lambda: local_store.put_bytes(key, b"x"), lambda: local_store.get_bytes(key),
-                 lambda: local_store.head(key), lambda: local_store.delete(key)):
+    for call in (
+        lambda: local_store.put_bytes(key, b"x"),
+        lambda: local_store.get_bytes(key),
+        lambda: local_store.head(key),
+        lambda: local_store.delete(key),
+    ):
         with pytest.raises(StorageError):
             call()
     assert not (local_store.root.parent / "escape.txt").exists()
@@ -243,6 +259,7 @@ def test_local_writes_are_atomic_and_temp_files_hidden(local_store: LocalObjectS
 
 
 # -- publishing a set ------------------------------------------------------------------
+
 
 def _stage(store: ObjectStore, job: str, prefix: str, content: bytes) -> tuple[dict, dict]:
     final = {name: f"{prefix}/{name}.flac" for name in ("vocals", "drums", "bass", "other")}
@@ -293,8 +310,9 @@ def test_publish_set_failure_leaves_no_manifest(store: ObjectStore, monkeypatch:
     # A missing staged object fails before anything published is touched.
     store.put_bytes(manifest_key, b'{"v": 1}')
     with pytest.raises(StorageError, match="missing"):
-        publish_set(store, {"vocals": "nope/.staging/j/vocals.flac"}, {"vocals": final["vocals"]},
-                    manifest_key, b'{"v": 3}')
+        publish_set(
+            store, {"vocals": "nope/.staging/j/vocals.flac"}, {"vocals": final["vocals"]}, manifest_key, b'{"v": 3}'
+        )
     assert store.get_bytes(manifest_key) == b'{"v": 1}'
 
     # A retry with a fresh staging publishes the complete set.
@@ -313,15 +331,27 @@ def test_staging_key() -> None:
 
 # -- errors ------------------------------------------------------------------------------
 
+
 def test_unreachable_endpoint_is_quick_and_clear() -> None:
     secret = "UNREACHABLE-SECRET-value-0123456789"
     port = closed_port()
-    store = S3ObjectStore.from_settings(f"http://127.0.0.1:{port}", "media", region="auto",
-                                        access_key_id="AKIAUNREACHABLE0001", secret_access_key=secret,
-                                        connect_timeout=1, read_timeout=2, max_attempts=1)
+    store = S3ObjectStore.from_settings(
+        f"http://127.0.0.1:{port}",
+        "media",
+        region="auto",
+        access_key_id="AKIAUNREACHABLE0001",
+        secret_access_key=secret,
+        connect_timeout=1,
+        read_timeout=2,
+        max_attempts=1,
+    )
     t0 = time.monotonic()
-    for call in (lambda: store.get_bytes("k.wav"), lambda: list(store.list("inputs/")),
-                 lambda: store.head("k.wav"), lambda: store.put_bytes("k.wav", b"x")):
+    for call in (
+        lambda: store.get_bytes("k.wav"),
+        lambda: list(store.list("inputs/")),
+        lambda: store.head("k.wav"),
+        lambda: store.put_bytes("k.wav", b"x"),
+    ):
         with pytest.raises(StorageError) as info:
             call()
         message = str(info.value)
@@ -335,15 +365,25 @@ def test_unreachable_endpoint_is_quick_and_clear() -> None:
 def test_bad_secret_is_reported_without_leaking(seaweed, tmp_path: Path) -> None:
     bucket = seaweed.make_bucket()
     secret = "SUPER-SECRET-should-never-leak-9f8e7d6c5b4a"
-    store = S3ObjectStore.from_settings(seaweed.endpoint_url, bucket, region=seaweed.region,
-                                        access_key_id=seaweed.access_key_id, secret_access_key=secret,
-                                        connect_timeout=2, max_attempts=1)
+    store = S3ObjectStore.from_settings(
+        seaweed.endpoint_url,
+        bucket,
+        region=seaweed.region,
+        access_key_id=seaweed.access_key_id,
+        secret_access_key=secret,
+        connect_timeout=2,
+        max_attempts=1,
+    )
     src = tmp_path / "f.bin"
     src.write_bytes(b"data")
     calls = [
-        lambda: store.get_bytes("k"), lambda: list(store.list("")), lambda: store.head("k"),
-        lambda: store.put_bytes("k", b"x"), lambda: store.upload(src, "k"),
-        lambda: store.download("k", tmp_path / "out.bin"), lambda: store.copy("k", "k2"),
+        lambda: store.get_bytes("k"),
+        lambda: list(store.list("")),
+        lambda: store.head("k"),
+        lambda: store.put_bytes("k", b"x"),
+        lambda: store.upload(src, "k"),
+        lambda: store.download("k", tmp_path / "out.bin"),
+        lambda: store.copy("k", "k2"),
     ]
     for call in calls:
         with pytest.raises(StorageError) as info:
@@ -359,9 +399,14 @@ def test_bad_secret_is_reported_without_leaking(seaweed, tmp_path: Path) -> None
 @pytest.mark.s3
 def test_unknown_access_key_is_masked(seaweed) -> None:
     key_id = "AKIANOTAREALKEY7766"
-    store = S3ObjectStore.from_settings(seaweed.endpoint_url, seaweed.make_bucket(), region=seaweed.region,
-                                        access_key_id=key_id, secret_access_key="whatever-secret-000",
-                                        max_attempts=1)
+    store = S3ObjectStore.from_settings(
+        seaweed.endpoint_url,
+        seaweed.make_bucket(),
+        region=seaweed.region,
+        access_key_id=key_id,
+        secret_access_key="whatever-secret-000",
+        max_attempts=1,
+    )
     with pytest.raises(StorageError) as info:
         store.put_bytes("k", b"x")
     message = str(info.value)
@@ -371,11 +416,15 @@ def test_unknown_access_key_is_masked(seaweed) -> None:
 
 @pytest.mark.s3
 def test_missing_bucket_says_create_it(seaweed) -> None:
-    store = S3ObjectStore.from_settings(seaweed.endpoint_url, "stemset-no-such-bucket", region=seaweed.region,
-                                        access_key_id=seaweed.access_key_id,
-                                        secret_access_key=seaweed.secret_access_key, max_attempts=1)
-    for call in (lambda: store.put_bytes("k", b"x"), lambda: list(store.list("")),
-                 lambda: store.get_bytes("k")):
+    store = S3ObjectStore.from_settings(
+        seaweed.endpoint_url,
+        "stemset-no-such-bucket",
+        region=seaweed.region,
+        access_key_id=seaweed.access_key_id,
+        secret_access_key=seaweed.secret_access_key,
+        max_attempts=1,
+    )
+    for call in (lambda: store.put_bytes("k", b"x"), lambda: list(store.list("")), lambda: store.get_bytes("k")):
         with pytest.raises(StorageError) as info:
             call()
         assert "stemset-no-such-bucket" in str(info.value) and "Create it" in str(info.value)

@@ -91,8 +91,10 @@ def test_assign_gives_the_bare_slug_to_the_oldest(local_store: LocalObjectStore)
     infos = list_inputs(local_store, "h4n")
     assert [i.key for i in infos] == ["inputs/h4n/take_1.wav", "inputs/h4n/Take 1.wav"]
     keys = assign_partition_keys("h4n", infos)
-    assert keys == {"inputs/h4n/take_1.wav": "h4n/take_1",
-                    "inputs/h4n/Take 1.wav": hashed_key("h4n", "inputs/h4n/Take 1.wav")}
+    assert keys == {
+        "inputs/h4n/take_1.wav": "h4n/take_1",
+        "inputs/h4n/Take 1.wav": hashed_key("h4n", "inputs/h4n/Take 1.wav"),
+    }
     # A later listing with the keys in use changes nothing.
     assert assign_partition_keys("h4n", infos, set(keys.values())) == keys
     assert assign_partition_keys("h4n", infos, {v: k for k, v in keys.items()}) == keys
@@ -115,10 +117,27 @@ def test_resolve_input_prefers_the_recording_record(local_store: LocalObjectStor
     local_store.put_bytes("inputs/h4n/take_1.wav", b"a")
     local_store.put_bytes("inputs/h4n/Take 1.wav", b"b")
     record = RecordingRecord(
-        partition_key="h4n/take_1", original_key="inputs/h4n/Take 1.wav", input_etag="x", input_bytes=1,
-        sha256="0" * 64, source_key="recordings/h4n/take_1/source.flac", source_sha256="1" * 64, source_bytes=1,
-        container="wav", codec="pcm_s16le", sample_rate=44100, channels=2, bit_depth=16, duration_s=1.0,
-        frames=44100, lufs=None, peak_dbfs=None, peaks_key="p", waveform_key="w", code_version="1", made_at=0.0,
+        partition_key="h4n/take_1",
+        original_key="inputs/h4n/Take 1.wav",
+        input_etag="x",
+        input_bytes=1,
+        sha256="0" * 64,
+        source_key="recordings/h4n/take_1/source.flac",
+        source_sha256="1" * 64,
+        source_bytes=1,
+        container="wav",
+        codec="pcm_s16le",
+        sample_rate=44100,
+        channels=2,
+        bit_depth=16,
+        duration_s=1.0,
+        frames=44100,
+        lufs=None,
+        peak_dbfs=None,
+        peaks_key="p",
+        waveform_key="w",
+        code_version="1",
+        made_at=0.0,
     )
     write_record(local_store, record)
     assert resolve_input(local_store, "h4n/take_1") == "inputs/h4n/Take 1.wav"

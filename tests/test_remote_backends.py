@@ -42,10 +42,16 @@ def model_repo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def worker(seaweed, model_repo, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "GPU_WORKER_", "STEMSET_"))}
-    env.update(aws_env(seaweed), GPU_WORKER_TOKEN=TOKEN, STEMSET_MODEL_REPO=str(model_repo),
-               PYTHONPATH=str(Path(__file__).resolve().parent.parent), OMP_NUM_THREADS="2")
-    proc = WorkerProcess(port=free_port(), env=env, log_path=tmp_path_factory.mktemp("worker") / "log",
-                         args=["--gpu-type", "L4"])
+    env.update(
+        aws_env(seaweed),
+        GPU_WORKER_TOKEN=TOKEN,
+        STEMSET_MODEL_REPO=str(model_repo),
+        PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+        OMP_NUM_THREADS="2",
+    )
+    proc = WorkerProcess(
+        port=free_port(), env=env, log_path=tmp_path_factory.mktemp("worker") / "log", args=["--gpu-type", "L4"]
+    )
     proc.start()
     try:
         yield proc
@@ -54,16 +60,27 @@ def worker(seaweed, model_repo, tmp_path_factory):
 
 
 def _media(seaweed) -> MediaStoreResource:
-    return MediaStoreResource(backend="s3", endpoint_url=seaweed.endpoint_url, bucket=seaweed.make_bucket(),
-                              region=seaweed.region, access_key_id=seaweed.access_key_id,
-                              secret_access_key=seaweed.secret_access_key, max_attempts=2)
+    return MediaStoreResource(
+        backend="s3",
+        endpoint_url=seaweed.endpoint_url,
+        bucket=seaweed.make_bucket(),
+        region=seaweed.region,
+        access_key_id=seaweed.access_key_id,
+        secret_access_key=seaweed.secret_access_key,
+        max_attempts=2,
+    )
 
 
 def _run(config, media, separator, pk):
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(RECORDINGS_PARTITIONS, [pk])
-    return materialize([recording, build_stems_asset(config, "htdemucs")], instance=instance, partition_key=pk,
-                       resources={"media_store": media, "separator": separator}, raise_on_error=False)
+    return materialize(
+        [recording, build_stems_asset(config, "htdemucs")],
+        instance=instance,
+        partition_key=pk,
+        resources={"media_store": media, "separator": separator},
+        raise_on_error=False,
+    )
 
 
 def test_http_backend_materialises_stems_on_the_worker_with_its_cost(tmp_path, seaweed, model_repo, worker):
@@ -76,8 +93,10 @@ def test_http_backend_materialises_stems_on_the_worker_with_its_cost(tmp_path, s
     separator = SeparatorResource(backend="http", url=worker.url, token=TOKEN, gpu_type="L4", price_per_hour=0.70)
     result = _run(config, media, separator, "h4n/take")
     assert result.success
-    stems = {m.asset_key.to_user_string(): m.metadata for m in
-             (e.event_specific_data.materialization for e in result.get_asset_materialization_events())}
+    stems = {
+        m.asset_key.to_user_string(): m.metadata
+        for m in (e.event_specific_data.materialization for e in result.get_asset_materialization_events())
+    }
     vocals = stems["stems/htdemucs/vocals"]
     # the worker ran on this CPU, so it reports no GPU; the price is the configured type's (L4)
     assert vocals["backend"].value == "http" and vocals["device"].value.startswith("cpu")
@@ -108,8 +127,10 @@ def test_modal_backend_fans_out_with_map_and_keeps_order(monkeypatch, seaweed, m
     upload_input(store, "inputs/a.wav", 1.0, seed=1)
     upload_input(store, "inputs/b.wav", 1.0, seed=2)
     store.put_bytes("inputs/broken.wav", b"not audio" * 50)
-    jobs = [make_job(store, key, model_repo, prefix=f"outputs/t/{i}") for i, key in
-            enumerate(["inputs/a.wav", "inputs/broken.wav", "inputs/b.wav"])]
+    jobs = [
+        make_job(store, key, model_repo, prefix=f"outputs/t/{i}")
+        for i, key in enumerate(["inputs/a.wav", "inputs/broken.wav", "inputs/b.wav"])
+    ]
     factory, method = local_factory()
     separator = SeparatorResource(backend="modal", gpu_type="A10G")
     separator._client = ModalSeparatorClient("stemset-gpu", cls_factory=factory)
@@ -126,11 +147,20 @@ def test_misconfigured_backends_fail_clearly(tmp_path):
     from gpu_worker.job import SeparationJob
 
     local = MediaStoreResource(backend="local", root=str(tmp_path))
-    job = SeparationJob(job_id="j", input_key="a.flac", output_prefix="o", strategy_name="s", strategy={},
-                        fingerprint="f", storage=local.storage_ref())
-    for backend, error, message in [("modal", Failure, "storage.backend: s3"),  # Modal cannot see this disk
-                                    ("http", StemsetError, "gpu.url"),  # no worker URL configured
-                                    ("tpu", Failure, "local, modal, http")]:
+    job = SeparationJob(
+        job_id="j",
+        input_key="a.flac",
+        output_prefix="o",
+        strategy_name="s",
+        strategy={},
+        fingerprint="f",
+        storage=local.storage_ref(),
+    )
+    for backend, error, message in [
+        ("modal", Failure, "storage.backend: s3"),  # Modal cannot see this disk
+        ("http", StemsetError, "gpu.url"),  # no worker URL configured
+        ("tpu", Failure, "local, modal, http"),
+    ]:
         with pytest.raises(error, match=message):
             SeparatorResource(backend=backend).separate(job, local.get_store())
 

@@ -42,6 +42,7 @@ def model_repo(tmp_path_factory):
 # Modal, with .local() standing in for .remote and .map
 # --------------------------------------------------------------------------------------
 
+
 class LocalMethod:
     """``.remote`` and ``.map`` of a Modal method, run in this process through ``.local()``."""
 
@@ -77,7 +78,7 @@ def local_factory(fail_inputs=None):
     class Handle:
         separate = method
 
-    return (lambda: (lambda: Handle())), method
+    return (lambda: lambda: Handle()), method
 
 
 @pytest.fixture
@@ -98,10 +99,12 @@ def test_modal_client_separate_and_map_keep_order(modal_env, seaweed):
     upload_input(store, "inputs/test/a.wav", 1.0, seed=5)
     upload_input(store, "inputs/test/c.wav", 1.0, seed=6)
     store.put_bytes("inputs/test/lyrics.wav", b"these are lyrics, not audio\n" * 20)
-    jobs = [make_job(store, "inputs/test/a.wav", None),
-            make_job(store, "inputs/test/lyrics.wav", None),
-            make_job(store, "inputs/test/c.wav", None),
-            make_job(store, "inputs/test/a.wav", None, prefix="outputs/test/a/crashed")]
+    jobs = [
+        make_job(store, "inputs/test/a.wav", None),
+        make_job(store, "inputs/test/lyrics.wav", None),
+        make_job(store, "inputs/test/c.wav", None),
+        make_job(store, "inputs/test/a.wav", None, prefix="outputs/test/a/crashed"),
+    ]
     factory, method = local_factory(fail_inputs={3: modal.exception.InternalFailure("container crashed")})
     client = ModalSeparatorClient("stemset-gpu", cls_factory=factory)
 
@@ -139,13 +142,19 @@ def _raising_factory(exc):
     class Handle:
         separate = Method()
 
-    return lambda: (lambda: Handle())
+    return lambda: lambda: Handle()
 
 
 def _job():
-    return SeparationJob(job_id="j1", input_key="inputs/h4n/a.wav", output_prefix="outputs/h4n/a/htdemucs",
-                         strategy_name="htdemucs", strategy={"_": "htdemucs", "vocals": "vocals"}, fingerprint="fp",
-                         storage=StorageRef("s3", bucket="b"))
+    return SeparationJob(
+        job_id="j1",
+        input_key="inputs/h4n/a.wav",
+        output_prefix="outputs/h4n/a/htdemucs",
+        strategy_name="htdemucs",
+        strategy={"_": "htdemucs", "vocals": "vocals"},
+        fingerprint="fp",
+        storage=StorageRef("s3", bucket="b"),
+    )
 
 
 def test_modal_client_not_deployed():
@@ -177,8 +186,9 @@ def test_modal_client_without_token_says_how_to_log_in(tmp_path):
         except ModalAuthError as err:
             print("AUTH:", err)
     """)
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert "AUTH:" in out.stdout and "modal token new" in out.stdout
     assert issubclass(ModalAuthError, RemoteSeparatorError)
@@ -187,6 +197,7 @@ def test_modal_client_without_token_says_how_to_log_in(tmp_path):
 # --------------------------------------------------------------------------------------
 # HTTP client against a scripted server
 # --------------------------------------------------------------------------------------
+
 
 class Script:
     """Answers for the fake worker: a list of (status, body) per route, the last one repeating."""
@@ -241,22 +252,48 @@ def fake_worker():
 
 
 def _result_dict(job):
-    return {"job_id": job.job_id, "strategy_name": job.strategy_name, "fingerprint": job.fingerprint,
-            "input_key": job.input_key, "input_sha256": "0" * 64, "input_duration_s": 1.0, "sample_rate": 44100,
-            "stems": {}, "manifest_key": "m", "residual_db": None, "timings": {"total": 30.0}, "device": "GPU",
-            "gpu_type": "A100-40GB", "peak_memory_mb": 1.0, "gpu_peak_memory_mb": None, "billed_seconds": 30.0,
-            "segments": 1, "batches": 1, "engine_version": "1", "backend": "http", "reused": False, "version": 1}
+    return {
+        "job_id": job.job_id,
+        "strategy_name": job.strategy_name,
+        "fingerprint": job.fingerprint,
+        "input_key": job.input_key,
+        "input_sha256": "0" * 64,
+        "input_duration_s": 1.0,
+        "sample_rate": 44100,
+        "stems": {},
+        "manifest_key": "m",
+        "residual_db": None,
+        "timings": {"total": 30.0},
+        "device": "GPU",
+        "gpu_type": "A100-40GB",
+        "peak_memory_mb": 1.0,
+        "gpu_peak_memory_mb": None,
+        "billed_seconds": 30.0,
+        "segments": 1,
+        "batches": 1,
+        "engine_version": "1",
+        "backend": "http",
+        "reused": False,
+        "version": 1,
+    }
 
 
 def test_http_client_retries_5xx_and_resubmits_forgotten_jobs(fake_worker):
     job = _job()
-    url, script = fake_worker({
-        "POST /jobs": [(503, {"error": {"type": "WorkerError", "message": "warming up"}}),
-                       (502, {}), (202, {"job_id": "j1", "status": "queued"})],
-        "GET jobs": [(200, {"job_id": "j1", "status": "running"}),
-                     (404, {"error": {"type": "NotFound", "message": "unknown job"}}),
-                     (200, {"job_id": "j1", "status": "complete", "result": _result_dict(job)})],
-    })
+    url, script = fake_worker(
+        {
+            "POST /jobs": [
+                (503, {"error": {"type": "WorkerError", "message": "warming up"}}),
+                (502, {}),
+                (202, {"job_id": "j1", "status": "queued"}),
+            ],
+            "GET jobs": [
+                (200, {"job_id": "j1", "status": "running"}),
+                (404, {"error": {"type": "NotFound", "message": "unknown job"}}),
+                (200, {"job_id": "j1", "status": "complete", "result": _result_dict(job)}),
+            ],
+        }
+    )
     client = HttpSeparatorClient(url, "tok-abcdef-123456", timeout_s=20, poll_s=0.01, retries=3, backoff_s=0.01)
     result = client.separate(job)
     assert result.job_id == "j1" and result.billed_seconds == 30.0
@@ -284,15 +321,31 @@ def _closed_port() -> int:
 
 
 def test_http_client_timeout_and_errors(fake_worker):
-    url, _ = fake_worker({"POST /jobs": [(202, {"job_id": "j1", "status": "queued"})],
-                          "GET jobs": [(200, {"job_id": "j1", "status": "running"})]})
+    url, _ = fake_worker(
+        {
+            "POST /jobs": [(202, {"job_id": "j1", "status": "queued"})],
+            "GET jobs": [(200, {"job_id": "j1", "status": "running"})],
+        }
+    )
     client = HttpSeparatorClient(url, "tok", timeout_s=0.5, poll_s=0.05)
     with pytest.raises(WorkerTimeoutError, match="within 0.5 s"):
         client.separate(_job())
 
-    url, _ = fake_worker({"POST /jobs": [(202, {"job_id": "j1", "status": "queued"})],
-                          "GET jobs": [(200, {"job_id": "j1", "status": "error",
-                                              "error": {"type": "AudioError", "message": "a.wav: not audio. Hint."}})]})
+    url, _ = fake_worker(
+        {
+            "POST /jobs": [(202, {"job_id": "j1", "status": "queued"})],
+            "GET jobs": [
+                (
+                    200,
+                    {
+                        "job_id": "j1",
+                        "status": "error",
+                        "error": {"type": "AudioError", "message": "a.wav: not audio. Hint."},
+                    },
+                )
+            ],
+        }
+    )
     with pytest.raises(AudioError) as caught:
         HttpSeparatorClient(url, "tok", poll_s=0.01).separate(_job())
     assert str(caught.value) == "a.wav: not audio. Hint."
@@ -317,6 +370,7 @@ def test_http_client_timeout_and_errors(fake_worker):
 # --------------------------------------------------------------------------------------
 # Cost
 # --------------------------------------------------------------------------------------
+
 
 def test_cost_from_worker_clock():
     from stemset_assets.config import GpuConfig

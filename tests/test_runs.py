@@ -26,14 +26,14 @@ from tests.webserver import dagster_daemon, dagster_webserver
 ROOT = Path(__file__).resolve().parent.parent
 
 
-
 @pytest.fixture
 def project(tmp_path: Path):
     """A project folder: config (local storage, tiny models), two inputs (one of them not audio)."""
     repo = make_model_repo(tmp_path / "models")
     config_path = tmp_path / "config.yaml"
-    config_path.write_text(tiny_config_yaml(repo, tmp_path / "media",
-                                            strategies=("htdemucs_ft: {_: htdemucs_ft, vocals: vocals}",)))
+    config_path.write_text(
+        tiny_config_yaml(repo, tmp_path / "media", strategies=("htdemucs_ft: {_: htdemucs_ft, vocals: vocals}",))
+    )
     config = load_config(config_path, env={})
     store = LocalObjectStore(tmp_path / "media")
     write_audio(tmp_path / "take.wav", music_like(1.5, seed=3), 44100)
@@ -50,8 +50,13 @@ def test_in_process_runs_each_partition_and_reports_failures(project, tmp_path, 
     assert (tmp_path / "home").is_dir()
     good, bad = keys["inputs/h4n/Take One.wav"], keys["inputs/h4n/notes.wav"]
     seen = []
-    outcomes = materialize_in_process(config, instance, [bad, good], ["htdemucs"],
-                                      progress=lambda done, total, o: seen.append((done, total, o.partition)))
+    outcomes = materialize_in_process(
+        config,
+        instance,
+        [bad, good],
+        ["htdemucs"],
+        progress=lambda done, total, o: seen.append((done, total, o.partition)),
+    )
     assert seen == [(1, 2, bad), (2, 2, good)]
     by_key = {o.partition: o for o in outcomes}
     assert by_key[good].success and by_key[good].run_id
@@ -92,12 +97,14 @@ def test_runs_and_backfills_through_a_real_webserver(project, tmp_path):
         assert store.exists(manifest_key(good, "htdemucs"))
         assert instance.get_run_by_id(run_id).tags["dagster/partition"] == good
 
-        backfill_id = client.launch_partition_backfill(list(keys.values()), selection_for(config, ["htdemucs"]),
-                                                       title="test backfill")
+        backfill_id = client.launch_partition_backfill(
+            list(keys.values()), selection_for(config, ["htdemucs"]), title="test backfill"
+        )
         backfill = instance.get_backfill(backfill_id)
         assert backfill is not None
-        assert set(backfill.asset_backfill_data.target_subset.get_partitions_subset(
-            AssetKey("recording")).get_partition_keys()) == set(keys.values())
+        assert set(
+            backfill.asset_backfill_data.target_subset.get_partitions_subset(AssetKey("recording")).get_partition_keys()
+        ) == set(keys.values())
         bad_run = client.launch_run(keys["inputs/h4n/notes.wav"], selection_for(config, ["htdemucs"]))
         assert client.wait(bad_run, timeout_s=240, poll_s=1) == "FAILURE"
 
@@ -130,6 +137,9 @@ def test_a_daemon_backfill_groups_the_stem_partitions_into_one_run(tmp_path):
     stem_runs = [r for r in runs if AssetKey(["stems", "htdemucs", "vocals"]) in (r.asset_selection or ())]
     assert len(stem_runs) == 1
     tags = stem_runs[0].tags
-    assert (tags["dagster/asset_partition_range_start"], tags["dagster/asset_partition_range_end"]) == (keys[0], keys[-1])
+    assert (tags["dagster/asset_partition_range_start"], tags["dagster/asset_partition_range_end"]) == (
+        keys[0],
+        keys[-1],
+    )
     assert sum(AssetKey("recording") in (r.asset_selection or ()) for r in runs) == 3
     assert all(store.exists(manifest_key(k, "htdemucs")) for k in keys)

@@ -52,9 +52,15 @@ def make_config(folder: Path, per_tick: int = 100, settle: int = 0, auto: str = 
 
 @pytest.fixture
 def bucket(seaweed) -> MediaStoreResource:
-    return MediaStoreResource(backend="s3", endpoint_url=seaweed.endpoint_url, bucket=seaweed.make_bucket(),
-                              region=seaweed.region, access_key_id=seaweed.access_key_id,
-                              secret_access_key=seaweed.secret_access_key, max_attempts=2)
+    return MediaStoreResource(
+        backend="s3",
+        endpoint_url=seaweed.endpoint_url,
+        bucket=seaweed.make_bucket(),
+        region=seaweed.region,
+        access_key_id=seaweed.access_key_id,
+        secret_access_key=seaweed.secret_access_key,
+        max_attempts=2,
+    )
 
 
 @pytest.fixture
@@ -125,7 +131,10 @@ def test_hundreds_of_inputs_drain_over_ticks_none_missed_none_twice(tmp_path, bu
     assert by_pk["h4n/take_007"].run_key == f"h4n/take_007@{etag}"
     # Each profile's own strategies, plus the recording.
     assert set(by_pk["h4n/take_007"].asset_selection) == {AssetKey("recording"), *stem_keys(config, ["htdemucs"])}
-    assert set(by_pk["memos/memo_01"].asset_selection) == {AssetKey("recording"), *stem_keys(config, ["htdemucs", "six"])}
+    assert set(by_pk["memos/memo_01"].asset_selection) == {
+        AssetKey("recording"),
+        *stem_keys(config, ["htdemucs", "six"]),
+    }
     # Oldest first: the first tick took the first 100 uploads.
     assert [r.partition_key for r in ticker.requested[:3]] == ["h4n/take_000", "h4n/take_001", "h4n/take_002"]
     # The cursor is compact: 6-byte digests, about 8 characters an object.

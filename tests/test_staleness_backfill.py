@@ -39,9 +39,15 @@ def world(tmp_path, model_repo, seaweed, monkeypatch):  # noqa: F811
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     from stemset_assets.defs.resources import MediaStoreResource
 
-    media = MediaStoreResource(backend="s3", endpoint_url=seaweed.endpoint_url, bucket=seaweed.make_bucket(),
-                               region=seaweed.region, access_key_id=seaweed.access_key_id,
-                               secret_access_key=seaweed.secret_access_key, max_attempts=2)
+    media = MediaStoreResource(
+        backend="s3",
+        endpoint_url=seaweed.endpoint_url,
+        bucket=seaweed.make_bucket(),
+        region=seaweed.region,
+        access_key_id=seaweed.access_key_id,
+        secret_access_key=seaweed.secret_access_key,
+        max_attempts=2,
+    )
     with instance_for_test(temp_dir=str(home)) as instance:
         config = write_config(tmp_path / "cfg", model_repo, extra=SENSORS)
         yield World(config, media, instance, tmp_path)
@@ -49,7 +55,8 @@ def world(tmp_path, model_repo, seaweed, monkeypatch):  # noqa: F811
 
 def tick_new_recordings(world: World) -> list[str]:
     result = build_new_recordings_sensor(world.config)(
-        build_sensor_context(instance=world.instance, resources={"media_store": world.media}))
+        build_sensor_context(instance=world.instance, resources={"media_store": world.media})
+    )
     for req in result.dynamic_partitions_requests or []:
         world.instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
     return [r.partition_key for r in result.run_requests or []]
@@ -63,14 +70,25 @@ def cli_config(path, world: World, monkeypatch):
     text = path.read_text()
     local = "storage:\n  backend: local\n  local: {root: ./media}"
     assert local in text
-    path.write_text(text.replace(local, (
-        f"storage:\n  backend: s3\n  s3:\n    endpoint_url: {media.endpoint_url}\n    bucket: {media.bucket}\n"
-        f"    region: {media.region}\n    access_key_id: ${{TEST_S3_KEY}}\n    secret_access_key: ${{TEST_S3_SECRET}}")))
+    path.write_text(
+        text.replace(
+            local,
+            (
+                f"storage:\n  backend: s3\n  s3:\n    endpoint_url: {media.endpoint_url}\n    bucket: {media.bucket}\n"
+                f"    region: {media.region}\n    access_key_id: ${{TEST_S3_KEY}}\n    secret_access_key: ${{TEST_S3_SECRET}}"
+            ),
+        )
+    )
     return path
 
 
-def test_staleness_dry_run_backfill_and_auto_reprocess(world: World, model_repo, tmp_path, capsys,  # noqa: F811
-                                                       monkeypatch):
+def test_staleness_dry_run_backfill_and_auto_reprocess(
+    world: World,
+    model_repo,  # noqa: F811
+    tmp_path,
+    capsys,
+    monkeypatch,
+):
     store = world.store
     for i, name in enumerate(["a", "b", "c"]):
         world.put_input(f"inputs/h4n/{name}.wav", music_like(1.0, seed=i), 44100)
@@ -89,8 +107,9 @@ def test_staleness_dry_run_backfill_and_auto_reprocess(world: World, model_repo,
     assert r[("h4n/a", "htdemucs")].duration_s == pytest.approx(1.0, abs=1e-3)
 
     # The strategy's params change: exactly the processed partitions go stale; others untouched.
-    changed = write_config(tmp_path / "cfg2", model_repo, extra=SENSORS,
-                           replace=(PARAMS, "__params: {shifts: 1, overlap: 0.5}"))
+    changed = write_config(
+        tmp_path / "cfg2", model_repo, extra=SENSORS, replace=(PARAMS, "__params: {shifts: 1, overlap: 0.5}")
+    )
     assert fingerprints(changed)["htdemucs"] != fingerprints(world.config)["htdemucs"]
     store.delete("inputs/h4n/b.wav")  # a deleted input: kept and reported, nothing crashes
     df = staleness(world.instance, changed, store=store)
@@ -117,8 +136,12 @@ def test_staleness_dry_run_backfill_and_auto_reprocess(world: World, model_repo,
     out = capsys.readouterr().out
     assert "1 missing partition(s)" in out and "dry run: nothing launched" in out
     # On a billed GPU backend: audio seconds x the configured rate x the price.
-    billed = write_config(tmp_path / "cfg3", model_repo, extra=SENSORS + "backfill: {billed_seconds_per_audio_second: 30}\n",
-                          replace=(PARAMS, "__params: {shifts: 1, overlap: 0.5}"))
+    billed = write_config(
+        tmp_path / "cfg3",
+        model_repo,
+        extra=SENSORS + "backfill: {billed_seconds_per_audio_second: 30}\n",
+        replace=(PARAMS, "__params: {shifts: 1, overlap: 0.5}"),
+    )
     billed = type(billed)(**{**billed.__dict__, "gpu": type(billed.gpu)(backend="modal", type="H100")})
     p = plan_backfill(world.instance, billed, "htdemucs", "stale", store=store)
     assert p.count == 2 and p.estimate.source.startswith("config default")
@@ -132,24 +155,37 @@ def test_staleness_dry_run_backfill_and_auto_reprocess(world: World, model_repo,
     assert "h4n" in out and "1 recording(s) whose input file is gone" in out
 
     # auto_reprocess: one stale partition per tick (the cap); a zero ceiling on a billed backend holds all back.
-    auto_cfg = write_config(tmp_path / "cfg4", model_repo, replace=(PARAMS, "__params: {shifts: 1, overlap: 0.5}"),
-                            extra="\nsensors:\n  settle_s: 0\n  auto_reprocess:\n    htdemucs: {enabled: true, max_per_tick: 1}\n")
+    auto_cfg = write_config(
+        tmp_path / "cfg4",
+        model_repo,
+        replace=(PARAMS, "__params: {shifts: 1, overlap: 0.5}"),
+        extra="\nsensors:\n  settle_s: 0\n  auto_reprocess:\n    htdemucs: {enabled: true, max_per_tick: 1}\n",
+    )
     ctx = build_sensor_context(instance=world.instance, resources={"media_store": world.media})
     result = build_auto_reprocess_sensor(auto_cfg, "htdemucs")(ctx)
     assert len(result.run_requests) == 1
     req = result.run_requests[0]
-    assert req.partition_key in ("h4n/a", "h4n/b") and set(req.asset_selection) == set(stem_keys(auto_cfg, ["htdemucs"]))
-    broke = type(auto_cfg)(**{**auto_cfg.__dict__, "gpu": type(auto_cfg.gpu)(backend="modal", type="H100"),
-                              "sensors": type(auto_cfg.sensors)(auto_reprocess={"htdemucs": type(
-                                  auto_cfg.sensors.auto_reprocess["htdemucs"])(True, 5, 0.0)})})
+    assert req.partition_key in ("h4n/a", "h4n/b") and set(req.asset_selection) == set(
+        stem_keys(auto_cfg, ["htdemucs"])
+    )
+    broke = type(auto_cfg)(
+        **{
+            **auto_cfg.__dict__,
+            "gpu": type(auto_cfg.gpu)(backend="modal", type="H100"),
+            "sensors": type(auto_cfg.sensors)(
+                auto_reprocess={"htdemucs": type(auto_cfg.sensors.auto_reprocess["htdemucs"])(True, 5, 0.0)}
+            ),
+        }
+    )
     result = build_auto_reprocess_sensor(broke, "htdemucs")(ctx)
     assert not result.run_requests and "cost ceiling" in result.skip_reason.skip_message
 
     # The backfill, in-process (the configured webserver is unreachable): only the stale ones run.
     said = []
     plan = plan_backfill(world.instance, changed, "htdemucs", "stale", store=store)
-    launched = launch_backfill(plan, changed, world.instance, url="http://127.0.0.1:9", resources=world.resources(),
-                               say=said.append)
+    launched = launch_backfill(
+        plan, changed, world.instance, url="http://127.0.0.1:9", resources=world.resources(), say=said.append
+    )
     assert launched.path == "in_process" and "not reachable" in said[0]
     assert sorted(o.partition for o in launched.outcomes) == ["h4n/a", "h4n/b"]
     assert all(o.success for o in launched.outcomes), [o.error for o in launched.outcomes]
@@ -205,8 +241,9 @@ class RecordingOnly:
 
         if pk not in self.instance.get_dynamic_partitions("recordings"):
             self.instance.add_dynamic_partitions("recordings", [pk])
-        result = materialize([recording], instance=self.instance, partition_key=pk,
-                             resources={"media_store": self.media})
+        result = materialize(
+            [recording], instance=self.instance, partition_key=pk, resources={"media_store": self.media}
+        )
         assert result.success
         (event,) = result.get_asset_materialization_events()
         return {k: v.value for k, v in event.event_specific_data.materialization.metadata.items()}
@@ -220,9 +257,19 @@ class RecordingOnly:
             key = f"outputs/{pk}/htdemucs/{stem}.m4a"
             self.store.put_bytes(key, b"stem")
             stems[stem] = {"key": key, "bytes": 4, "format": "m4a"}
-        self.store.put_bytes(f"outputs/{pk}/htdemucs/manifest.json", json.dumps(
-            {"fingerprint": fp, "input_sha256": source_sha, "stems": stems, "billed_seconds": 0.5,
-             "backend": "local", "input_duration_s": 1.0}).encode())
+        self.store.put_bytes(
+            f"outputs/{pk}/htdemucs/manifest.json",
+            json.dumps(
+                {
+                    "fingerprint": fp,
+                    "input_sha256": source_sha,
+                    "stems": stems,
+                    "billed_seconds": 0.5,
+                    "backend": "local",
+                    "input_duration_s": 1.0,
+                }
+            ).encode(),
+        )
 
     def row(self, pk: str):
         return rows(staleness(self.instance, self.config, store=self.store))[(pk, "htdemucs")]
@@ -236,9 +283,15 @@ def test_input_changed_is_the_etag_on_s3(tmp_path, seaweed):
 
     from stemset_assets.defs.resources import MediaStoreResource
 
-    media = MediaStoreResource(backend="s3", endpoint_url=seaweed.endpoint_url, bucket=seaweed.make_bucket(),
-                               region=seaweed.region, access_key_id=seaweed.access_key_id,
-                               secret_access_key=seaweed.secret_access_key, max_attempts=2)
+    media = MediaStoreResource(
+        backend="s3",
+        endpoint_url=seaweed.endpoint_url,
+        bucket=seaweed.make_bucket(),
+        region=seaweed.region,
+        access_key_id=seaweed.access_key_id,
+        secret_access_key=seaweed.secret_access_key,
+        max_attempts=2,
+    )
     (tmp_path / "dagster").mkdir()
     with instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
         w = RecordingOnly(tmp_path, media, instance)

@@ -26,29 +26,41 @@ def facts(**kw):
     return st.SetFacts(**{**base, **kw})
 
 
-@pytest.mark.parametrize(("case", "expected", "reason"), [
-    (facts(), st.CURRENT, st.UP_TO_DATE),
-    (facts(wanted=False), st.UNUSED, st.NOT_WANTED),
-    (facts(manifest=None, stem_objects={}), st.MISSING, st.NOT_SEPARATED),
-    (facts(manifest=None, stem_objects={}, recording=None, input_etag=None), st.MISSING, st.NOT_RECORDED),
-    (facts(manifest=None), st.BROKEN, st.MANIFEST_MISSING),
-    (facts(stem_objects={STEMS["vocals"][0]: 10}), st.BROKEN, st.STEM_MISSING),
-    (facts(stem_objects={**WHOLE, STEMS["drums"][0]: 3}), st.BROKEN, st.STEM_SHORT),
-    (facts(manifest=manifest(fingerprint="fp-old")), st.STALE, st.STRATEGY_CHANGED),
-    (facts(manifest=manifest(input_sha256="sha-old")), st.STALE, st.RECORDING_CHANGED),
-    (facts(manifest=manifest(output_format="flac")), st.STALE, st.FORMAT_CHANGED),
-    (facts(input_etag="etag-new"), st.STALE, st.INPUT_CHANGED),
-    (facts(manifest=None, stem_objects={}, failure=st.FailureFacts(FP, SHA, "boom", 1.0)), st.FAILED,
-     st.SEPARATION_FAILED),
-    # A failure for an older fingerprint or recording does not describe what is asked now.
-    (facts(manifest=None, stem_objects={}, failure=st.FailureFacts("fp-old", SHA, "boom", 1.0)), st.MISSING,
-     st.NOT_SEPARATED),
-    # A redo of a stale set that failed: failed (the old set stays where it is).
-    (facts(manifest=manifest(fingerprint="fp-old"), failure=st.FailureFacts(FP, SHA, "boom", 1.0)), st.FAILED,
-     st.SEPARATION_FAILED),
-    # A current set wins over a stale failure record.
-    (facts(failure=st.FailureFacts(FP, SHA, "boom", 1.0)), st.CURRENT, st.UP_TO_DATE),
-])
+@pytest.mark.parametrize(
+    ("case", "expected", "reason"),
+    [
+        (facts(), st.CURRENT, st.UP_TO_DATE),
+        (facts(wanted=False), st.UNUSED, st.NOT_WANTED),
+        (facts(manifest=None, stem_objects={}), st.MISSING, st.NOT_SEPARATED),
+        (facts(manifest=None, stem_objects={}, recording=None, input_etag=None), st.MISSING, st.NOT_RECORDED),
+        (facts(manifest=None), st.BROKEN, st.MANIFEST_MISSING),
+        (facts(stem_objects={STEMS["vocals"][0]: 10}), st.BROKEN, st.STEM_MISSING),
+        (facts(stem_objects={**WHOLE, STEMS["drums"][0]: 3}), st.BROKEN, st.STEM_SHORT),
+        (facts(manifest=manifest(fingerprint="fp-old")), st.STALE, st.STRATEGY_CHANGED),
+        (facts(manifest=manifest(input_sha256="sha-old")), st.STALE, st.RECORDING_CHANGED),
+        (facts(manifest=manifest(output_format="flac")), st.STALE, st.FORMAT_CHANGED),
+        (facts(input_etag="etag-new"), st.STALE, st.INPUT_CHANGED),
+        (
+            facts(manifest=None, stem_objects={}, failure=st.FailureFacts(FP, SHA, "boom", 1.0)),
+            st.FAILED,
+            st.SEPARATION_FAILED,
+        ),
+        # A failure for an older fingerprint or recording does not describe what is asked now.
+        (
+            facts(manifest=None, stem_objects={}, failure=st.FailureFacts("fp-old", SHA, "boom", 1.0)),
+            st.MISSING,
+            st.NOT_SEPARATED,
+        ),
+        # A redo of a stale set that failed: failed (the old set stays where it is).
+        (
+            facts(manifest=manifest(fingerprint="fp-old"), failure=st.FailureFacts(FP, SHA, "boom", 1.0)),
+            st.FAILED,
+            st.SEPARATION_FAILED,
+        ),
+        # A current set wins over a stale failure record.
+        (facts(failure=st.FailureFacts(FP, SHA, "boom", 1.0)), st.CURRENT, st.UP_TO_DATE),
+    ],
+)
 def test_rule(case, expected, reason):
     got = st.decide_state(case, TARGET)
     assert got.state == expected
@@ -73,23 +85,43 @@ def _store_with_set(tmp_path):
     store = LocalObjectStore(tmp_path)
     store.put_bytes("inputs/h4n/a.wav", b"RIFF....")
     etag = store.head("inputs/h4n/a.wav").etag
-    store.put_bytes("recordings/h4n/a/recording.json", json.dumps(
-        {"source_sha256": SHA, "input_etag": etag, "duration_s": 3.0, "original_key": "inputs/h4n/a.wav"}).encode())
+    store.put_bytes(
+        "recordings/h4n/a/recording.json",
+        json.dumps(
+            {"source_sha256": SHA, "input_etag": etag, "duration_s": 3.0, "original_key": "inputs/h4n/a.wav"}
+        ).encode(),
+    )
     stems = {}
     for name in ("vocals", "drums"):
         key = f"outputs/h4n/a/ht/{name}.m4a"
         store.put_bytes(key, b"x" * 10)
         stems[name] = {"key": key, "bytes": 10, "format": "m4a"}
-    store.put_bytes("outputs/h4n/a/ht/manifest.json", json.dumps(
-        {"fingerprint": FP, "input_sha256": SHA, "stems": stems, "billed_seconds": 2.0, "backend": "local",
-         "input_duration_s": 3.0}).encode())
+    store.put_bytes(
+        "outputs/h4n/a/ht/manifest.json",
+        json.dumps(
+            {
+                "fingerprint": FP,
+                "input_sha256": SHA,
+                "stems": stems,
+                "billed_seconds": 2.0,
+                "backend": "local",
+                "input_duration_s": 3.0,
+            }
+        ).encode(),
+    )
     store.put_bytes("outputs/h4n/a/ht/.staging/job1/vocals.m4a", b"half")  # never a fact
     return store
 
 
 def _states(store, cache=None, wanted=("ht",)):
-    rows = collect_states(store, ["h4n/a", "h4n/b"], ["ht", "other"],
-                          {("h4n", "ht"): TARGET, ("h4n", "other"): TARGET}, {"h4n": frozenset(wanted)}, cache)
+    rows = collect_states(
+        store,
+        ["h4n/a", "h4n/b"],
+        ["ht", "other"],
+        {("h4n", "ht"): TARGET, ("h4n", "other"): TARGET},
+        {"h4n": frozenset(wanted)},
+        cache,
+    )
     return {(r.partition, r.strategy): r.state for r in rows}
 
 
@@ -113,8 +145,10 @@ def test_failure_record_and_input_changes(tmp_path):
     store = _store_with_set(tmp_path)
     for key in [i.key for i in store.list("outputs/h4n/a/ht/") if ".staging" not in i.key]:
         store.delete(key)
-    store.put_bytes(f"outputs/h4n/a/ht/{FAILURE_NAME}", json.dumps(
-        {"fingerprint": FP, "input_sha256": SHA, "error": "out of memory", "failed_at": 5.0}).encode())
+    store.put_bytes(
+        f"outputs/h4n/a/ht/{FAILURE_NAME}",
+        json.dumps({"fingerprint": FP, "input_sha256": SHA, "error": "out of memory", "failed_at": 5.0}).encode(),
+    )
     got = _states(store)[("h4n/a", "ht")]
     assert (got.state, got.detail) == (st.FAILED, "out of memory")
 

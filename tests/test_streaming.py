@@ -24,11 +24,11 @@ from gpu_worker.audio.analyse import integrated_loudness
 from gpu_worker.audio.decode import decode_audio
 from gpu_worker.engine import run_strategy, separate
 from gpu_worker.inference import EngineStats
-from gpu_worker.segments import SegmentPlan, View
-from gpu_worker.stream_stats import StreamStats, mix_stats_of, tensor_blocks
 from gpu_worker.job import SeparationJob, StorageRef
+from gpu_worker.segments import SegmentPlan, View
 from gpu_worker.stores.local import LocalObjectStore
 from gpu_worker.strategy import SeparationParams, parse_strategy
+from gpu_worker.stream_stats import StreamStats, mix_stats_of, tensor_blocks
 from gpu_worker.worker import run_job
 from tests.model_fixtures import make_model_repo
 from tests.test_engine_equivalence import assert_equal_to_demucs, mix
@@ -42,10 +42,12 @@ FOUR = {"drums": "drums", "bass": "bass", "other": "other", "vocals": "vocals"}
 
 # A bag that skips members (htdemucs_ft's bass and drums specialists contribute nothing here),
 # its `other` fed to a second model; shifts draw offsets for the root's members, then the child's.
-CHAINED = {"_": "htdemucs_ft", "vocals": "vocals",
-           "other": {"_": "hdemucs_mmi", "drums": "kit", "bass": "low", "other": "other",
-                     "__params": {"shifts": 2}},
-           "__params": {"shifts": 1}}
+CHAINED = {
+    "_": "htdemucs_ft",
+    "vocals": "vocals",
+    "other": {"_": "hdemucs_mmi", "drums": "kit", "bass": "low", "other": "other", "__params": {"shifts": 2}},
+    "__params": {"shifts": 1},
+}
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +88,17 @@ def stream(strategy, wav, repo, seed=None, window_s=WINDOW_S, block=7919, stats=
         return sinks[name]
 
     result = streaming.separate_blocks_streaming(
-        strategy, lambda frames: tensor_blocks(wav, block), mix_stats_of(wav), factory,
-        loader(repo), CPU, seed=seed, window_s=window_s, stats=stats, tmpdir=tmpdir)
+        strategy,
+        lambda frames: tensor_blocks(wav, block),
+        mix_stats_of(wav),
+        factory,
+        loader(repo),
+        CPU,
+        seed=seed,
+        window_s=window_s,
+        stats=stats,
+        tmpdir=tmpdir,
+    )
     assert all(s.closed and not s.aborted for s in sinks.values())
     return {name: torch.from_numpy(s.array) for name, s in sinks.items()}, result
 
@@ -111,8 +122,7 @@ def test_single_model_equals_engine_around_window_edges(repo, length, shifts):
     model = models.load_model("hdemucs_mmi", repo)
     ref = separate(model, wav, SeparationParams(shifts=shifts, batch_size=3), CPU, rng=random.Random(11))
     stats = EngineStats()
-    ours, _ = stream(parse_strategy("s", tree("hdemucs_mmi", shifts, batch_size=3)), wav, repo, seed=11,
-                     stats=stats)
+    ours, _ = stream(parse_strategy("s", tree("hdemucs_mmi", shifts, batch_size=3)), wav, repo, seed=11, stats=stats)
     assert_close(ours, ref)
     assert stats.segments > 0
 
@@ -122,8 +132,7 @@ def test_htdemucs_with_shifts_equals_engine(repo, length):
     wav = mix(length / 44100, seed=2)
     model = models.load_model("htdemucs", repo)
     ref_stats, stats = EngineStats(), EngineStats()
-    ref = separate(model, wav, SeparationParams(shifts=2, batch_size=4), CPU, rng=random.Random(1234),
-                   stats=ref_stats)
+    ref = separate(model, wav, SeparationParams(shifts=2, batch_size=4), CPU, rng=random.Random(1234), stats=ref_stats)
     ours, _ = stream(parse_strategy("s", tree("htdemucs", 2, batch_size=4)), wav, repo, seed=1234, stats=stats)
     assert_close(ours, ref)
     assert stats.segments == ref_stats.segments
@@ -177,8 +186,9 @@ def test_writers_are_aborted_on_error(repo):
         yield wav[:, :30000].numpy()
 
     with pytest.raises(RuntimeError, match="ended after"):
-        streaming.separate_blocks_streaming(st, short_blocks, mix_stats_of(wav), factory,
-                                            loader(repo), CPU, window_s=0.5)
+        streaming.separate_blocks_streaming(
+            st, short_blocks, mix_stats_of(wav), factory, loader(repo), CPU, window_s=0.5
+        )
     assert sinks and all(s.aborted for s in sinks.values())
 
 
@@ -214,8 +224,12 @@ def test_file_streaming_equals_decode_then_run_strategy(repo, tmp_path):
     src = tmp_path / "take.flac"
     x = mix(3.3, seed=8).numpy()[0]
     t = np.arange(int(3.3 * 48000)) / 48000
-    sf.write(str(src), (0.5 * np.sin(2 * np.pi * 220 * t) + 0.1 * np.interp(t, np.arange(x.size) / 44100, x)),
-             48000, subtype="PCM_24")
+    sf.write(
+        str(src),
+        (0.5 * np.sin(2 * np.pi * 220 * t) + 0.1 * np.interp(t, np.arange(x.size) / 44100, x)),
+        48000,
+        subtype="PCM_24",
+    )
     wav, _ = decode_audio(src)
     st = parse_strategy("s", tree("hdemucs_mmi", 1))
     ref = run_strategy(st, torch.from_numpy(wav), loader(repo), CPU, seed=21)
@@ -234,16 +248,27 @@ def test_file_streaming_equals_decode_then_run_strategy(repo, tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-
 def worker_job(root: Path, repo: Path, key: str, prefix: str, tree_: dict, fmt: str) -> SeparationJob:
     st = parse_strategy("s", tree_)
-    return SeparationJob(job_id=prefix, input_key=key, output_prefix=prefix, strategy_name="s",
-                         strategy=st.to_tree(), fingerprint="f" * 16, storage=StorageRef("local", root=str(root)),
-                         output_format=fmt, bitrate_kbps=None, model_repo=str(repo), device="cpu", seed=7)
+    return SeparationJob(
+        job_id=prefix,
+        input_key=key,
+        output_prefix=prefix,
+        strategy_name="s",
+        strategy=st.to_tree(),
+        fingerprint="f" * 16,
+        storage=StorageRef("local", root=str(root)),
+        output_format=fmt,
+        bitrate_kbps=None,
+        model_repo=str(repo),
+        device="cpu",
+        seed=7,
+    )
 
 
-@pytest.mark.parametrize("fmt,tree_", [("flac", CHAINED), ("wav", tree("hdemucs_mmi", 2)),
-                                       ("m4a", tree("hdemucs_mmi", 1))])
+@pytest.mark.parametrize(
+    "fmt,tree_", [("flac", CHAINED), ("wav", tree("hdemucs_mmi", 2)), ("m4a", tree("hdemucs_mmi", 1))]
+)
 def test_worker_streams_long_inputs_with_the_same_output(repo, tmp_path, monkeypatch, fmt, tree_):
     root = tmp_path / "store"
     root.mkdir()
@@ -325,8 +350,14 @@ _CHILD = textwrap.dedent("""
 def _run_child(root: Path, repo: Path, key: str, prefix: str, threshold: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STEMSET_")}
     env.update(STEMSET_STREAM_MIN_SECONDS=threshold, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(root), str(repo), key, prefix], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(root), str(repo), key, prefix],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -348,9 +379,11 @@ def test_peak_memory_does_not_grow_with_length(repo, tmp_path):
     short = _run_child(root, repo, "short.wav", "short", "0")
     streamed = _run_child(root, repo, "long.wav", "stream", "0")
     in_memory = _run_child(root, repo, "long.wav", "memory", "1e9")
-    print(f"\npeak RSS: streaming 1 min {short['peak_mb']:.0f} MB, {MEMORY_MINUTES} min {streamed['peak_mb']:.0f} MB "
-          f"({streamed['seconds']:.1f} s); in memory {MEMORY_MINUTES} min {in_memory['peak_mb']:.0f} MB "
-          f"({in_memory['seconds']:.1f} s)")
+    print(
+        f"\npeak RSS: streaming 1 min {short['peak_mb']:.0f} MB, {MEMORY_MINUTES} min {streamed['peak_mb']:.0f} MB "
+        f"({streamed['seconds']:.1f} s); in memory {MEMORY_MINUTES} min {in_memory['peak_mb']:.0f} MB "
+        f"({in_memory['seconds']:.1f} s)"
+    )
     assert streamed["peak_mb"] < short["peak_mb"] + GROWTH_BOUND_MB
     assert in_memory["peak_mb"] > streamed["peak_mb"] + IN_MEMORY_EXTRA_MB
     assert streamed["segments"] == in_memory["segments"]
@@ -367,7 +400,7 @@ def test_cached_transition_scales_equal_direct_sums():
         stride = rng.randint(1, seg_len)
         view = View(trim=0, length=rng.randint(1, 400))
 
-        def member():
+        def member(seg_len=seg_len, stride=stride, view=view):
             w = torch.cat([torch.arange(1, seg_len // 2 + 1), torch.arange(seg_len - seg_len // 2, 0, -1)])
             plan = SegmentPlan(model=None, seg_len=seg_len, stride=stride, fixed_valid=None, views=[view])
             return streaming._Member(plan=plan, coef=torch.ones(1), batch_size=1, weight=w / w.max())

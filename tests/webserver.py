@@ -22,18 +22,39 @@ def dagster_webserver(home: Path, config_path: Path) -> Iterator[WebserverClient
     home.mkdir(parents=True, exist_ok=True)
     (home / "dagster.yaml").write_text(
         "run_coordinator:\n  module: dagster._core.run_coordinator\n  class: DefaultRunCoordinator\n"
-        "telemetry:\n  enabled: false\n")
+        "telemetry:\n  enabled: false\n"
+    )
     env = {**os.environ, "DAGSTER_HOME": str(home), "STEMSET_CONFIG": str(config_path), "PYTHONPATH": str(ROOT)}
     port = free_port()
     log_path = home / "webserver.log"  # a file, not a pipe: nobody reads a pipe while tests run
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dagster_webserver", "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1",
-             "-p", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "dagster_webserver",
+                "-w",
+                str(ROOT / "workspace.yaml"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         client = WebserverClient(f"http://127.0.0.1:{port}", timeout_s=5)
-        wait_until_up(proc, client.reachable, STARTUP_TIMEOUT_S, "dagster-webserver",
-                      lambda: log_path.read_text(errors="replace"), 1.0)
+        wait_until_up(
+            proc,
+            client.reachable,
+            STARTUP_TIMEOUT_S,
+            "dagster-webserver",
+            lambda: log_path.read_text(errors="replace"),
+            1.0,
+        )
         yield client
     finally:
         _stop(proc)
@@ -43,8 +64,13 @@ def dagster_webserver(home: Path, config_path: Path) -> Iterator[WebserverClient
 def dagster_daemon(home: Path, config_path: Path) -> Iterator[subprocess.Popen]:
     """`dagster-daemon run` on the same instance (needs the webserver's dagster.yaml in ``home``)."""
     env = {**os.environ, "DAGSTER_HOME": str(home), "STEMSET_CONFIG": str(config_path), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "dagster._daemon", "run", "-w", str(ROOT / "workspace.yaml")],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dagster._daemon", "run", "-w", str(ROOT / "workspace.yaml")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         yield proc
     finally:

@@ -88,8 +88,14 @@ class StreamingLoudness:
         self.stages = []
         for f in meter._filters.values():
             b, a = f.generate_coefficients()
-            self.stages.append((np.asarray(b, np.float64), np.asarray(a, np.float64), float(f.passband_gain),
-                                [np.zeros(max(len(a), len(b)) - 1) for _ in range(channels)]))
+            self.stages.append(
+                (
+                    np.asarray(b, np.float64),
+                    np.asarray(a, np.float64),
+                    float(f.passband_gain),
+                    [np.zeros(max(len(a), len(b)) - 1) for _ in range(channels)],
+                )
+            )
         # Block edges exactly as pyloudnorm computes them (float64 products, truncated).
         total_s = length / rate
         nblocks = int(np.round((total_s - self.T_G) / (self.T_G * self.STEP))) + 1

@@ -42,9 +42,7 @@ VORBIS_ORDER = {
 }
 
 
-def downmix_matrix(
-    channels: int, layout: tuple[str, ...] | None, target: int = CHANNELS
-) -> np.ndarray | None:
+def downmix_matrix(channels: int, layout: tuple[str, ...] | None, target: int = CHANNELS) -> np.ndarray | None:
     """The ``(target, channels)`` mixing matrix, or None when no mixing is needed.
 
     * mono -> stereo: the channel is duplicated; stereo -> mono: the mean of L and R.
@@ -79,4 +77,3 @@ def downmix_matrix(
     if target == 1:
         return stereo.mean(axis=0, keepdims=True).astype(np.float32)
     return stereo.astype(np.float32)
-

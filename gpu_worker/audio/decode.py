@@ -6,9 +6,9 @@ samples; see the package docstring for the formats and the checks.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
 import av
 import numpy as np
@@ -34,7 +34,6 @@ def _truncated(path: Path, claimed_s: float, got_s: float) -> AudioError:
         f"{got_s:.2f} s could be decoded.",
         REUPLOAD_HINT,
     )
-
 
 
 def _decode_failed(path: Path, at_s: float, decoder: str, err: Exception) -> AudioError:
@@ -250,9 +249,7 @@ def iter_decode(
     yield from decode_source(src, block_frames, sample_rate, channels, [0])
 
 
-def decode_audio(
-    path, sample_rate: int = SAMPLE_RATE, channels: int = CHANNELS
-) -> tuple[np.ndarray, AudioInfo]:
+def decode_audio(path, sample_rate: int = SAMPLE_RATE, channels: int = CHANNELS) -> tuple[np.ndarray, AudioInfo]:
     """Decode a whole file to float32 ``(channels, n)`` at ``sample_rate``.
 
     ``n == resampled_length(info.frames, info.sample_rate, sample_rate)``; ``info`` describes
@@ -282,4 +279,3 @@ def decode_audio(
     n = counter[0]
     info = replace(src.info, frames=n, duration_s=n / src.info.sample_rate)
     return out, info
-

@@ -131,9 +131,7 @@ class StemWriter:
                 f"Use one of {', '.join(OUTPUT_FORMATS)} (output.format in config.yaml).",
             )
         if self.channels not in (1, 2):
-            raise EncodeError(
-                f"Cannot write '{self.path}' with {channels} channels: stems are mono or stereo."
-            )
+            raise EncodeError(f"Cannot write '{self.path}' with {channels} channels: stems are mono or stereo.")
         if self.sample_rate < MIN_RATE or self.sample_rate > MAX_RATE:
             raise EncodeError(f"Cannot write '{self.path}' at {sample_rate} Hz: not a usable sample rate.")
         self.bitrate_kbps = None
@@ -157,9 +155,7 @@ class StemWriter:
             if self.fmt in ("wav", "flac"):
                 self._sink = _SndfileSink(self._tmp, self.fmt, self.sample_rate, self.channels)
             else:
-                self._sink = _FFmpegSink(
-                    self._tmp, self.fmt, self.bitrate_kbps, self.sample_rate, self.channels
-                )
+                self._sink = _FFmpegSink(self._tmp, self.fmt, self.bitrate_kbps, self.sample_rate, self.channels)
         except (OSError, sf.LibsndfileError, av.error.FFmpegError) as err:
             self._unlink_tmp()
             raise EncodeError(

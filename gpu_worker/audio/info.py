@@ -33,7 +33,6 @@ class AudioInfo:
     bit_depth: int | None  # None for lossy codecs
 
 
-
 def as_2d(wav: np.ndarray) -> np.ndarray:
     """``(n,)`` -> ``(1, n)``; ``(channels, n)`` unchanged."""
     x = np.asarray(wav)
@@ -42,4 +41,3 @@ def as_2d(wav: np.ndarray) -> np.ndarray:
     if x.ndim != 2:
         raise ValueError(f"expected audio shaped (channels, frames), got shape {x.shape}")
     return x
-

@@ -15,7 +15,6 @@ def resampled_length(frames: int, source_rate: int, target_rate: int) -> int:
     return int(round(frames * target_rate / source_rate))
 
 
-
 class Resampler:
     """``soxr.ResampleStream`` with an exact total length of ``resampled_length(n_in, ...)``.
 

@@ -27,7 +27,6 @@ REUPLOAD_HINT = (
 )
 
 
-
 @dataclass
 class Source:
     path: Path
@@ -131,7 +130,7 @@ def _riff_layout_and_truncation(path: Path, size: int) -> tuple[int | None, tupl
 
 
 def _ogg_tail_state(path: Path, size: int) -> str:
-    """"ok", "no-eos" (ends on a page boundary without end-of-stream) or "cut" (mid-page).
+    """ "ok", "no-eos" (ends on a page boundary without end-of-stream) or "cut" (mid-page).
 
     Walks the pages in the last two maximum page sizes of the file, hopping header to header
     and resynchronising on the next capture pattern if a hop lands on garbage.
@@ -167,14 +166,12 @@ def _check_ogg(path: Path, size: int) -> None:
     state = _ogg_tail_state(path, size)
     if state == "cut":
         raise AudioError(
-            f"'{path}' is truncated: the file ends in the middle of an Ogg page, so its last part "
-            f"is garbage.",
+            f"'{path}' is truncated: the file ends in the middle of an Ogg page, so its last part is garbage.",
             REUPLOAD_HINT,
         )
     if state == "no-eos":
         warnings.warn(
-            f"'{path}' has no Ogg end-of-stream marker; it may have been cut short. Decoding the "
-            f"audio that is there.",
+            f"'{path}' has no Ogg end-of-stream marker; it may have been cut short. Decoding the audio that is there.",
             AudioWarning,
             stacklevel=4,
         )
@@ -383,4 +380,3 @@ def _open_ffmpeg(p: Path, size: int) -> Source:
             bit_depth=bits,
         )
     return Source(p, "ffmpeg", info, False, layout, declared or None, int(0.1 * rate), trim_to)
-

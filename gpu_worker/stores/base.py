@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import mimetypes
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 MiB = 1024 * 1024
 
@@ -41,7 +42,6 @@ def mask(secret: str | None) -> str:
     if not secret:
         return "(none)"
     return "****" + secret[-4:] if len(secret) > 8 else "****"
-
 
 
 @dataclass(frozen=True)

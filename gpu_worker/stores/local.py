@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path, PurePath
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 from ..errors import StorageError
 from .base import MiB, ObjectInfo, ObjectStore
@@ -62,8 +63,10 @@ class LocalObjectStore(ObjectStore):
                 f"Cannot {what} {key!r} under {self.root}: a file and a folder collide on that path ({err.strerror}).",
                 "A local store cannot hold both 'a' and 'a/b'; rename one of them.",
             )
-        return StorageError(f"Cannot {what} {key!r} under {self.root}: {err.strerror or err}.",
-                            "Check the folder's permissions and free space.")
+        return StorageError(
+            f"Cannot {what} {key!r} under {self.root}: {err.strerror or err}.",
+            "Check the folder's permissions and free space.",
+        )
 
     # -- reads ------------------------------------------------------------------------
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
@@ -84,8 +87,9 @@ class LocalObjectStore(ObjectStore):
             except (FileNotFoundError, NotADirectoryError):
                 return
             except OSError as err:
-                raise StorageError(f"Cannot list {directory}: {err.strerror or err}.",
-                                   "Check the folder's permissions.") from err
+                raise StorageError(
+                    f"Cannot list {directory}: {err.strerror or err}.", "Check the folder's permissions."
+                ) from err
             for entry in entries:
                 key = f"{rel}{entry.name}"
                 try:

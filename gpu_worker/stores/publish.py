@@ -4,7 +4,7 @@ so a reader that finds the manifest finds every object it lists."""
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from collections.abc import Mapping
 
 from ..errors import StorageError
 from .base import ObjectStore
@@ -56,8 +56,10 @@ def publish_set(
         )
     missing = [key for key in staged.values() if store.head(key) is None]
     if missing:
-        raise StorageError(f"Cannot publish {manifest_key!r}: staged objects are missing: {missing}.",
-                           "Every object must be staged before the set is published.")
+        raise StorageError(
+            f"Cannot publish {manifest_key!r}: staged objects are missing: {missing}.",
+            "Every object must be staged before the set is published.",
+        )
     store.delete(manifest_key)
     for name, src in staged.items():
         if src != final[name]:

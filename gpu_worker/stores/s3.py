@@ -10,8 +10,9 @@ from __future__ import annotations
 import io
 import os
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 from ..errors import StorageError
 from .base import MiB, ObjectInfo, ObjectStore, guess_content_type, mask
@@ -20,8 +21,14 @@ DEFAULT_MULTIPART_THRESHOLD = 64 * MiB
 MIN_PART_SIZE = 5 * MiB  # the S3 minimum for every part but the last
 
 _AUTH_CODES = {
-    "InvalidAccessKeyId", "SignatureDoesNotMatch", "AuthorizationHeaderMalformed", "InvalidToken",
-    "ExpiredToken", "TokenRefreshRequired", "InvalidSecurity", "InvalidArgument_Authorization",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AuthorizationHeaderMalformed",
+    "InvalidToken",
+    "ExpiredToken",
+    "TokenRefreshRequired",
+    "InvalidSecurity",
+    "InvalidArgument_Authorization",
 }
 _DENIED_CODES = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled"}
 _NO_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
@@ -70,7 +77,7 @@ class S3ObjectStore(ObjectStore):
         max_attempts: int = 5,
         multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
         multipart_chunksize: int | None = None,
-    ) -> "S3ObjectStore":
+    ) -> S3ObjectStore:
         """A store on a new boto3 client: SigV4, path-style addressing, bounded timeouts and
         standard retries. Empty strings count as unset; unset credentials fall back to
         boto3's usual chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / profiles)."""
@@ -86,8 +93,9 @@ class S3ObjectStore(ObjectStore):
             max_pool_connections=32,
         )
         try:  # only send/verify checksums where S3 requires them: R2 and others lag behind AWS
-            config = Config(**options, request_checksum_calculation="when_required",
-                            response_checksum_validation="when_required")
+            config = Config(
+                **options, request_checksum_calculation="when_required", response_checksum_validation="when_required"
+            )
         except TypeError:  # botocore < 1.36
             config = Config(**options)
         session = boto3.session.Session(
@@ -98,18 +106,26 @@ class S3ObjectStore(ObjectStore):
         try:
             client = session.client("s3", endpoint_url=endpoint_url or None, region_name=region or None, config=config)
         except ValueError as err:  # botocore rejects a malformed endpoint URL
-            raise StorageError(f"Invalid S3 endpoint URL {endpoint_url!r}: {err}.",
-                               "Set storage.s3.endpoint_url to e.g. https://<account>.r2.cloudflarestorage.com.") from None
-        return cls(client, bucket, public_url=public_url or None, multipart_threshold=multipart_threshold,
-                   multipart_chunksize=multipart_chunksize)
+            raise StorageError(
+                f"Invalid S3 endpoint URL {endpoint_url!r}: {err}.",
+                "Set storage.s3.endpoint_url to e.g. https://<account>.r2.cloudflarestorage.com.",
+            ) from None
+        return cls(
+            client,
+            bucket,
+            public_url=public_url or None,
+            multipart_threshold=multipart_threshold,
+            multipart_chunksize=multipart_chunksize,
+        )
 
     @property
     def endpoint_url(self) -> str:
         return str(getattr(self.client.meta, "endpoint_url", "") or "")
 
     def __repr__(self) -> str:
-        return (f"S3ObjectStore(endpoint_url={self.endpoint_url!r}, bucket={self.bucket!r}, "
-                f"public_url={self.public_url!r})")
+        return (
+            f"S3ObjectStore(endpoint_url={self.endpoint_url!r}, bucket={self.bucket!r}, public_url={self.public_url!r})"
+        )
 
     # -- error translation ------------------------------------------------------------
     def _credentials(self) -> tuple[str | None, list[str]]:
@@ -137,8 +153,10 @@ class S3ObjectStore(ObjectStore):
             hint = "Check storage.s3.endpoint_url (scheme, host, port) and the network or proxy between here and it."
         elif isinstance(root, (bx.NoCredentialsError, bx.PartialCredentialsError)):
             message = f"No S3 credentials to {action} {where} at {endpoint}."
-            hint = ("Set storage.s3.access_key_id and secret_access_key in config.yaml, or the "
-                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY environment variables.")
+            hint = (
+                "Set storage.s3.access_key_id and secret_access_key in config.yaml, or the "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY environment variables."
+            )
         elif isinstance(root, bx.ClientError):
             error = root.response.get("Error", {}) if isinstance(root.response, dict) else {}
             code = str(error.get("Code") or "")
@@ -146,17 +164,23 @@ class S3ObjectStore(ObjectStore):
             detail = str(error.get("Message") or root)
             if code in _AUTH_CODES:
                 message = f"S3 rejected the credentials ({code}) when trying to {action} {where} at {endpoint}."
-                hint = (f"Check the access key id (ending {mask(key_id)}) and its secret access key: "
-                        "storage.s3.access_key_id / secret_access_key in config.yaml or AWS_ACCESS_KEY_ID / "
-                        "AWS_SECRET_ACCESS_KEY, and that the secret belongs to that key.")
+                hint = (
+                    f"Check the access key id (ending {mask(key_id)}) and its secret access key: "
+                    "storage.s3.access_key_id / secret_access_key in config.yaml or AWS_ACCESS_KEY_ID / "
+                    "AWS_SECRET_ACCESS_KEY, and that the secret belongs to that key."
+                )
             elif code in _DENIED_CODES:
                 message = f"S3 denied access (HTTP {status or 403}) to {action} {where} at {endpoint}."
-                hint = (f"Check the access key id (ending {mask(key_id)}) and secret, and that the key is allowed "
-                        f"to read and write bucket {self.bucket!r}.")
+                hint = (
+                    f"Check the access key id (ending {mask(key_id)}) and secret, and that the key is allowed "
+                    f"to read and write bucket {self.bucket!r}."
+                )
             elif code == "NoSuchBucket":
                 message = f"Bucket {self.bucket!r} does not exist at {endpoint} (while trying to {action} {where})."
-                hint = (f"Create it (Cloudflare dashboard > R2 > Create bucket, or "
-                        f"`aws s3 mb s3://{self.bucket} --endpoint-url {endpoint}`), or fix storage.s3.bucket.")
+                hint = (
+                    f"Create it (Cloudflare dashboard > R2 > Create bucket, or "
+                    f"`aws s3 mb s3://{self.bucket} --endpoint-url {endpoint}`), or fix storage.s3.bucket."
+                )
             elif code in _NO_KEY_CODES or status == 404:
                 message = f"No object at key {key!r} in bucket {self.bucket!r} ({endpoint}); cannot {action} it."
                 hint = "Check the key; it may have been deleted or not uploaded yet."
@@ -211,8 +235,12 @@ class S3ObjectStore(ObjectStore):
             if _botocore_cause(err) is None:
                 raise
             raise self._error(err, "inspect", key) from None
-        return ObjectInfo(key=key, size=int(r.get("ContentLength", 0)), etag=str(r.get("ETag", "")).strip('"'),
-                          last_modified=r["LastModified"].timestamp())
+        return ObjectInfo(
+            key=key,
+            size=int(r.get("ContentLength", 0)),
+            etag=str(r.get("ETag", "")).strip('"'),
+            last_modified=r["LastModified"].timestamp(),
+        )
 
     def get_bytes(self, key: str) -> bytes:
         def get() -> bytes:
@@ -238,30 +266,58 @@ class S3ObjectStore(ObjectStore):
         return {"ContentType": ctype} if ctype else {}
 
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
-        self._call("write", key, self.client.put_object, Bucket=self.bucket, Key=key, Body=data,
-                   **self._extra(key, content_type))
+        self._call(
+            "write",
+            key,
+            self.client.put_object,
+            Bucket=self.bucket,
+            Key=key,
+            Body=data,
+            **self._extra(key, content_type),
+        )
 
     def upload(self, path: str | os.PathLike[str], key: str, content_type: str | None = None) -> None:
         src = Path(path)
         if not src.is_file():
             raise StorageError(f"Cannot upload {src}: no such file.")
-        self._call("upload", key, self.client.upload_file, str(src), self.bucket, key,
-                   ExtraArgs=self._extra(key, content_type) or None, Config=self._transfer)
+        self._call(
+            "upload",
+            key,
+            self.client.upload_file,
+            str(src),
+            self.bucket,
+            key,
+            ExtraArgs=self._extra(key, content_type) or None,
+            Config=self._transfer,
+        )
 
     def delete(self, key: str) -> None:
         self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=key)
 
     def copy(self, src_key: str, dst_key: str) -> None:
         # Managed copy: a single CopyObject below the threshold, UploadPartCopy above (no 5 GB cap).
-        self._call(f"copy to s3://{self.bucket}/{dst_key} from", src_key, self.client.copy,
-                   {"Bucket": self.bucket, "Key": src_key}, self.bucket, dst_key, Config=self._transfer)
+        self._call(
+            f"copy to s3://{self.bucket}/{dst_key} from",
+            src_key,
+            self.client.copy,
+            {"Bucket": self.bucket, "Key": src_key},
+            self.bucket,
+            dst_key,
+            Config=self._transfer,
+        )
 
     def url(self, key: str, expires_s: int = 3600) -> str:
         """``public_url/key`` when the bucket has a public URL, else a presigned GET URL."""
         if self.public_url:
             return f"{self.public_url}/{urllib.parse.quote(key, safe='/')}"
-        return self._call("sign a URL for", key, self.client.generate_presigned_url, "get_object",
-                          Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=int(expires_s))
+        return self._call(
+            "sign a URL for",
+            key,
+            self.client.generate_presigned_url,
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": key},
+            ExpiresIn=int(expires_s),
+        )
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"

@@ -88,30 +88,45 @@ def catalog_json(store: ObjectStore, config, partition_keys, media_url) -> dict[
     for row in df.to_dict(orient="records"):
         row = {k: _clean(v) for k, v in row.items()}
         pk = row["partition"]
-        rec = recordings.setdefault(pk, {
-            "partition": pk, "profile": row["profile"],
-            "name": (row["original_key"] or pk).rsplit("/", 1)[-1],
-            "duration_s": row["duration_s"], "recording_state": row["recording_state"], "strategies": {},
-        })
+        rec = recordings.setdefault(
+            pk,
+            {
+                "partition": pk,
+                "profile": row["profile"],
+                "name": (row["original_key"] or pk).rsplit("/", 1)[-1],
+                "duration_s": row["duration_s"],
+                "recording_state": row["recording_state"],
+                "strategies": {},
+            },
+        )
         # Only whole sets are playable (the state rule): a broken set's recorded URLs would answer 404.
         keys = json.loads(row["stem_keys"]) if row["stem_keys"] else {}
         stems = {name: media_url(key) for name, key in keys.items()}
         rec["strategies"][row["strategy"]] = {
-            "state": row["state"], "reason": row["reason"], "detail": row["detail"], "default": bool(row["default"]),
-            "stems": stems, "format": row["format"], "gpu_type": row["gpu_type"], "gpu_seconds": row["gpu_seconds"],
-            "cost_usd": row["cost_usd"], "made_at": row["made_at"],
+            "state": row["state"],
+            "reason": row["reason"],
+            "detail": row["detail"],
+            "default": bool(row["default"]),
+            "stems": stems,
+            "format": row["format"],
+            "gpu_type": row["gpu_type"],
+            "gpu_seconds": row["gpu_seconds"],
+            "cost_usd": row["cost_usd"],
+            "made_at": row["made_at"],
         }
     return {"recordings": list(recordings.values()), "totals": {k: _clean(v) for k, v in totals(df).items()}}
 
 
-def create_app(config, *, store: ObjectStore, instance, jobs: JobManager, token: str | None,
-               auth: bool = True) -> Starlette:
+def create_app(
+    config, *, store: ObjectStore, instance, jobs: JobManager, token: str | None, auth: bool = True
+) -> Starlette:
     """The app. ``auth=True`` needs ``token`` (compared in constant time); ``auth=False`` serves
     without one (only :func:`~stemset_assets.api.server.serve` on loopback should allow it)."""
     if auth and not token:
-        raise ApiConfigError("The web API needs a token: api.auth is true but api.token is empty.",
-                             "Set STEMSET_API_TOKEN (api.token in config.yaml), or for local use only set "
-                             "api.auth: false.")
+        raise ApiConfigError(
+            "The web API needs a token: api.auth is true but api.token is empty.",
+            "Set STEMSET_API_TOKEN (api.token in config.yaml), or for local use only set api.auth: false.",
+        )
     expected = token.encode() if auth and token else None
     cap = config.api.max_upload_mb * MiB
 
@@ -122,9 +137,13 @@ def create_app(config, *, store: ObjectStore, instance, jobs: JobManager, token:
         if scheme.lower() == "bearer" and given and hmac.compare_digest(given.strip().encode(), expected):
             return None
         what = "was rejected" if given else "is missing"
-        return _error(401, "AuthError", f"The bearer token {what}. Send 'Authorization: Bearer <token>' "
-                                        "with the API's token (STEMSET_API_TOKEN on the server).",
-                      headers={"WWW-Authenticate": 'Bearer realm="stemset"'})
+        return _error(
+            401,
+            "AuthError",
+            f"The bearer token {what}. Send 'Authorization: Bearer <token>' "
+            "with the API's token (STEMSET_API_TOKEN on the server).",
+            headers={"WWW-Authenticate": 'Bearer realm="stemset"'},
+        )
 
     def media_url(request: Request):
         base = str(request.base_url).rstrip("/")
@@ -138,8 +157,9 @@ def create_app(config, *, store: ObjectStore, instance, jobs: JobManager, token:
         strategy = form.get("strategy")
         if isinstance(strategy, str) and strategy:
             if strategy not in config.strategies:
-                return _error(400, "BadRequest", f"No strategy named {strategy[:64]!r} "
-                                                 f"(known: {', '.join(config.strategies)}).")
+                return _error(
+                    400, "BadRequest", f"No strategy named {strategy[:64]!r} (known: {', '.join(config.strategies)})."
+                )
             strategies = [strategy]
         else:
             strategies = list(config.profiles[profile].strategies)
@@ -150,8 +170,11 @@ def create_app(config, *, store: ObjectStore, instance, jobs: JobManager, token:
             path = Path(tmp) / "upload"
             size = await run_in_threadpool(_spool, file, path)
             if size > cap:
-                return _error(413, "TooLarge", f"{name!r} is {size / MiB:.1f} MB; the limit is "
-                                               f"{config.api.max_upload_mb} MB (api.max_upload_mb).")
+                return _error(
+                    413,
+                    "TooLarge",
+                    f"{name!r} is {size / MiB:.1f} MB; the limit is {config.api.max_upload_mb} MB (api.max_upload_mb).",
+                )
             try:
                 await run_in_threadpool(check_audio_file, path, name)
                 ingested = await run_in_threadpool(ingest_file, store, instance, profile, path, name)
@@ -172,8 +195,12 @@ def create_app(config, *, store: ObjectStore, instance, jobs: JobManager, token:
         if length is None or not length.isdigit():
             return _error(411, "LengthRequired", "Send the upload with a Content-Length header.")
         if int(length) > cap + FORM_OVERHEAD:
-            return _error(413, "TooLarge", f"The upload is {int(length) / MiB:.1f} MB; the limit is "
-                                           f"{config.api.max_upload_mb} MB (api.max_upload_mb).")
+            return _error(
+                413,
+                "TooLarge",
+                f"The upload is {int(length) / MiB:.1f} MB; the limit is "
+                f"{config.api.max_upload_mb} MB (api.max_upload_mb).",
+            )
         try:
             form = await request.form(max_files=1, max_fields=8)
         except Exception as err:  # noqa: BLE001 - malformed multipart
@@ -187,9 +214,17 @@ def create_app(config, *, store: ObjectStore, instance, jobs: JobManager, token:
         ingested, name, strategies = taken
         job = await run_in_threadpool(jobs.submit, ingested.partition, strategies)
         log.info("upload %s -> %s (job %s)", ingested.object_key, ingested.partition, job.job_id)
-        return JSONResponse({"job_id": job.job_id, "partition": ingested.partition, "status": job.status,
-                             "object_key": ingested.object_key, "name": name, "strategies": strategies},
-                            status_code=202)
+        return JSONResponse(
+            {
+                "job_id": job.job_id,
+                "partition": ingested.partition,
+                "status": job.status,
+                "object_key": ingested.object_key,
+                "name": name,
+                "strategies": strategies,
+            },
+            status_code=202,
+        )
 
     async def get_job(request: Request) -> Response:
         if (no := denied(request)) is not None:
@@ -203,6 +238,7 @@ def create_app(config, *, store: ObjectStore, instance, jobs: JobManager, token:
     async def recordings(request: Request) -> Response:
         if (no := denied(request)) is not None:
             return no
+
         def build() -> dict[str, Any]:
             keys = instance.get_dynamic_partitions(RECORDINGS_PARTITIONS)
             return catalog_json(store, config, keys, media_url(request))
@@ -212,12 +248,16 @@ def create_app(config, *, store: ObjectStore, instance, jobs: JobManager, token:
     async def api_config(request: Request) -> Response:
         if (no := denied(request)) is not None:
             return no
-        return JSONResponse({
-            "profiles": {n: {"description": p.description, "strategies": list(p.strategies)}
-                         for n, p in config.profiles.items()},
-            "strategies": {n: list(s.stems) for n, s in config.strategies.items()},
-            "max_upload_mb": config.api.max_upload_mb,
-        })
+        return JSONResponse(
+            {
+                "profiles": {
+                    n: {"description": p.description, "strategies": list(p.strategies)}
+                    for n, p in config.profiles.items()
+                },
+                "strategies": {n: list(s.stems) for n, s in config.strategies.items()},
+                "max_upload_mb": config.api.max_upload_mb,
+            }
+        )
 
     async def media(request: Request) -> Response:
         if (no := denied(request)) is not None:
@@ -253,16 +293,19 @@ def create_app(config, *, store: ObjectStore, instance, jobs: JobManager, token:
         yield
         await run_in_threadpool(jobs.close)  # stop the job worker after the job in hand
 
-    return Starlette(lifespan=lifespan, routes=[
-        Route("/", index),
-        Route("/healthz", healthz),
-        Route("/api/config", api_config),
-        Route("/api/upload/{profile}", upload, methods=["POST"]),
-        Route("/api/jobs/{job_id}", get_job),
-        Route("/api/recordings", recordings),
-        Route("/api/media/{key:path}", media),
-        Mount("/static", StaticFiles(directory=STATIC), name="static"),
-    ])
+    return Starlette(
+        lifespan=lifespan,
+        routes=[
+            Route("/", index),
+            Route("/healthz", healthz),
+            Route("/api/config", api_config),
+            Route("/api/upload/{profile}", upload, methods=["POST"]),
+            Route("/api/jobs/{job_id}", get_job),
+            Route("/api/recordings", recordings),
+            Route("/api/media/{key:path}", media),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        ],
+    )
 
 
 def _spool(file: UploadFile, path: Path) -> int:

@@ -41,8 +41,14 @@ JOB_TAG = "stemset/job_id"
 STRATEGIES_TAG = "stemset/strategies"
 QUEUED, RUNNING, COMPLETE, ERROR = "queued", "running", "complete", "error"
 _RUN_STATUS = {  # Dagster run status -> job status
-    "QUEUED": QUEUED, "NOT_STARTED": QUEUED, "STARTING": RUNNING, "STARTED": RUNNING, "CANCELING": RUNNING,
-    "SUCCESS": COMPLETE, "FAILURE": ERROR, "CANCELED": ERROR,
+    "QUEUED": QUEUED,
+    "NOT_STARTED": QUEUED,
+    "STARTING": RUNNING,
+    "STARTED": RUNNING,
+    "CANCELING": RUNNING,
+    "SUCCESS": COMPLETE,
+    "FAILURE": ERROR,
+    "CANCELED": ERROR,
 }
 
 
@@ -62,8 +68,15 @@ class Job:
 class JobManager:
     """Submits and tracks jobs. ``media_url(key)`` makes the URL a stem is served from."""
 
-    def __init__(self, config: StemsetConfig, instance: DagsterInstance, store: ObjectStore, *,
-                 webserver: WebserverClient | None = None, resources: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        config: StemsetConfig,
+        instance: DagsterInstance,
+        store: ObjectStore,
+        *,
+        webserver: WebserverClient | None = None,
+        resources: dict[str, Any] | None = None,
+    ):
         self.config = config
         self.instance = instance
         self.store = store
@@ -109,8 +122,9 @@ class JobManager:
             try:
                 if self._pool is None:
                     self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-                outcome = self._pool.submit(_materialize_in_worker, self.config, job.partition, job.strategies,
-                                            tags, self.resources).result()
+                outcome = self._pool.submit(
+                    _materialize_in_worker, self.config, job.partition, job.strategies, tags, self.resources
+                ).result()
                 job.run_id = outcome.run_id
                 if outcome.success:
                     self._finish(job, COMPLETE)
@@ -118,8 +132,12 @@ class JobManager:
                     self._finish(job, ERROR, outcome.error or "the run failed")
             except BrokenProcessPool:
                 self._pool = None  # a fresh worker for the next job
-                self._finish(job, ERROR, "the worker process died during the job (out of memory?); "
-                                         "upload again to retry, and see the API server's log")
+                self._finish(
+                    job,
+                    ERROR,
+                    "the worker process died during the job (out of memory?); "
+                    "upload again to retry, and see the API server's log",
+                )
             except Exception as err:  # noqa: BLE001 - the job fails, the worker goes on
                 log.exception("job %s failed", job.job_id)
                 message = str(err) if isinstance(err, StemsetError) else f"{type(err).__name__}: {err}"
@@ -167,9 +185,13 @@ class JobManager:
         if not runs:
             return None
         run = runs[0]
-        job = Job(job_id=job_id, partition=run.tags.get("dagster/partition", ""),
-                  strategies=[s for s in run.tags.get(STRATEGIES_TAG, "").split(",") if s],
-                  run_id=run.run_id, via="webserver")
+        job = Job(
+            job_id=job_id,
+            partition=run.tags.get("dagster/partition", ""),
+            strategies=[s for s in run.tags.get(STRATEGIES_TAG, "").split(",") if s],
+            run_id=run.run_id,
+            via="webserver",
+        )
         self._refresh_from_run(job)
         return job
 
@@ -219,19 +241,28 @@ class JobManager:
         done = sum(1 for s in steps if s["status"] in ("success", "skipped"))
         total = max(1 + len(job.strategies), len(steps))
         return {
-            "job_id": job.job_id, "partition": job.partition, "strategies": job.strategies,
-            "status": job.status, "error": job.error if job.status == ERROR else None,
+            "job_id": job.job_id,
+            "partition": job.partition,
+            "strategies": job.strategies,
+            "status": job.status,
+            "error": job.error if job.status == ERROR else None,
             "stems": next(iter(stem_sets.values()), {}) if job.status == COMPLETE else {},
-            "stem_sets": stem_sets, "run_id": job.run_id, "via": job.via, "steps": steps,
+            "stem_sets": stem_sets,
+            "run_id": job.run_id,
+            "via": job.via,
+            "steps": steps,
             "progress": 1.0 if job.status == COMPLETE else round(min(done / total, 0.99), 3),
-            "created_at": job.created_at, "finished_at": job.finished_at,
+            "created_at": job.created_at,
+            "finished_at": job.finished_at,
         }
 
 
-def _materialize_in_worker(config: StemsetConfig, partition: str, strategies: list[str], tags: dict[str, str],
-                           resources: dict[str, Any] | None):
+def _materialize_in_worker(
+    config: StemsetConfig, partition: str, strategies: list[str], tags: dict[str, str], resources: dict[str, Any] | None
+):
     """In the worker process: one run of ``partition`` against the instance of ``$DAGSTER_HOME``
     (inherited from the API process, which set it)."""
-    (outcome,) = materialize_in_process(config, dagster_instance(config), [partition], strategies,
-                                        resources=resources, tags=tags)
+    (outcome,) = materialize_in_process(
+        config, dagster_instance(config), [partition], strategies, resources=resources, tags=tags
+    )
     return outcome

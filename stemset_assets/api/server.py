@@ -33,12 +33,16 @@ def is_loopback(host: str) -> bool:
 def check_bind(host: str, token: str | None, auth: bool) -> None:
     """Refuse what would expose the API: auth on without a token, or no auth off loopback."""
     if auth and not token:
-        raise ApiConfigError("The web API needs a token: api.auth is true but api.token is empty.",
-                             "Export STEMSET_API_TOKEN (api.token in config.yaml); for local use only, "
-                             "set api.auth: false and serve on 127.0.0.1.")
+        raise ApiConfigError(
+            "The web API needs a token: api.auth is true but api.token is empty.",
+            "Export STEMSET_API_TOKEN (api.token in config.yaml); for local use only, "
+            "set api.auth: false and serve on 127.0.0.1.",
+        )
     if not auth and not is_loopback(host):
-        raise ApiConfigError(f"Refusing to serve the web API on {host} without a token (api.auth is false).",
-                             "Serve on 127.0.0.1, or set api.auth: true and STEMSET_API_TOKEN.")
+        raise ApiConfigError(
+            f"Refusing to serve the web API on {host} without a token (api.auth is false).",
+            "Serve on 127.0.0.1, or set api.auth: true and STEMSET_API_TOKEN.",
+        )
 
 
 def build_app(config: StemsetConfig, *, host: str = "127.0.0.1", resources: dict | None = None):
@@ -51,8 +55,10 @@ def build_app(config: StemsetConfig, *, host: str = "127.0.0.1", resources: dict
     if config.dagster.webserver_url:
         webserver = WebserverClient(config.dagster.webserver_url)
         if not webserver.reachable():
-            raise StemsetError(f"The Dagster webserver at {config.dagster.webserver_url} does not answer.",
-                               "Start it (`stemset dev`), or unset DAGSTER_WEBSERVER_URL to run jobs in-process.")
+            raise StemsetError(
+                f"The Dagster webserver at {config.dagster.webserver_url} does not answer.",
+                "Start it (`stemset dev`), or unset DAGSTER_WEBSERVER_URL to run jobs in-process.",
+            )
     jobs = JobManager(config, instance, store, webserver=webserver, resources=resources)
     return create_app(config, store=store, instance=instance, jobs=jobs, token=config.api.token, auth=config.api.auth)
 

@@ -38,8 +38,10 @@ def run_status(args: argparse.Namespace) -> int:
         print(json.dumps({"summary": json.loads(table.to_json(orient="records")), "files": rows}, indent=1))
         return 0
     if table.empty:
-        print("No recordings registered yet: drop files into inputs/<profile>/ (the new_recordings sensor "
-              "picks them up) or run `stemset process`.")
+        print(
+            "No recordings registered yet: drop files into inputs/<profile>/ (the new_recordings sensor "
+            "picks them up) or run `stemset process`."
+        )
         return 0
     print(table.to_string(index=False))
     lost = df[df["input_present"] == False]  # noqa: E712
@@ -55,20 +57,37 @@ def run_status(args: argparse.Namespace) -> int:
 def add_backfill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", "-s", required=True, help="the strategy whose stem sets to redo")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--stale-only", dest="mode", action="store_const", const="stale",
-                       help="only stale stem sets")
-    which.add_argument("--missing-only", dest="mode", action="store_const", const="missing",
-                       help="only recordings never separated with the strategy")
-    which.add_argument("--broken-only", dest="mode", action="store_const", const="broken",
-                       help="only sets with a missing manifest or a missing or short stem object")
-    which.add_argument("--failed-only", dest="mode", action="store_const", const="failed",
-                       help="only sets whose last separation failed")
+    which.add_argument("--stale-only", dest="mode", action="store_const", const="stale", help="only stale stem sets")
+    which.add_argument(
+        "--missing-only",
+        dest="mode",
+        action="store_const",
+        const="missing",
+        help="only recordings never separated with the strategy",
+    )
+    which.add_argument(
+        "--broken-only",
+        dest="mode",
+        action="store_const",
+        const="broken",
+        help="only sets with a missing manifest or a missing or short stem object",
+    )
+    which.add_argument(
+        "--failed-only",
+        dest="mode",
+        action="store_const",
+        const="failed",
+        help="only sets whose last separation failed",
+    )
     which.add_argument("--all", dest="mode", action="store_const", const="all", help="every set, current ones too")
     p.set_defaults(mode="redo")  # stale, missing, broken and failed: every set that is not current
     p.add_argument("--profile", "-p", default=None, help="only this profile's recordings")
     p.add_argument("--dry-run", "-n", action="store_true", help="print the count and estimate; launch nothing")
-    p.add_argument("--webserver", default=None,
-                   help="dagster-webserver URL to launch through (default: dagster.webserver_url in config.yaml)")
+    p.add_argument(
+        "--webserver",
+        default=None,
+        help="dagster-webserver URL to launch through (default: dagster.webserver_url in config.yaml)",
+    )
     p.add_argument("--json", action="store_true", help="print the plan (and result) as JSON")
 
 
@@ -104,13 +123,24 @@ def run_backfill(args: argparse.Namespace) -> int:
             bar.write(f"failed: {outcome.partition}: {outcome.error}")
 
     try:
-        result = launch_backfill(plan, config, instance, url=args.webserver, progress=progress,
-                                 say=lambda m: print(m, file=sys.stderr))
+        result = launch_backfill(
+            plan, config, instance, url=args.webserver, progress=progress, say=lambda m: print(m, file=sys.stderr)
+        )
     finally:
         bar.close()
     if args.json:
-        print(json.dumps({**plan.as_dict(), "dry_run": False, "path": result.path, "backfill_id": result.backfill_id,
-                          "failed": [o.partition for o in result.outcomes if not o.success]}, indent=1))
+        print(
+            json.dumps(
+                {
+                    **plan.as_dict(),
+                    "dry_run": False,
+                    "path": result.path,
+                    "backfill_id": result.backfill_id,
+                    "failed": [o.partition for o in result.outcomes if not o.success],
+                },
+                indent=1,
+            )
+        )
     else:
         print(result.message)
     return 1 if result.failed else 0

@@ -29,15 +29,24 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "csv":
         sys.stdout.write(df.to_csv(index=False))
     elif args.format == "json":
-        print(json.dumps({"rows": json.loads(df.to_json(orient="records", date_format="iso")),
-                          "totals": totals(df)}, indent=1))
+        print(
+            json.dumps(
+                {"rows": json.loads(df.to_json(orient="records", date_format="iso")), "totals": totals(df)}, indent=1
+            )
+        )
     else:
         cols = ["partition", "strategy", "state", "duration_s", "stems", "cost_usd"]
-        table = [tuple(cols)] + [tuple("" if v is None or v != v else (f"{v:.4g}" if isinstance(v, float) else str(v))
-                                       for v in row) for row in df[cols].itertuples(index=False)]
+        table = [tuple(cols)] + [
+            tuple("" if v is None or v != v else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row)
+            for row in df[cols].itertuples(index=False)
+        ]
         print(format_table(table))
         t = totals(df)
-        states = " / ".join(f"{t[s]} {s}" for s in ("current", "stale", "missing", "failed", "broken", "unused") if t[s])
-        print(f"\n{t['recordings']} recordings, {t['audio_hours'] * 60:.1f} min of audio, stem sets: {states or 'none'}, "
-              f"{t['gpu_hours']:.3f} GPU-hours, ${t['cost_usd']:.2f}")
+        states = " / ".join(
+            f"{t[s]} {s}" for s in ("current", "stale", "missing", "failed", "broken", "unused") if t[s]
+        )
+        print(
+            f"\n{t['recordings']} recordings, {t['audio_hours'] * 60:.1f} min of audio, stem sets: {states or 'none'}, "
+            f"{t['gpu_hours']:.3f} GPU-hours, ${t['cost_usd']:.2f}"
+        )
     return 0

@@ -27,8 +27,10 @@ def dev_command(config_path: str | None, extra: list[str], env: dict[str, str]) 
     if not workspace.is_file():
         workspace = ROOT / "workspace.yaml"
     if not workspace.is_file():
-        raise StemsetError("No workspace.yaml here or in the Stemset checkout.",
-                           "Run `stemset dev` from the project folder (the one with workspace.yaml).")
+        raise StemsetError(
+            "No workspace.yaml here or in the Stemset checkout.",
+            "Run `stemset dev` from the project folder (the one with workspace.yaml).",
+        )
     env = dict(env)
     if not env.get("DAGSTER_HOME"):
         env["DAGSTER_HOME"] = str(Path(DEFAULT_HOME).absolute())

@@ -34,8 +34,13 @@ def _common_args(p: argparse.ArgumentParser, default=None) -> None:
     # (a subcommand that defines one of them itself keeps its own).
     flag = default if default is not None else False
     options = [
-        (("--config", "-c"), {"default": default,
-                              "help": "config file (default: $STEMSET_CONFIG, else ./config.yaml, else built-in defaults)"}),
+        (
+            ("--config", "-c"),
+            {
+                "default": default,
+                "help": "config file (default: $STEMSET_CONFIG, else ./config.yaml, else built-in defaults)",
+            },
+        ),
         (("--debug",), {"action": "store_true", "default": flag, "help": "show tracebacks"}),
         (("--quiet", "-q"), {"action": "store_true", "default": flag, "help": "no progress bars"}),
     ]
@@ -87,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - last resort: one line, traceback behind --debug
         if args.debug:
             raise
-        print(f"error: unexpected {type(err).__name__}: {err}. Run again with --debug for the traceback "
-              "and report it if it persists.", file=sys.stderr)
+        print(
+            f"error: unexpected {type(err).__name__}: {err}. Run again with --debug for the traceback "
+            "and report it if it persists.",
+            file=sys.stderr,
+        )
         return 1

@@ -48,14 +48,33 @@ class Row:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("profile", metavar="PROFILE", help="profile from config.yaml (e.g. h4n)")
-    p.add_argument("files", nargs="*", type=Path, metavar="FILE",
-                   help="audio files to upload and process (none: every input of the profile that is not current)")
-    p.add_argument("--strategy", "-s", action="append", default=None, metavar="S",
-                   help="strategy to run (repeatable; default: the profile's strategies)")
-    p.add_argument("--local", action="store_true",
-                   help="separate in this process with the local separator (ignores gpu.backend and the webserver)")
-    p.add_argument("--out", "-o", type=Path, default=Path("media"),
-                   help="where stems are downloaded: OUT/<profile>/<slug>/ (default ./media)")
+    p.add_argument(
+        "files",
+        nargs="*",
+        type=Path,
+        metavar="FILE",
+        help="audio files to upload and process (none: every input of the profile that is not current)",
+    )
+    p.add_argument(
+        "--strategy",
+        "-s",
+        action="append",
+        default=None,
+        metavar="S",
+        help="strategy to run (repeatable; default: the profile's strategies)",
+    )
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="separate in this process with the local separator (ignores gpu.backend and the webserver)",
+    )
+    p.add_argument(
+        "--out",
+        "-o",
+        type=Path,
+        default=Path("media"),
+        help="where stems are downloaded: OUT/<profile>/<slug>/ (default ./media)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,12 +140,15 @@ def _not_current(store, instance, config, profile: str, strategies: list[str]) -
     by_object = assign_partition_keys(profile, list_inputs(store, profile), existing)
     register_partitions(instance, by_object.values())
     names = {pk: obj.rsplit("/", 1)[-1] for obj, pk in by_object.items()}
-    states = read_status(instance, config, strategies, profile, store=store, partitions=list(names),
-                         also_wanted=strategies)
+    states = read_status(
+        instance, config, strategies, profile, store=store, partitions=list(names), also_wanted=strategies
+    )
     return {s.partition: names[s.partition] for s in states if s.state in TO_REDO}
 
 
-def _run(config, instance, keys: list[str], strategies: list[str], *, local: bool, quiet) -> dict[str, tuple[float, str | None]]:
+def _run(
+    config, instance, keys: list[str], strategies: list[str], *, local: bool, quiet
+) -> dict[str, tuple[float, str | None]]:
     """Run every partition; ``{partition: (seconds, error or None)}``."""
     # Dagster loads only when a command runs, so `stemset --help` stays fast.
     from ..defs.runs import materialize_in_process, selection_for
@@ -138,14 +160,21 @@ def _run(config, instance, keys: list[str], strategies: list[str], *, local: boo
         if url and not local:
             client = WebserverClient(url)
             selection = selection_for(config, strategies)
-            launched = {pk: (client.launch_run(pk, selection, tags={"stemset/launched_by": "stemset process"}),
-                             time.monotonic()) for pk in keys}
+            launched = {
+                pk: (
+                    client.launch_run(pk, selection, tags={"stemset/launched_by": "stemset process"}),
+                    time.monotonic(),
+                )
+                for pk in keys
+            }
             pending = dict(launched)
             while pending:
                 for pk, (run_id, t0) in list(pending.items()):
                     status = client.run_status(run_id)
                     if status in RUN_DONE:
-                        error = None if status == "SUCCESS" else f"run {run_id} ended {status}; see it in the Dagster UI"
+                        error = (
+                            None if status == "SUCCESS" else f"run {run_id} ended {status}; see it in the Dagster UI"
+                        )
                         out[pk] = (time.monotonic() - t0, error)
                         del pending[pk]
                         bar.update(1)
@@ -165,8 +194,9 @@ def _run(config, instance, keys: list[str], strategies: list[str], *, local: boo
     return out
 
 
-def _collect(store, config, pk: str, name: str, strategy: str, seconds: float, error: str | None,
-             out: Path, n_strategies: int) -> Row:
+def _collect(
+    store, config, pk: str, name: str, strategy: str, seconds: float, error: str | None, out: Path, n_strategies: int
+) -> Row:
     if error is not None:
         return Row(name, pk, strategy, False, seconds=seconds, error=error)
     manifest = read_manifest(store, pk, strategy)
@@ -174,13 +204,29 @@ def _collect(store, config, pk: str, name: str, strategy: str, seconds: float, e
         return Row(name, pk, strategy, False, seconds=seconds, error="the run succeeded but wrote no stem set")
     folder = out / pk if n_strategies == 1 else out / pk / strategy
     download_stems(store, manifest, folder)
-    return Row(name, pk, strategy, True, stems=", ".join(manifest.stems), seconds=seconds,
-               cost=cost_usd(manifest, price_for(manifest, config.gpu)), folder=folder)
+    return Row(
+        name,
+        pk,
+        strategy,
+        True,
+        stems=", ".join(manifest.stems),
+        seconds=seconds,
+        cost=cost_usd(manifest, price_for(manifest, config.gpu)),
+        folder=folder,
+    )
 
 
 def _print_summary(rows: list[Row]) -> None:
     table = [("file", "strategy", "stems", "seconds", "cost", "where")]
     for r in rows:
-        table.append((r.file, r.strategy, r.stems if r.ok else "FAILED", f"{r.seconds:.1f}", f"${r.cost:.4f}",
-                      str(r.folder) if r.folder else "-"))
+        table.append(
+            (
+                r.file,
+                r.strategy,
+                r.stems if r.ok else "FAILED",
+                f"{r.seconds:.1f}",
+                f"${r.cost:.4f}",
+                str(r.folder) if r.folder else "-",
+            )
+        )
     print(format_table(table))

@@ -69,6 +69,7 @@ def main() -> int:
         if not keys or not profile.strategies:
             continue
         with tqdm(total=len(keys), desc=f"{name}: {', '.join(profile.strategies)}", unit="file") as bar:
+
             def advance(done: int, total: int, outcome) -> None:
                 bar.update(1)
                 if not outcome.success:
@@ -80,7 +81,9 @@ def main() -> int:
     if not catalog.success:
         print(f"catalog failed: {catalog.error}", file=sys.stderr)
         return 1
-    print(f"catalog: {store.uri(CATALOG_CSV)}; stems under {OUTPUTS}/ in {store.uri(CATALOG_CSV).rsplit('/catalog/', 1)[0]}")
+    print(
+        f"catalog: {store.uri(CATALOG_CSV)}; stems under {OUTPUTS}/ in {store.uri(CATALOG_CSV).rsplit('/catalog/', 1)[0]}"
+    )
     print("Browse the runs and assets with: dagster dev -w workspace.yaml")
     if failed:
         print(f"{failed} recording(s) failed: see the 'failed:' lines above.", file=sys.stderr)

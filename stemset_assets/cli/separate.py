@@ -21,8 +21,12 @@ from .common import existing_file
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="audio files to separate")
-    p.add_argument("--strategy", "-s", default=None,
-                   help="strategy name from config.yaml (default: the first strategy of the first profile)")
+    p.add_argument(
+        "--strategy",
+        "-s",
+        default=None,
+        help="strategy name from config.yaml (default: the first strategy of the first profile)",
+    )
     p.add_argument("--out", "-o", type=Path, default=Path("separated"), help="output folder (default ./separated)")
     p.add_argument("--format", "-f", choices=["wav", "flac", "opus", "m4a"], default="wav")
     p.add_argument("--bitrate", type=int, default=192, help="kbit/s for opus and m4a (default 192)")
@@ -41,13 +45,27 @@ def run(args: argparse.Namespace) -> int:
     failures = 0
     for path in files:
         job = SeparationJob(
-            job_id=uuid.uuid4().hex[:12], input_key=path.name, output_prefix=_folder_name(path),
-            strategy_name=name, strategy=strategy.to_tree(), fingerprint=fp,
-            storage=StorageRef("local", root=str(path.parent)), output_storage=StorageRef("local", root=str(out)),
-            output_format=args.format, bitrate_kbps=args.bitrate, model_repo=repo, device=args.device,
+            job_id=uuid.uuid4().hex[:12],
+            input_key=path.name,
+            output_prefix=_folder_name(path),
+            strategy_name=name,
+            strategy=strategy.to_tree(),
+            fingerprint=fp,
+            storage=StorageRef("local", root=str(path.parent)),
+            output_storage=StorageRef("local", root=str(out)),
+            output_format=args.format,
+            bitrate_kbps=args.bitrate,
+            model_repo=repo,
+            device=args.device,
         )
-        with tqdm(total=100, desc=path.name[:30], unit="%", bar_format="{desc:30} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}",
-                  disable=None if not args.quiet else True) as bar:
+        with tqdm(
+            total=100,
+            desc=path.name[:30],
+            unit="%",
+            bar_format="{desc:30} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}",
+            disable=None if not args.quiet else True,
+        ) as bar:
+
             def advance(fraction: float) -> None:
                 bar.update(round(fraction * 100) - bar.n)
 
@@ -62,8 +80,10 @@ def run(args: argparse.Namespace) -> int:
                 continue
         folder = out / job.output_prefix
         stems = ", ".join(result.stems)
-        print(f"{path.name}: {len(result.stems)} stems ({stems}) in {folder} "
-              f"[{result.input_duration_s:.1f} s audio, {result.timings['total']:.1f} s on {result.device}]")
+        print(
+            f"{path.name}: {len(result.stems)} stems ({stems}) in {folder} "
+            f"[{result.input_duration_s:.1f} s audio, {result.timings['total']:.1f} s on {result.device}]"
+        )
     if failures:
         print(f"{failures} of {len(files)} file(s) failed; see the errors above.", file=sys.stderr)
         return 1

@@ -102,8 +102,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue  # unhashable: the base class reports it
             if duplicate:
                 raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark,
-                    f"found duplicate key {key!r}", key_node.start_mark,
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r}",
+                    key_node.start_mark,
                 )
         return super().construct_mapping(node, deep=deep)
 
@@ -132,7 +134,6 @@ def _parse_yaml(text: str, source: str) -> dict:
             f"(storage, gpu, models, sensors, backfill, profiles, strategies), got {type(data).__name__}."
         )
     return data
-
 
 
 def raw_section(config: StemsetConfig, *path: str) -> dict[str, Any]:

@@ -67,8 +67,10 @@ SECRET_FIELDS = frozenset({"access_key_id", "secret_access_key", "token"})
 
 def _masked_repr(self) -> str:
     """A dataclass repr with every field in SECRET_FIELDS masked: secrets are never printed."""
-    parts = (f"{f.name}={_secret(getattr(self, f.name)) if f.name in SECRET_FIELDS else repr(getattr(self, f.name))}"
-             for f in fields(self))
+    parts = (
+        f"{f.name}={_secret(getattr(self, f.name)) if f.name in SECRET_FIELDS else repr(getattr(self, f.name))}"
+        for f in fields(self)
+    )
     return f"{type(self).__name__}({', '.join(parts)})"
 
 
@@ -188,8 +190,7 @@ class StemsetConfig:
             return self.strategies[name]
         except (KeyError, TypeError):
             raise ConfigError(
-                f"{self.source}: no strategy named {name!r} under strategies "
-                f"(known: {names_of(self.strategies)})."
+                f"{self.source}: no strategy named {name!r} under strategies (known: {names_of(self.strategies)})."
             ) from None
 
     def profile(self, name: str) -> Profile:
@@ -197,11 +198,9 @@ class StemsetConfig:
             return self.profiles[name]
         except (KeyError, TypeError):
             raise ConfigError(
-                f"{self.source}: no profile named {name!r} under profiles "
-                f"(known: {names_of(self.profiles)})."
+                f"{self.source}: no profile named {name!r} under profiles (known: {names_of(self.profiles)})."
             ) from None
 
 
 def names_of(mapping: Mapping[str, Any]) -> str:
     return ", ".join(mapping) if mapping else "none"
-

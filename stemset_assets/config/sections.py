@@ -58,7 +58,6 @@ _KEYS = {
 }
 
 
-
 class SectionReader(ValueReader):
     """Turns the parsed tree into :class:`StemsetConfig`, section by section."""
 
@@ -89,7 +88,8 @@ class SectionReader(ValueReader):
         if backend == "s3":
             if not s3_sec:
                 raise self.error(
-                    "storage.s3", "is required when storage.backend is s3.",
+                    "storage.s3",
+                    "is required when storage.backend is s3.",
                     "Add the s3 block (endpoint_url, bucket, access_key_id, secret_access_key).",
                 )
             s3 = self.read_s3(s3_sec)
@@ -109,9 +109,7 @@ class SectionReader(ValueReader):
             bucket=bucket,
             region=self.text(self.get(sec, "region", p, "auto"), f"{p}.region"),
             access_key_id=self.text(self.get(sec, "access_key_id", p), f"{p}.access_key_id", optional=True),
-            secret_access_key=self.text(
-                self.get(sec, "secret_access_key", p), f"{p}.secret_access_key", optional=True
-            ),
+            secret_access_key=self.text(self.get(sec, "secret_access_key", p), f"{p}.secret_access_key", optional=True),
             public_url=self.url(self.get(sec, "public_url", p), f"{p}.public_url", optional=True),
         )
 
@@ -126,26 +124,35 @@ class SectionReader(ValueReader):
         token = self.text(self.get(sec, "token", "gpu", required=http), "gpu.token", optional=True)
         if http and url is None:
             raise self.error(
-                "gpu.url", "is required when gpu.backend is http.",
+                "gpu.url",
+                "is required when gpu.backend is http.",
                 "Set it to the worker's base URL (e.g. export GPU_WORKER_URL=https://gpu.example.com).",
             )
         prices = dict(DEFAULT_PRICES)
         raw_prices = self.get(sec, "prices_per_hour", "gpu", {})
         if not isinstance(raw_prices, dict):
-            raise self.error("gpu.prices_per_hour", "must be a mapping of GPU type to $ per hour, e.g. {A100-40GB: 2.50}.")
+            raise self.error(
+                "gpu.prices_per_hour", "must be a mapping of GPU type to $ per hour, e.g. {A100-40GB: 2.50}."
+            )
         for name, price in raw_prices.items():
             prices[str(name)] = self.number(price, f"gpu.prices_per_hour.{name}", 0, "a price in $ per hour")
         timeout = self.number(self.get(sec, "timeout_s", "gpu", 1800.0), "gpu.timeout_s", 1, "seconds")
         gpu = GpuConfig(
-            backend=backend, type=gpu_type, app=app, url=url, token=token,
-            prices_per_hour=prices, timeout_s=timeout,
+            backend=backend,
+            type=gpu_type,
+            app=app,
+            url=url,
+            token=token,
+            prices_per_hour=prices,
+            timeout_s=timeout,
         )
         if backend != "local":  # remote runs are billed: their GPU type needs a price
             try:
                 gpu.price_per_hour()
             except ConfigError:
                 raise self.error(
-                    "gpu.type", f"{gpu_type!r} has no price in gpu.prices_per_hour (known: {', '.join(prices)}).",
+                    "gpu.type",
+                    f"{gpu_type!r} has no price in gpu.prices_per_hour (known: {', '.join(prices)}).",
                     f"Add `{gpu_type}: <$ per hour>` to gpu.prices_per_hour, or pick a known type.",
                 ) from None
         return gpu
@@ -173,14 +180,19 @@ class SectionReader(ValueReader):
         sec = self.section(raw, "sensors", _KEYS["sensors"])
         auto_raw = self.get(sec, "auto_reprocess", "sensors", {})
         if not isinstance(auto_raw, dict):
-            raise self.error("sensors.auto_reprocess", "must be a mapping of strategy name to "
-                             "{enabled, max_per_tick, daily_cost_ceiling_usd}.")
+            raise self.error(
+                "sensors.auto_reprocess",
+                "must be a mapping of strategy name to {enabled, max_per_tick, daily_cost_ceiling_usd}.",
+            )
         auto: dict[str, AutoReprocess] = {}
         for name, body in auto_raw.items():
             p = f"sensors.auto_reprocess.{name}"
             if name not in strategies:
-                raise self.error(p, f"names unknown strategy {name!r} (known: {names_of(strategies)}).",
-                                 "Use a strategy name defined under strategies.")
+                raise self.error(
+                    p,
+                    f"names unknown strategy {name!r} (known: {names_of(strategies)}).",
+                    "Use a strategy name defined under strategies.",
+                )
             item = self.section(body, p, _KEYS["auto_reprocess"])
             enabled = self.get(item, "enabled", p, False)
             if not isinstance(enabled, bool):
@@ -190,8 +202,12 @@ class SectionReader(ValueReader):
             auto[name] = AutoReprocess(
                 enabled=enabled,
                 max_per_tick=self.integer(self.get(item, "max_per_tick", p, 5), f"{p}.max_per_tick", 1, 10_000),
-                daily_cost_ceiling_usd=self.number(self.get(item, "daily_cost_ceiling_usd", p, 10.0),
-                                                   f"{p}.daily_cost_ceiling_usd", 0, "an amount in US$"),
+                daily_cost_ceiling_usd=self.number(
+                    self.get(item, "daily_cost_ceiling_usd", p, 10.0),
+                    f"{p}.daily_cost_ceiling_usd",
+                    0,
+                    "an amount in US$",
+                ),
             )
         return SensorsConfig(
             max_new_per_tick=self.integer(
@@ -207,10 +223,13 @@ class SectionReader(ValueReader):
         return BackfillConfig(
             billed_seconds_per_audio_second=self.number(
                 self.get(sec, "billed_seconds_per_audio_second", "backfill", 0.1),
-                "backfill.billed_seconds_per_audio_second", 0, "seconds per audio second",
+                "backfill.billed_seconds_per_audio_second",
+                0,
+                "seconds per audio second",
             ),
             max_partitions_per_run=self.integer(
-                self.get(sec, "max_partitions_per_run", "backfill", 10), "backfill.max_partitions_per_run", 1, 1000),
+                self.get(sec, "max_partitions_per_run", "backfill", 10), "backfill.max_partitions_per_run", 1, 1000
+            ),
         )
 
     def read_api(self, raw: Any) -> ApiConfig:
@@ -233,9 +252,7 @@ class SectionReader(ValueReader):
 
     def check_name(self, name: Any, path: str, what: str) -> str:
         if not isinstance(name, str) or not NAME.match(name):
-            raise self.error(
-                path, f"{what} name {name!r} is not usable as a path segment and Dagster key.", NAME_HINT
-            )
+            raise self.error(path, f"{what} name {name!r} is not usable as a path segment and Dagster key.", NAME_HINT)
         return name
 
     def read_strategies(self, raw: Any) -> tuple[dict[str, Strategy], dict[str, dict]]:
@@ -289,4 +306,3 @@ class SectionReader(ValueReader):
             )
             profiles[name] = Profile(name=name, description=description, strategies=tuple(names), output=output)
         return profiles
-

@@ -118,4 +118,3 @@ class ValueReader:
         if not path.is_absolute():
             path = anchor / path
         return Path(os.path.normpath(path))
-

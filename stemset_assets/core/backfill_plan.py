@@ -25,8 +25,12 @@ from .state import BROKEN, CURRENT, FAILED, INPUT_CHANGED, MISSING, NOT_RECORDED
 from .status import SetStatus, StrategyHistory
 
 MODE_STATES = {
-    "redo": tuple(sorted(TO_REDO)), "stale": (STALE,), "missing": (MISSING,), "broken": (BROKEN,),
-    "failed": (FAILED,), "all": (*sorted(TO_REDO), CURRENT),
+    "redo": tuple(sorted(TO_REDO)),
+    "stale": (STALE,),
+    "missing": (MISSING,),
+    "broken": (BROKEN,),
+    "failed": (FAILED,),
+    "all": (*sorted(TO_REDO), CURRENT),
 }
 MODES = tuple(MODE_STATES)
 NEEDS_RECORDING = (INPUT_CHANGED, NOT_RECORDED)
@@ -53,10 +57,20 @@ def cost_model(config: StemsetConfig, history: StrategyHistory | None) -> CostMo
     price = 0.0 if backend == "local" else config.gpu.price_per_hour()
     recorded = history.billed_per_audio_second(backend) if history is not None else None
     if recorded is not None:
-        return CostModel(backend, None if backend == "local" else config.gpu.type, price, recorded,
-                         f"recorded on the {backend} backend")
-    return CostModel(backend, None if backend == "local" else config.gpu.type, price,
-                     config.backfill.billed_seconds_per_audio_second, "config default (backfill.billed_seconds_per_audio_second)")
+        return CostModel(
+            backend,
+            None if backend == "local" else config.gpu.type,
+            price,
+            recorded,
+            f"recorded on the {backend} backend",
+        )
+    return CostModel(
+        backend,
+        None if backend == "local" else config.gpu.type,
+        price,
+        config.backfill.billed_seconds_per_audio_second,
+        "config default (backfill.billed_seconds_per_audio_second)",
+    )
 
 
 @dataclass
@@ -89,22 +103,35 @@ class BackfillPlan:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "strategy": self.strategy, "mode": self.mode, "profile": self.profile, "count": self.count,
-            "audio_hours": round(self.audio_hours, 4), "billed_seconds": round(self.billed_seconds, 2),
-            "estimated_cost_usd": round(self.cost_usd, 4), "backend": self.estimate.backend,
-            "gpu_type": self.estimate.gpu_type, "price_per_hour": self.estimate.price_per_hour,
+            "strategy": self.strategy,
+            "mode": self.mode,
+            "profile": self.profile,
+            "count": self.count,
+            "audio_hours": round(self.audio_hours, 4),
+            "billed_seconds": round(self.billed_seconds, 2),
+            "estimated_cost_usd": round(self.cost_usd, 4),
+            "backend": self.estimate.backend,
+            "gpu_type": self.estimate.gpu_type,
+            "price_per_hour": self.estimate.price_per_hour,
             "billed_per_audio_second": round(self.estimate.billed_per_audio_second, 4),
-            "estimate_source": self.estimate.source, "include_recording": self.include_recording,
-            "partitions": self.partitions, "skipped": self.skipped, "unknown_duration": self.unknown_duration,
+            "estimate_source": self.estimate.source,
+            "include_recording": self.include_recording,
+            "partitions": self.partitions,
+            "skipped": self.skipped,
+            "unknown_duration": self.unknown_duration,
         }
 
     def describe(self) -> str:
         where = f" of profile {self.profile}" if self.profile else ""
-        cost = ("$0.00 (local backend: runs in this machine)" if self.estimate.backend == "local"
-                else f"${self.cost_usd:.2f} on {self.estimate.gpu_type} at ${self.estimate.price_per_hour:.2f}/h")
+        cost = (
+            "$0.00 (local backend: runs in this machine)"
+            if self.estimate.backend == "local"
+            else f"${self.cost_usd:.2f} on {self.estimate.gpu_type} at ${self.estimate.price_per_hour:.2f}/h"
+        )
         lines = [
-            f"{self.count} {self.mode if self.mode not in ('all', 'redo') else ''} partition(s){where} for strategy {self.strategy!r}"
-            .replace("  ", " "),
+            f"{self.count} {self.mode if self.mode not in ('all', 'redo') else ''} partition(s){where} for strategy {self.strategy!r}".replace(
+                "  ", " "
+            ),
             f"  audio: {self.audio_hours:.3f} h ({self.audio_seconds:.0f} s)"
             + (f"; {self.unknown_duration} without a known duration" if self.unknown_duration else ""),
             f"  estimated compute: {self.billed_seconds / 3600:.3f} h "
@@ -112,8 +139,12 @@ class BackfillPlan:
             f"  estimated cost: {cost}",
         ]
         if self.skipped:
-            lines.append(f"  left out: {len(self.skipped)} (" + ", ".join(
-                f"{pk}: {why}" for pk, why in list(self.skipped.items())[:5]) + (", ..." if len(self.skipped) > 5 else "") + ")")
+            lines.append(
+                f"  left out: {len(self.skipped)} ("
+                + ", ".join(f"{pk}: {why}" for pk, why in list(self.skipped.items())[:5])
+                + (", ..." if len(self.skipped) > 5 else "")
+                + ")"
+            )
         return "\n".join(lines)
 
 
@@ -126,8 +157,14 @@ def check_request(config: StemsetConfig, strategy: str, mode: str, profile: str 
     return strategy
 
 
-def plan_from_states(config: StemsetConfig, strategy: str, mode: str, profile: str | None,
-                     states: Sequence[SetStatus], history: StrategyHistory | None) -> BackfillPlan:
+def plan_from_states(
+    config: StemsetConfig,
+    strategy: str,
+    mode: str,
+    profile: str | None,
+    states: Sequence[SetStatus],
+    history: StrategyHistory | None,
+) -> BackfillPlan:
     """The partitions of ``strategy`` in ``states`` to redo (``mode``: one of :data:`MODES`; unused
     sets are never chosen) and their estimate from ``history`` (None: the config default)."""
     wanted = MODE_STATES[mode]
@@ -147,5 +184,6 @@ def plan_from_states(config: StemsetConfig, strategy: str, mode: str, profile: s
             unknown += 1
         else:
             seconds += s.duration_s
-    return BackfillPlan(strategy, mode, profile, chosen, seconds, cost_model(config, history),
-                        recording, skipped, unknown)
+    return BackfillPlan(
+        strategy, mode, profile, chosen, seconds, cost_model(config, history), recording, skipped, unknown
+    )

@@ -23,9 +23,28 @@ from .state import BROKEN, INPUT_CHANGED, INPUT_MISSING, MISSING, NOT_RECORDED, 
 from .status import SetStatus, status_rows
 
 COLUMNS = [
-    "partition", "profile", "strategy", "default", "state", "reason", "detail", "recording_state", "original_key",
-    "duration_s", "fingerprint", "manifest_fingerprint", "stems", "stem_uris", "stem_keys", "format", "backend",
-    "gpu_type", "gpu_seconds", "cost_usd", "made_at", "manifest_uri",
+    "partition",
+    "profile",
+    "strategy",
+    "default",
+    "state",
+    "reason",
+    "detail",
+    "recording_state",
+    "original_key",
+    "duration_s",
+    "fingerprint",
+    "manifest_fingerprint",
+    "stems",
+    "stem_uris",
+    "stem_keys",
+    "format",
+    "backend",
+    "gpu_type",
+    "gpu_seconds",
+    "cost_usd",
+    "made_at",
+    "manifest_uri",
 ]
 PREVIEW_ROWS = 50
 PREVIEW_COLUMNS = ["partition", "strategy", "state", "reason", "duration_s", "gpu_seconds", "cost_usd"]
@@ -49,27 +68,40 @@ def catalog_frame(store: ObjectStore, rows: Iterable[SetStatus]) -> pd.DataFrame
     out = []
     for r in rows:
         whole = r.state in PLAYABLE_STATES and bool(r.stems)
-        out.append({
-            "partition": r.partition, "profile": r.profile, "strategy": r.strategy, "default": r.default,
-            "state": r.state, "reason": r.reason, "detail": r.detail, "recording_state": recording_state(r),
-            "original_key": r.original_key,
-            "duration_s": None if r.duration_s is None else round(r.duration_s, 3),
-            "fingerprint": r.current_fingerprint, "manifest_fingerprint": r.fingerprint,
-            "stems": ",".join(r.stems) if r.stems else None,
-            "stem_uris": json.dumps({s: store.uri(k) for s, k in r.stems.items()}) if whole else None,
-            "stem_keys": json.dumps(r.stems) if whole else None,
-            "format": r.format, "backend": r.backend, "gpu_type": r.gpu_type,
-            "gpu_seconds": float(r.billed_seconds or 0.0), "cost_usd": float(r.cost_usd or 0.0),
-            "made_at": None if r.materialized_at is None else pd.Timestamp(r.materialized_at, unit="s", tz="UTC"),
-            "manifest_uri": store.uri(manifest_key(r.partition, r.strategy)) if r.fingerprint else None,
-        })
+        out.append(
+            {
+                "partition": r.partition,
+                "profile": r.profile,
+                "strategy": r.strategy,
+                "default": r.default,
+                "state": r.state,
+                "reason": r.reason,
+                "detail": r.detail,
+                "recording_state": recording_state(r),
+                "original_key": r.original_key,
+                "duration_s": None if r.duration_s is None else round(r.duration_s, 3),
+                "fingerprint": r.current_fingerprint,
+                "manifest_fingerprint": r.fingerprint,
+                "stems": ",".join(r.stems) if r.stems else None,
+                "stem_uris": json.dumps({s: store.uri(k) for s, k in r.stems.items()}) if whole else None,
+                "stem_keys": json.dumps(r.stems) if whole else None,
+                "format": r.format,
+                "backend": r.backend,
+                "gpu_type": r.gpu_type,
+                "gpu_seconds": float(r.billed_seconds or 0.0),
+                "cost_usd": float(r.cost_usd or 0.0),
+                "made_at": None if r.materialized_at is None else pd.Timestamp(r.materialized_at, unit="s", tz="UTC"),
+                "manifest_uri": store.uri(manifest_key(r.partition, r.strategy)) if r.fingerprint else None,
+            }
+        )
     df = pd.DataFrame(out, columns=COLUMNS)
     df["made_at"] = pd.to_datetime(df["made_at"], utc=True)
     return df
 
 
-def build_catalog(store: ObjectStore, config: StemsetConfig, partition_keys: Iterable[str],
-                  cache: FactCache | None = None) -> pd.DataFrame:
+def build_catalog(
+    store: ObjectStore, config: StemsetConfig, partition_keys: Iterable[str], cache: FactCache | None = None
+) -> pd.DataFrame:
     """:func:`catalog_frame` of the states of ``partition_keys`` x every strategy in ``config``."""
     return catalog_frame(store, status_rows(store, config, sorted(set(partition_keys)), cache=cache))
 

@@ -54,7 +54,7 @@ def short_hash(object_key: str) -> str:
 def relative_name(profile: str, object_key: str) -> str:
     """The object's path below ``inputs/<profile>/`` (the whole key if it is elsewhere)."""
     prefix = input_prefix(profile)
-    return object_key[len(prefix):] if object_key.startswith(prefix) else object_key
+    return object_key[len(prefix) :] if object_key.startswith(prefix) else object_key
 
 
 def base_slug(profile: str, object_key: str) -> str:
@@ -70,9 +70,7 @@ def hashed_key(profile: str, object_key: str) -> str:
     return f"{profile}/{base}-{short_hash(object_key)}"
 
 
-def partition_key(
-    profile: str, object_key: str, existing_keys: Mapping[str, str | None] | Iterable[str] = ()
-) -> str:
+def partition_key(profile: str, object_key: str, existing_keys: Mapping[str, str | None] | Iterable[str] = ()) -> str:
     """The partition key for ``object_key`` under ``profile``: ``<profile>/<slug>``.
 
     ``existing_keys`` are the partition keys in use, either as a mapping to the object key
@@ -104,7 +102,8 @@ def list_inputs(store: ObjectStore, profile: str) -> list[ObjectInfo]:
     """Every input object of a profile (one paginated list), hidden names (``.x``) skipped,
     oldest first (ties by key): the order in which bare slugs are handed out."""
     infos = [
-        info for info in store.list(input_prefix(profile))
+        info
+        for info in store.list(input_prefix(profile))
         if not any(part.startswith(".") for part in relative_name(profile, info.key).split("/"))
     ]
     infos.sort(key=lambda info: (info.last_modified, info.key))

@@ -15,13 +15,17 @@ def check_strategies(config: StemsetConfig, strategies: Sequence[str] | None) ->
         return list(config.strategies)
     unknown = [s for s in strategies if s not in config.strategies]
     if unknown:
-        raise StemsetError(f"Unknown strategy {', '.join(map(repr, unknown))}.",
-                           f"Use one of: {', '.join(config.strategies) or 'none'} (config.yaml `strategies`).")
+        raise StemsetError(
+            f"Unknown strategy {', '.join(map(repr, unknown))}.",
+            f"Use one of: {', '.join(config.strategies) or 'none'} (config.yaml `strategies`).",
+        )
     return list(strategies)
 
 
 def check_profile(config: StemsetConfig, profile: str | None) -> str | None:
     if profile is not None and profile not in config.profiles:
-        raise StemsetError(f"Unknown profile {profile!r}.",
-                           f"Use one of: {', '.join(config.profiles) or 'none'} (config.yaml `profiles`).")
+        raise StemsetError(
+            f"Unknown profile {profile!r}.",
+            f"Use one of: {', '.join(config.profiles) or 'none'} (config.yaml `profiles`).",
+        )
     return profile

@@ -30,10 +30,26 @@ from .state import FailureFacts, ManifestFacts, RecordingFacts, SetFacts, SetSta
 READ_THREADS = 16  # small GETs: on S3 each is a round trip, so overlap them
 NARROW_MAX = 20  # up to this many partitions, list their folders instead of whole profiles
 # The fields of each document the rule and its readers use: all a cache entry keeps.
-KEPT_FIELDS = frozenset({
-    "fingerprint", "input_sha256", "stems", "billed_seconds", "backend", "gpu_type", "device", "input_duration_s",
-    "source_sha256", "input_etag", "duration_s", "original_key", "sha256", "error", "failed_at", "cpu_seconds",
-})
+KEPT_FIELDS = frozenset(
+    {
+        "fingerprint",
+        "input_sha256",
+        "stems",
+        "billed_seconds",
+        "backend",
+        "gpu_type",
+        "device",
+        "input_duration_s",
+        "source_sha256",
+        "input_etag",
+        "duration_s",
+        "original_key",
+        "sha256",
+        "error",
+        "failed_at",
+        "cpu_seconds",
+    }
+)
 STEM_FIELDS = ("key", "bytes", "format")
 
 
@@ -156,8 +172,10 @@ def _read_json(store: ObjectStore, infos: Sequence[ObjectInfo], cache: FactCache
 def _slim(doc: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in doc.items() if k in KEPT_FIELDS}
     if isinstance(out.get("stems"), dict):
-        out["stems"] = {name: {f: stem.get(f) for f in STEM_FIELDS} if isinstance(stem, dict) else stem
-                        for name, stem in out["stems"].items()}
+        out["stems"] = {
+            name: {f: stem.get(f) for f in STEM_FIELDS} if isinstance(stem, dict) else stem
+            for name, stem in out["stems"].items()
+        }
     return out
 
 
@@ -167,11 +185,15 @@ def manifest_facts(data: Mapping[str, Any], made_at: float | None = None) -> Man
         stems = {name: (str(f["key"]), int(f["bytes"])) for name, f in data["stems"].items()}
         formats = {str(f["format"]) for f in data["stems"].values()}
         return ManifestFacts(
-            fingerprint=str(data["fingerprint"]), input_sha256=str(data["input_sha256"]),
+            fingerprint=str(data["fingerprint"]),
+            input_sha256=str(data["input_sha256"]),
             output_format=formats.pop() if len(formats) == 1 else ",".join(sorted(formats)),
-            stems=stems, billed_seconds=float(data.get("billed_seconds") or 0.0),
-            backend=str(data.get("backend") or "local"), gpu_type=data.get("gpu_type"),
-            duration_s=_float(data.get("input_duration_s")), made_at=made_at,
+            stems=stems,
+            billed_seconds=float(data.get("billed_seconds") or 0.0),
+            backend=str(data.get("backend") or "local"),
+            gpu_type=data.get("gpu_type"),
+            duration_s=_float(data.get("input_duration_s")),
+            made_at=made_at,
         )
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
@@ -179,17 +201,24 @@ def manifest_facts(data: Mapping[str, Any], made_at: float | None = None) -> Man
 
 def recording_facts(data: Mapping[str, Any]) -> RecordingFacts | None:
     try:
-        return RecordingFacts(source_sha256=str(data["source_sha256"]), input_etag=str(data["input_etag"]),
-                              duration_s=_float(data.get("duration_s")), original_key=data.get("original_key"))
+        return RecordingFacts(
+            source_sha256=str(data["source_sha256"]),
+            input_etag=str(data["input_etag"]),
+            duration_s=_float(data.get("duration_s")),
+            original_key=data.get("original_key"),
+        )
     except (KeyError, TypeError):
         return None
 
 
 def failure_facts(data: Mapping[str, Any]) -> FailureFacts | None:
     try:
-        return FailureFacts(fingerprint=str(data["fingerprint"]), input_sha256=data.get("input_sha256"),
-                            error=str(data.get("error") or "separation failed"),
-                            failed_at=float(data.get("failed_at") or 0.0))
+        return FailureFacts(
+            fingerprint=str(data["fingerprint"]),
+            input_sha256=data.get("input_sha256"),
+            error=str(data.get("error") or "separation failed"),
+            failed_at=float(data.get("failed_at") or 0.0),
+        )
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -201,9 +230,14 @@ def _float(value: Any) -> float | None:
         return None
 
 
-def collect_states(store: ObjectStore, partitions: Sequence[str], strategies: Sequence[str],
-                   targets: Mapping[tuple[str, str], Target], wanted: Mapping[str, frozenset[str]],
-                   cache: FactCache | None = None) -> list[PairFacts]:
+def collect_states(
+    store: ObjectStore,
+    partitions: Sequence[str],
+    strategies: Sequence[str],
+    targets: Mapping[tuple[str, str], Target],
+    wanted: Mapping[str, frozenset[str]],
+    cache: FactCache | None = None,
+) -> list[PairFacts]:
     """Facts and state of every ``partition x strategy``.
 
     ``targets[(profile, strategy)]``: what the profile's output format and the strategy's
@@ -211,8 +245,7 @@ def collect_states(store: ObjectStore, partitions: Sequence[str], strategies: Se
     ``unused``). Partitions are ``<profile>/<slug>`` keys.
     """
     listed = _list(store, partitions)
-    docs = _read_json(store, [*listed.records.values(), *listed.manifests.values(), *listed.failures.values()],
-                      cache)
+    docs = _read_json(store, [*listed.records.values(), *listed.manifests.values(), *listed.failures.values()], cache)
     if isinstance(cache, MemoryFactCache) and len(partitions) > NARROW_MAX:
         cache.keep_only(docs)
     if len(partitions) <= NARROW_MAX:  # inputs by key: the recordings name them
@@ -230,16 +263,21 @@ def collect_states(store: ObjectStore, partitions: Sequence[str], strategies: Se
         for name in strategies:
             pair = (pk, name)
             m_info, f_info = listed.manifests.get(pair), listed.failures.get(pair)
-            manifest = (manifest_facts(docs.get(m_info.key, {}), m_info.last_modified)
-                        if m_info is not None else None)
+            manifest = manifest_facts(docs.get(m_info.key, {}), m_info.last_modified) if m_info is not None else None
             failure = failure_facts(docs.get(f_info.key, {})) if f_info is not None else None
             facts = SetFacts(
-                wanted=name in wanted.get(profile, frozenset()), recording=rec,
+                wanted=name in wanted.get(profile, frozenset()),
+                recording=rec,
                 input_etag=input_info.etag if input_info is not None else None,
-                manifest=manifest, failure=failure, stem_objects=dict(listed.stems.get(pair, {})),
+                manifest=manifest,
+                failure=failure,
+                stem_objects=dict(listed.stems.get(pair, {})),
             )
             target = targets.get((profile, name))
-            state = decide_state(facts, target) if target is not None else decide_state(
-                SetFacts(False, rec, facts.input_etag, manifest), Target("", ""))
+            state = (
+                decide_state(facts, target)
+                if target is not None
+                else decide_state(SetFacts(False, rec, facts.input_etag, manifest), Target("", ""))
+            )
             rows.append(PairFacts(pk, name, facts, state))
     return rows

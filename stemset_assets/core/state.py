@@ -140,8 +140,13 @@ def decide_state(facts: SetFacts, target: Target) -> SetState:
     failure = facts.failure
     stale = _stale_reasons(manifest, rec, facts.input_etag, target) if manifest is not None else ()
     # A failure counts only for what is asked now, and only while no current set exists.
-    if (failure is not None and rec is not None and failure.fingerprint == target.fingerprint
-            and failure.input_sha256 == rec.source_sha256 and (manifest is None or stale)):
+    if (
+        failure is not None
+        and rec is not None
+        and failure.fingerprint == target.fingerprint
+        and failure.input_sha256 == rec.source_sha256
+        and (manifest is None or stale)
+    ):
         return SetState(FAILED, (SEPARATION_FAILED, *stale, *extra), failure.error)
     if manifest is None:
         if rec is None:
@@ -169,8 +174,9 @@ def _incomplete(manifest: ManifestFacts, present: Mapping[str, int]) -> tuple[st
     return None
 
 
-def _stale_reasons(manifest: ManifestFacts, rec: RecordingFacts | None, input_etag: str | None,
-                   target: Target) -> tuple[str, ...]:
+def _stale_reasons(
+    manifest: ManifestFacts, rec: RecordingFacts | None, input_etag: str | None, target: Target
+) -> tuple[str, ...]:
     reasons = []
     if manifest.fingerprint != target.fingerprint:
         reasons.append(STRATEGY_CHANGED)

@@ -27,9 +27,26 @@ from .state import STATES, Target
 from .stemsets import fingerprints
 
 COLUMNS = [
-    "partition", "profile", "strategy", "state", "reason", "detail", "default", "duration_s", "input_present",
-    "original_key", "fingerprint", "current_fingerprint", "input_sha256", "recording_sha256", "format", "backend",
-    "gpu_type", "billed_seconds", "cost_usd", "materialized_at",
+    "partition",
+    "profile",
+    "strategy",
+    "state",
+    "reason",
+    "detail",
+    "default",
+    "duration_s",
+    "input_present",
+    "original_key",
+    "fingerprint",
+    "current_fingerprint",
+    "input_sha256",
+    "recording_sha256",
+    "format",
+    "backend",
+    "gpu_type",
+    "billed_seconds",
+    "cost_usd",
+    "materialized_at",
 ]
 
 
@@ -81,15 +98,25 @@ class StrategyHistory:
 def targets(config: StemsetConfig) -> tuple[dict[tuple[str, str], Target], dict[str, frozenset[str]]]:
     """What each (profile, strategy) asks for now, and each profile's strategies."""
     fps = fingerprints(config)
-    goal = {(p, s): Target(fps[s], profile.output.format) for p, profile in config.profiles.items()
-            for s in config.strategies}
+    goal = {
+        (p, s): Target(fps[s], profile.output.format)
+        for p, profile in config.profiles.items()
+        for s in config.strategies
+    }
     wanted = {p: frozenset(profile.strategies) for p, profile in config.profiles.items()}
     return goal, wanted
 
 
-def status_rows(store: ObjectStore, config: StemsetConfig, partitions: Sequence[str],
-                strategies: Sequence[str] | None = None, profile: str | None = None,
-                cache: FactCache | None = None, *, also_wanted: Sequence[str] = ()) -> list[SetStatus]:
+def status_rows(
+    store: ObjectStore,
+    config: StemsetConfig,
+    partitions: Sequence[str],
+    strategies: Sequence[str] | None = None,
+    profile: str | None = None,
+    cache: FactCache | None = None,
+    *,
+    also_wanted: Sequence[str] = (),
+) -> list[SetStatus]:
     """One :class:`SetStatus` per partition (optionally of one profile) x strategy (default: all).
     ``also_wanted``: strategies asked for explicitly (``stemset process --strategy``), judged as if
     every profile listed them rather than ``unused``."""
@@ -106,23 +133,35 @@ def status_rows(store: ObjectStore, config: StemsetConfig, partitions: Sequence[
 def _row(config: StemsetConfig, pair: PairFacts, current_fp: str) -> SetStatus:
     facts, manifest, rec = pair.facts, pair.facts.manifest, pair.facts.recording
     profile = pair.partition.partition("/")[0]
-    duration = rec.duration_s if rec is not None and rec.duration_s is not None else (
-        manifest.duration_s if manifest is not None else None)
+    duration = (
+        rec.duration_s
+        if rec is not None and rec.duration_s is not None
+        else (manifest.duration_s if manifest is not None else None)
+    )
     cost = None
     if manifest is not None:
         doc = {"backend": manifest.backend, "billed_seconds": manifest.billed_seconds, "gpu_type": manifest.gpu_type}
         cost = cost_usd(doc, price_for(doc, config.gpu))
     return SetStatus(
-        partition=pair.partition, profile=profile, strategy=pair.strategy, state=pair.state.state,
-        reason=pair.state.reason, detail=pair.state.detail, default=facts.wanted, duration_s=duration,
+        partition=pair.partition,
+        profile=profile,
+        strategy=pair.strategy,
+        state=pair.state.state,
+        reason=pair.state.reason,
+        detail=pair.state.detail,
+        default=facts.wanted,
+        duration_s=duration,
         input_present=None if rec is None else facts.input_etag is not None,
         original_key=rec.original_key if rec is not None else None,
-        fingerprint=manifest.fingerprint if manifest else None, current_fingerprint=current_fp,
+        fingerprint=manifest.fingerprint if manifest else None,
+        current_fingerprint=current_fp,
         input_sha256=manifest.input_sha256 if manifest else None,
         recording_sha256=rec.source_sha256 if rec is not None else None,
-        format=manifest.output_format if manifest else None, backend=manifest.backend if manifest else None,
+        format=manifest.output_format if manifest else None,
+        backend=manifest.backend if manifest else None,
         gpu_type=manifest.gpu_type if manifest else None,
-        billed_seconds=manifest.billed_seconds if manifest else None, cost_usd=cost,
+        billed_seconds=manifest.billed_seconds if manifest else None,
+        cost_usd=cost,
         materialized_at=manifest.made_at if manifest else None,
         stems={name: key for name, (key, _) in manifest.stems.items()} if manifest else {},
     )
@@ -156,9 +195,14 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (prof, name), group in df.groupby(["profile", "strategy"], sort=True):
         counts = group["state"].value_counts()
-        rows.append({
-            "profile": prof, "strategy": name, **{s: int(counts.get(s, 0)) for s in STATES},
-            "total": len(group), "audio_hours": round(float(group["duration_s"].fillna(0).sum()) / 3600, 3),
-            "inputs_missing": int((group["input_present"] == False).sum()),  # noqa: E712 - None is not False
-        })
+        rows.append(
+            {
+                "profile": prof,
+                "strategy": name,
+                **{s: int(counts.get(s, 0)) for s in STATES},
+                "total": len(group),
+                "audio_hours": round(float(group["duration_s"].fillna(0).sum()) / 3600, 3),
+                "inputs_missing": int((group["input_present"] == False).sum()),  # noqa: E712 - None is not False
+            }
+        )
     return pd.DataFrame(rows, columns=cols)

@@ -39,8 +39,12 @@ def data_version(input_sha256: str, fp: str) -> str:
     return hashlib.sha256(f"{input_sha256}:{fp}".encode()).hexdigest()[:24]
 
 
-def suggested_gain_db(lufs: float | None, peak_dbfs: float | None, target_lufs: float = TARGET_LUFS,
-                      ceiling_dbfs: float = PEAK_CEILING_DBFS) -> float:
+def suggested_gain_db(
+    lufs: float | None,
+    peak_dbfs: float | None,
+    target_lufs: float = TARGET_LUFS,
+    ceiling_dbfs: float = PEAK_CEILING_DBFS,
+) -> float:
     """dB to bring a stem to ``target_lufs``, capped so its peak stays at or under ``ceiling_dbfs``.
 
     0 for a silent stem (no loudness to measure). May be negative (a loud stem is turned down).

@@ -12,8 +12,27 @@ from pathlib import Path, PurePosixPath
 from gpu_worker.errors import AudioError, StemsetError
 
 # What soundfile or PyAV decodes; the sensor and uploads both go by it.
-AUDIO_EXTENSIONS = (".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".mp4", ".aac",
-                    ".aif", ".aiff", ".aifc", ".caf", ".webm", ".mka", ".wma", ".bwf", ".rf64")
+AUDIO_EXTENSIONS = (
+    ".wav",
+    ".wave",
+    ".flac",
+    ".mp3",
+    ".ogg",
+    ".oga",
+    ".opus",
+    ".m4a",
+    ".mp4",
+    ".aac",
+    ".aif",
+    ".aiff",
+    ".aifc",
+    ".caf",
+    ".webm",
+    ".mka",
+    ".wma",
+    ".bwf",
+    ".rf64",
+)
 MAX_NAME_BYTES = 120  # of the file name, UTF-8, extension included
 _FORBIDDEN = set('<>:"|?*\\/')
 
@@ -69,23 +88,30 @@ def check_audio_file(path: Path, name: str) -> str:
     raises :class:`UploadRejected` (415 wrong type, 400 unreadable audio) naming ``name`` only."""
     ext = PurePosixPath(name).suffix.lower()
     if ext not in AUDIO_EXTENSIONS:
-        raise UploadRejected(415, f"{name!r} does not have an audio file extension.",
-                             f"Upload one of: {', '.join(AUDIO_EXTENSIONS)}.")
+        raise UploadRejected(
+            415, f"{name!r} does not have an audio file extension.", f"Upload one of: {', '.join(AUDIO_EXTENSIONS)}."
+        )
     with open(path, "rb") as f:
         head = f.read(64)
     if not head:
         raise UploadRejected(400, f"{name!r} is empty.", "Choose the recording itself, not an empty file.")
     kind = sniff_audio(head)
     if kind is None:
-        raise UploadRejected(415, f"{name!r} is not audio: its content starts like no audio format "
-                                  "(WAV, FLAC, Ogg, MP3, MP4/M4A, AIFF, WebM).",
-                             "Upload the recording itself, not a document, image or archive.")
+        raise UploadRejected(
+            415,
+            f"{name!r} is not audio: its content starts like no audio format "
+            "(WAV, FLAC, Ogg, MP3, MP4/M4A, AIFF, WebM).",
+            "Upload the recording itself, not a document, image or archive.",
+        )
     from gpu_worker.audio.decode import probe_audio  # lazy: gpu_worker.audio pulls in scipy (pyloudnorm) and PyAV
 
     try:
         probe_audio(path)
     except AudioError as err:
         detail = err.message.replace(str(path), name)
-        raise UploadRejected(400, f"{name!r} looks like {kind} but could not be read as audio: {detail}",
-                             "Export the recording again, or try another format.") from None
+        raise UploadRejected(
+            400,
+            f"{name!r} looks like {kind} but could not be read as audio: {detail}",
+            "Export the recording again, or try another format.",
+        ) from None
     return kind

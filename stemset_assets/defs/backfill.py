@@ -25,9 +25,16 @@ from .status import read_status
 from .webserver import WebserverClient
 
 
-def plan_backfill(instance: DagsterInstance, config: StemsetConfig, strategy: str, mode: str = "redo",
-                  profile: str | None = None, *, store: ObjectStore | None = None,
-                  states: Sequence[SetStatus] | None = None) -> BackfillPlan:
+def plan_backfill(
+    instance: DagsterInstance,
+    config: StemsetConfig,
+    strategy: str,
+    mode: str = "redo",
+    profile: str | None = None,
+    *,
+    store: ObjectStore | None = None,
+    states: Sequence[SetStatus] | None = None,
+) -> BackfillPlan:
     """The partitions of ``strategy`` to redo (``mode``: one of ``core.backfill_plan.MODES``;
     default every set that is not current) and their estimate; ``states`` (default: read from the
     instance and the store) are the strategy's set states."""
@@ -56,10 +63,16 @@ class LaunchResult:
         return sum(1 for o in self.outcomes if not o.success)
 
 
-def launch_backfill(plan: BackfillPlan, config: StemsetConfig, instance: DagsterInstance, *,
-                    url: str | None = None, resources: dict | None = None,
-                    progress: Callable[[int, int, RunOutcome], None] | None = None,
-                    say: Callable[[str], None] = print) -> LaunchResult:
+def launch_backfill(
+    plan: BackfillPlan,
+    config: StemsetConfig,
+    instance: DagsterInstance,
+    *,
+    url: str | None = None,
+    resources: dict | None = None,
+    progress: Callable[[int, int, RunOutcome], None] | None = None,
+    say: Callable[[str], None] = print,
+) -> LaunchResult:
     """Launch ``plan``: a partition backfill through the webserver when ``url`` (or the config's
     ``dagster.webserver_url``) answers, else in-process runs."""
     if not plan.partitions:
@@ -70,12 +83,25 @@ def launch_backfill(plan: BackfillPlan, config: StemsetConfig, instance: Dagster
         if client.reachable():
             assets = selection_for(config, [plan.strategy], plan.include_recording)
             backfill_id = client.launch_partition_backfill(
-                plan.partitions, assets, title=f"stemset backfill {plan.strategy} --{plan.mode}")
-            return LaunchResult("webserver", backfill_id=backfill_id,
-                                message=f"backfill {backfill_id} launched on {url}: {url}/overview/backfills/{backfill_id}")
+                plan.partitions, assets, title=f"stemset backfill {plan.strategy} --{plan.mode}"
+            )
+            return LaunchResult(
+                "webserver",
+                backfill_id=backfill_id,
+                message=f"backfill {backfill_id} launched on {url}: {url}/overview/backfills/{backfill_id}",
+            )
         say(f"The Dagster webserver at {url} is not reachable; running the backfill in this process instead.")
-    outcomes = materialize_in_process(config, instance, plan.partitions, [plan.strategy],
-                                      include_recording=plan.include_recording, resources=resources,
-                                      progress=progress, tags={"stemset/backfill": f"{plan.strategy}:{plan.mode}"})
+    outcomes = materialize_in_process(
+        config,
+        instance,
+        plan.partitions,
+        [plan.strategy],
+        include_recording=plan.include_recording,
+        resources=resources,
+        progress=progress,
+        tags={"stemset/backfill": f"{plan.strategy}:{plan.mode}"},
+    )
     ok = sum(1 for o in outcomes if o.success)
-    return LaunchResult("in_process", outcomes=outcomes, message=f"{ok} of {len(outcomes)} partition(s) done in-process")
+    return LaunchResult(
+        "in_process", outcomes=outcomes, message=f"{ok} of {len(outcomes)} partition(s) done in-process"
+    )

@@ -47,7 +47,7 @@ def build_definitions(config: StemsetConfig, *, resources: dict[str, Any] | None
             process_job_name(name),
             selection=AssetSelection.assets(RECORDING_KEY, *stem_keys(config, profile.strategies)),
             description=f"Canonicalise a recording of profile {name!r} and separate it with "
-                        f"{', '.join(profile.strategies) or 'no strategy'}.",
+            f"{', '.join(profile.strategies) or 'no strategy'}.",
         )
         for name, profile in config.profiles.items()
     ]

@@ -58,8 +58,9 @@ SET_COMPLETE = "set_complete"
 SET_CHECKS = (SET_COMPLETE, "set_not_all_silent", "set_reconstructs_mix")
 
 
-def check_specs(strategy: str, stems: Sequence[str],
-                partitions_def: PartitionsDefinition | None = None) -> list[AssetCheckSpec]:
+def check_specs(
+    strategy: str, stems: Sequence[str], partitions_def: PartitionsDefinition | None = None
+) -> list[AssetCheckSpec]:
     """The checks of one stem set: three on every stem, two set-level ones on the first stem."""
     descriptions = {
         "duration_matches_input": "The stem is as long as the recording (tolerance by format).",
@@ -72,14 +73,22 @@ def check_specs(strategy: str, stems: Sequence[str],
     with warnings.catch_warnings():  # partitioned checks are a Dagster preview feature
         warnings.simplefilter("ignore")
         specs = [
-            AssetCheckSpec(name, asset=stem_asset_key(strategy, stem), description=descriptions[name],
-                           partitions_def=partitions_def)
-            for stem in stems for name in STEM_CHECKS
+            AssetCheckSpec(
+                name,
+                asset=stem_asset_key(strategy, stem),
+                description=descriptions[name],
+                partitions_def=partitions_def,
+            )
+            for stem in stems
+            for name in STEM_CHECKS
         ]
         specs += [
-            AssetCheckSpec(name, asset=stem_asset_key(strategy, stems[0]),
-                           description=f"{descriptions[name]} Checks the whole stems_{strategy} set.",
-                           partitions_def=partitions_def)
+            AssetCheckSpec(
+                name,
+                asset=stem_asset_key(strategy, stems[0]),
+                description=f"{descriptions[name]} Checks the whole stems_{strategy} set.",
+                partitions_def=partitions_def,
+            )
             for name in SET_CHECKS
         ]
     return specs
@@ -89,14 +98,24 @@ def _dbfs(value: float | None) -> float | MetadataValue:
     return MetadataValue.null() if value is None else round(float(value), 2)
 
 
-def evaluate(strategy: str, stems: Sequence[str], manifest: SeparationResult,
-             mix_peak_dbfs: float | None = None, incomplete: str | None = None) -> list[AssetCheckResult]:
+def evaluate(
+    strategy: str,
+    stems: Sequence[str],
+    manifest: SeparationResult,
+    mix_peak_dbfs: float | None = None,
+    incomplete: str | None = None,
+) -> list[AssetCheckResult]:
     """Every check of the set, from a manifest; ``mix_peak_dbfs`` is the recording's peak;
     ``incomplete`` what the state rule found missing or short (None: the set is whole)."""
-    results: list[AssetCheckResult] = [AssetCheckResult(
-        asset_key=stem_asset_key(strategy, stems[0]), check_name=SET_COMPLETE, passed=incomplete is None,
-        description=incomplete, metadata={"manifest": manifest.manifest_key, "stems": len(manifest.stems)},
-    )]
+    results: list[AssetCheckResult] = [
+        AssetCheckResult(
+            asset_key=stem_asset_key(strategy, stems[0]),
+            check_name=SET_COMPLETE,
+            passed=incomplete is None,
+            description=incomplete,
+            metadata={"manifest": manifest.manifest_key, "stems": len(manifest.stems)},
+        )
+    ]
     expected_s = float(manifest.input_duration_s)
     audible = []
     for stem in stems:
@@ -104,45 +123,83 @@ def evaluate(strategy: str, stems: Sequence[str], manifest: SeparationResult,
         f = manifest.stems.get(stem)
         if f is None:
             for name in STEM_CHECKS:
-                results.append(AssetCheckResult(asset_key=key, check_name=name, passed=False,
-                                                description=f"The manifest lists no stem {stem!r}.",
-                                                metadata={"manifest": manifest.manifest_key}))
+                results.append(
+                    AssetCheckResult(
+                        asset_key=key,
+                        check_name=name,
+                        passed=False,
+                        description=f"The manifest lists no stem {stem!r}.",
+                        metadata={"manifest": manifest.manifest_key},
+                    )
+                )
             continue
         tolerance = DURATION_TOLERANCE_S.get(f.format, 1024 / SAMPLE_RATE)
         diff = float(f.duration_s) - expected_s
-        results.append(AssetCheckResult(
-            asset_key=key, check_name="duration_matches_input", passed=abs(diff) <= tolerance,
-            metadata={"stem_duration_s": round(float(f.duration_s), 6), "input_duration_s": round(expected_s, 6),
-                      "difference_ms": round(diff * 1000, 3), "tolerance_ms": round(tolerance * 1000, 3),
-                      "format": f.format},
-        ))
-        results.append(AssetCheckResult(
-            asset_key=key, check_name="finite_samples", passed=int(f.nonfinite_samples) == 0,
-            metadata={"nonfinite_samples": int(f.nonfinite_samples)},
-        ))
+        results.append(
+            AssetCheckResult(
+                asset_key=key,
+                check_name="duration_matches_input",
+                passed=abs(diff) <= tolerance,
+                metadata={
+                    "stem_duration_s": round(float(f.duration_s), 6),
+                    "input_duration_s": round(expected_s, 6),
+                    "difference_ms": round(diff * 1000, 3),
+                    "tolerance_ms": round(tolerance * 1000, 3),
+                    "format": f.format,
+                },
+            )
+        )
+        results.append(
+            AssetCheckResult(
+                asset_key=key,
+                check_name="finite_samples",
+                passed=int(f.nonfinite_samples) == 0,
+                metadata={"nonfinite_samples": int(f.nonfinite_samples)},
+            )
+        )
         loud = f.peak_dbfs is not None and f.peak_dbfs > SILENCE_DBFS
         audible.append(loud)
-        results.append(AssetCheckResult(
-            asset_key=key, check_name="audible", passed=loud, severity=AssetCheckSeverity.WARN,
-            metadata={"peak_dbfs": _dbfs(f.peak_dbfs), "threshold_dbfs": SILENCE_DBFS},
-        ))
+        results.append(
+            AssetCheckResult(
+                asset_key=key,
+                check_name="audible",
+                passed=loud,
+                severity=AssetCheckSeverity.WARN,
+                metadata={"peak_dbfs": _dbfs(f.peak_dbfs), "threshold_dbfs": SILENCE_DBFS},
+            )
+        )
 
     first = stem_asset_key(strategy, stems[0])
     silent_mix = mix_peak_dbfs is not None and mix_peak_dbfs <= SILENCE_DBFS
     peaks = {s: _dbfs(manifest.stems[s].peak_dbfs) for s in stems if s in manifest.stems}
-    results.append(AssetCheckResult(
-        asset_key=first, check_name="set_not_all_silent", passed=any(audible) or silent_mix,
-        metadata={"audible_stems": sum(audible), "stems": len(stems), "threshold_dbfs": SILENCE_DBFS,
-                  "mix_peak_dbfs": _dbfs(mix_peak_dbfs),
-                  "loudest_stem_peak_dbfs": _dbfs(max((manifest.stems[s].peak_dbfs for s in peaks
-                                                       if manifest.stems[s].peak_dbfs is not None), default=None)),
-                  "peaks_dbfs": MetadataValue.json({s: manifest.stems[s].peak_dbfs for s in peaks})},
-    ))
+    results.append(
+        AssetCheckResult(
+            asset_key=first,
+            check_name="set_not_all_silent",
+            passed=any(audible) or silent_mix,
+            metadata={
+                "audible_stems": sum(audible),
+                "stems": len(stems),
+                "threshold_dbfs": SILENCE_DBFS,
+                "mix_peak_dbfs": _dbfs(mix_peak_dbfs),
+                "loudest_stem_peak_dbfs": _dbfs(
+                    max(
+                        (manifest.stems[s].peak_dbfs for s in peaks if manifest.stems[s].peak_dbfs is not None),
+                        default=None,
+                    )
+                ),
+                "peaks_dbfs": MetadataValue.json({s: manifest.stems[s].peak_dbfs for s in peaks}),
+            },
+        )
+    )
     residual = manifest.residual_db
-    results.append(AssetCheckResult(
-        asset_key=first, check_name="set_reconstructs_mix",
-        passed=residual is None or residual <= MAX_RESIDUAL_DB,
-        description=None if residual is not None else "The mix is digitally silent: nothing to reconstruct.",
-        metadata={"residual_db": _dbfs(residual), "max_residual_db": MAX_RESIDUAL_DB},
-    ))
+    results.append(
+        AssetCheckResult(
+            asset_key=first,
+            check_name="set_reconstructs_mix",
+            passed=residual is None or residual <= MAX_RESIDUAL_DB,
+            description=None if residual is not None else "The mix is digitally silent: nothing to reconstruct.",
+            metadata={"residual_db": _dbfs(residual), "max_residual_db": MAX_RESIDUAL_DB},
+        )
+    )
     return results

@@ -25,8 +25,9 @@ class Ingested:
     partition: str  # <profile>/<slug>
 
 
-def ingest_file(store: ObjectStore, instance: DagsterInstance, profile: str, path: Path,
-                name: str | None = None) -> Ingested:
+def ingest_file(
+    store: ObjectStore, instance: DagsterInstance, profile: str, path: Path, name: str | None = None
+) -> Ingested:
     """Upload ``path`` to ``inputs/<profile>/<safe name>`` and register its partition key (a file
     of the same name is replaced, which makes its recording and stems stale)."""
     object_key = input_prefix(profile) + safe_filename(name or path.name)

@@ -52,8 +52,10 @@ def selection_for(config: StemsetConfig, strategies: Sequence[str], include_reco
     """``recording`` (optionally) and every stem asset of ``strategies``."""
     unknown = [s for s in strategies if s not in config.strategies]
     if unknown:
-        raise StemsetError(f"Unknown strategy {', '.join(map(repr, unknown))}.",
-                           f"Use one of: {', '.join(config.strategies)} (config.yaml `strategies`).")
+        raise StemsetError(
+            f"Unknown strategy {', '.join(map(repr, unknown))}.",
+            f"Use one of: {', '.join(config.strategies)} (config.yaml `strategies`).",
+        )
     return ([RECORDING_KEY] if include_recording else []) + list(stem_keys(config, list(strategies)))
 
 
@@ -78,8 +80,13 @@ def materialize_in_process(
     outcomes: list[RunOutcome] = []
     for i, pk in enumerate(partition_keys):
         result = materialize(
-            assets, selection=AssetSelection.assets(*selection), partition_key=pk, instance=instance,
-            resources=dict(defs.resources or {}), raise_on_error=False, tags={"stemset/launched_by": "stemset", **(tags or {})},
+            assets,
+            selection=AssetSelection.assets(*selection),
+            partition_key=pk,
+            instance=instance,
+            resources=dict(defs.resources or {}),
+            raise_on_error=False,
+            tags={"stemset/launched_by": "stemset", **(tags or {})},
         )
         outcome = RunOutcome(pk, result.success, result.run_id, None if result.success else _failure_message(result))
         outcomes.append(outcome)
@@ -88,13 +95,19 @@ def materialize_in_process(
     return outcomes
 
 
-def materialize_catalog(config: StemsetConfig, instance: DagsterInstance,
-                        resources: dict[str, Any] | None = None) -> RunOutcome:
+def materialize_catalog(
+    config: StemsetConfig, instance: DagsterInstance, resources: dict[str, Any] | None = None
+) -> RunOutcome:
     """Materialise the unpartitioned ``catalog`` asset in this process."""
     defs = build_definitions(config, resources=resources)
-    result = materialize(list(defs.assets or []), selection=AssetSelection.assets(CATALOG_KEY),
-                         instance=instance, resources=dict(defs.resources or {}), raise_on_error=False,
-                         tags={"stemset/launched_by": "stemset"})
+    result = materialize(
+        list(defs.assets or []),
+        selection=AssetSelection.assets(CATALOG_KEY),
+        instance=instance,
+        resources=dict(defs.resources or {}),
+        raise_on_error=False,
+        tags={"stemset/launched_by": "stemset"},
+    )
     return RunOutcome("catalog", result.success, result.run_id, None if result.success else _failure_message(result))
 
 

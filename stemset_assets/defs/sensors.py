@@ -92,7 +92,7 @@ def decode_cursor(cursor: str | None) -> set[bytes]:
         raw = base64.b64decode(json.loads(cursor)["handled"])
     except (ValueError, KeyError, TypeError):
         return set()  # an unreadable cursor starts over; run keys still stop repeats
-    return {raw[i:i + DIGEST_BYTES] for i in range(0, len(raw) - DIGEST_BYTES + 1, DIGEST_BYTES)}
+    return {raw[i : i + DIGEST_BYTES] for i in range(0, len(raw) - DIGEST_BYTES + 1, DIGEST_BYTES)}
 
 
 def skip_reason(profile: str, info: ObjectInfo, now: float, settle_s: float) -> str | None:
@@ -110,8 +110,9 @@ def skip_reason(profile: str, info: ObjectInfo, now: float, settle_s: float) -> 
     return None
 
 
-def scan_new_inputs(config: StemsetConfig, store, existing: list[str], handled: set[bytes], now: float,
-                    log=None) -> tuple[list[tuple[str, ObjectInfo, str]], set[bytes], Counter]:
+def scan_new_inputs(
+    config: StemsetConfig, store, existing: list[str], handled: set[bytes], now: float, log=None
+) -> tuple[list[tuple[str, ObjectInfo, str]], set[bytes], Counter]:
     """The new-input decision, without Dagster: ``([(profile, object, partition key)], new handled, skips)``.
 
     One listing per profile; at most ``sensors.max_new_per_tick`` objects, oldest first."""
@@ -146,8 +147,10 @@ def scan_new_inputs(config: StemsetConfig, store, existing: list[str], handled: 
             more = f" and {count - LOG_EXAMPLES} more" if count > LOG_EXAMPLES else ""
             log.info(f"skipped {count} object(s), {kind}: {shown}{more}")
         if len(candidates) > limit:
-            log.info(f"{len(candidates)} new input(s); taking {limit} this tick (sensors.max_new_per_tick), "
-                     f"{len(candidates) - limit} left for the next ticks")
+            log.info(
+                f"{len(candidates)} new input(s); taking {limit} this tick (sensors.max_new_per_tick), "
+                f"{len(candidates) - limit} left for the next ticks"
+            )
     # Partition keys: assigned over each profile's whole (usable) listing, as resolve_input does.
     keyed: dict[str, dict[str, str]] = {}
     out: list[tuple[str, ObjectInfo, str]] = []
@@ -179,24 +182,26 @@ def build_new_recordings_sensor(config: StemsetConfig) -> SensorDefinition:
     """The ``new_recordings`` sensor for ``config``'s profiles."""
     all_stems = stem_keys(config)
     selection = AssetSelection.assets(RECORDING_KEY, *all_stems)
-    per_profile = {name: [RECORDING_KEY, *stem_keys(config, list(p.strategies))]
-                   for name, p in config.profiles.items()}
+    per_profile = {name: [RECORDING_KEY, *stem_keys(config, list(p.strategies))] for name, p in config.profiles.items()}
 
     @sensor(
         name=NEW_RECORDINGS,
         asset_selection=selection,
         minimum_interval_seconds=config.sensors.interval_s,
         default_status=DefaultSensorStatus.RUNNING,
-        description=("New files under inputs/<profile>/: adds their `recordings` partitions and runs `recording` "
-                     "plus the profile's strategies, keyed by partition and content (ETag)."),
+        description=(
+            "New files under inputs/<profile>/: adds their `recordings` partitions and runs `recording` "
+            "plus the profile's strategies, keyed by partition and content (ETag)."
+        ),
     )
     def new_recordings(context: SensorEvaluationContext, media_store: MediaStoreResource):
         t0 = time.monotonic()
         store = media_store.get_store()
         existing = list(context.instance.get_dynamic_partitions(RECORDINGS_PARTITIONS))  # once per tick
         known = set(existing)
-        batch, handled, _ = scan_new_inputs(config, store, existing, decode_cursor(context.cursor), time.time(),
-                                            context.log)
+        batch, handled, _ = scan_new_inputs(
+            config, store, existing, decode_cursor(context.cursor), time.time(), context.log
+        )
         new_keys = list(dict.fromkeys(pk for _, _, pk in batch if pk not in known))
         made_from = recorded_etags(store, batch)
         requests = [
@@ -204,8 +209,11 @@ def build_new_recordings_sensor(config: StemsetConfig) -> SensorDefinition:
                 run_key=f"{pk}@{clean_etag(info.etag)}@{made_from.get(pk, 'new')}",
                 partition_key=pk,
                 asset_selection=per_profile[profile],
-                tags={"stemset/input_key": info.key, "stemset/input_etag": clean_etag(info.etag),
-                      "stemset/launched_by": NEW_RECORDINGS},
+                tags={
+                    "stemset/input_key": info.key,
+                    "stemset/input_etag": clean_etag(info.etag),
+                    "stemset/launched_by": NEW_RECORDINGS,
+                },
             )
             for profile, info, pk in batch
             if made_from.get(pk) != clean_etag(info.etag)  # its recording already holds this content
@@ -213,8 +221,9 @@ def build_new_recordings_sensor(config: StemsetConfig) -> SensorDefinition:
         cursor = encode_cursor(handled)
         if not requests:
             return SensorResult(skip_reason=SkipReason("no new inputs"), cursor=cursor)
-        context.log.info(f"{len(requests)} run(s) requested, {len(new_keys)} new partition(s), "
-                         f"in {time.monotonic() - t0:.2f} s")
+        context.log.info(
+            f"{len(requests)} run(s) requested, {len(new_keys)} new partition(s), in {time.monotonic() - t0:.2f} s"
+        )
         return SensorResult(
             run_requests=requests,
             dynamic_partitions_requests=[recordings.build_add_request(new_keys)] if new_keys else [],
@@ -239,8 +248,12 @@ def select_for_reprocess(states, cap: int, per_partition_cost, spent: float, cei
     """Stale or broken sets that can be redone (input present, or only the stems to redo), oldest
     stem set first, at most ``cap``, while ``spent`` + their estimated cost stays within ``ceiling``.
     Returns ``(chosen, spent, held_back)``. (Failed sets wait for a person: a rerun would likely fail again.)"""
-    stale = [s for s in states if s.state in (STALE, BROKEN)
-             and (s.input_present is not False or not any(r in NEEDS_RECORDING for r in s.reasons))]
+    stale = [
+        s
+        for s in states
+        if s.state in (STALE, BROKEN)
+        and (s.input_present is not False or not any(r in NEEDS_RECORDING for r in s.reasons))
+    ]
     stale.sort(key=lambda s: (s.materialized_at or 0.0, s.partition))
     chosen, held = [], 0
     for s in stale:
@@ -264,8 +277,10 @@ def build_auto_reprocess_sensor(config: StemsetConfig, strategy: str) -> SensorD
         asset_selection=AssetSelection.assets(RECORDING_KEY, *stems),
         minimum_interval_seconds=config.sensors.interval_s,
         default_status=DefaultSensorStatus.RUNNING if settings.enabled else DefaultSensorStatus.STOPPED,
-        description=(f"Rerun stale stem sets of {strategy!r}: at most {settings.max_per_tick} per tick and "
-                     f"${settings.daily_cost_ceiling_usd:g} estimated per day (sensors.auto_reprocess)."),
+        description=(
+            f"Rerun stale stem sets of {strategy!r}: at most {settings.max_per_tick} per tick and "
+            f"${settings.daily_cost_ceiling_usd:g} estimated per day (sensors.auto_reprocess)."
+        ),
     )
     def _auto(context: SensorEvaluationContext, media_store: MediaStoreResource):
         state = json.loads(context.cursor) if context.cursor else {}
@@ -274,27 +289,44 @@ def build_auto_reprocess_sensor(config: StemsetConfig, strategy: str) -> SensorD
         states = read_status(context.instance, config, [strategy], store=media_store.get_store())
         estimate = cost_model(config, history(states, strategy))
         chosen, spent, held = select_for_reprocess(
-            states, settings.max_per_tick, lambda s: estimate.cost_usd(s.duration_s or 0.0), spent,
-            settings.daily_cost_ceiling_usd)
+            states,
+            settings.max_per_tick,
+            lambda s: estimate.cost_usd(s.duration_s or 0.0),
+            spent,
+            settings.daily_cost_ceiling_usd,
+        )
         cursor = json.dumps({"day": day, "spent_usd": round(spent, 6)})
         if held:
-            context.log.warning(f"{held} stale partition(s) held back: the daily cost ceiling "
-                                f"${settings.daily_cost_ceiling_usd:g} would be passed (spent today ${spent:.4f})")
+            context.log.warning(
+                f"{held} stale partition(s) held back: the daily cost ceiling "
+                f"${settings.daily_cost_ceiling_usd:g} would be passed (spent today ${spent:.4f})"
+            )
         if not chosen:
-            return SensorResult(skip_reason=SkipReason(f"no stale stem sets of {strategy!r} to rerun"
-                                                       + (" within today's cost ceiling" if held else "")),
-                                cursor=cursor)
+            return SensorResult(
+                skip_reason=SkipReason(
+                    f"no stale stem sets of {strategy!r} to rerun" + (" within today's cost ceiling" if held else "")
+                ),
+                cursor=cursor,
+            )
         requests = []
         for s, cost in chosen:
             selection = ([RECORDING_KEY] if set(NEEDS_RECORDING) & set(s.reasons) else []) + stems
-            requests.append(RunRequest(
-                run_key=f"{s.partition}@{s.current_fingerprint}@{s.recording_sha256 or ''}@{s.reason}",
-                partition_key=s.partition, asset_selection=selection,
-                tags={"stemset/launched_by": auto_reprocess_name(strategy), "stemset/reason": s.reason,
-                      "stemset/estimated_cost_usd": f"{cost:.6f}"},
-            ))
-        context.log.info(f"{len(requests)} stale partition(s) of {strategy!r} requested "
-                         f"(estimated ${sum(c for _, c in chosen):.4f}; today ${spent:.4f})")
+            requests.append(
+                RunRequest(
+                    run_key=f"{s.partition}@{s.current_fingerprint}@{s.recording_sha256 or ''}@{s.reason}",
+                    partition_key=s.partition,
+                    asset_selection=selection,
+                    tags={
+                        "stemset/launched_by": auto_reprocess_name(strategy),
+                        "stemset/reason": s.reason,
+                        "stemset/estimated_cost_usd": f"{cost:.6f}",
+                    },
+                )
+            )
+        context.log.info(
+            f"{len(requests)} stale partition(s) of {strategy!r} requested "
+            f"(estimated ${sum(c for _, c in chosen):.4f}; today ${spent:.4f})"
+        )
         return SensorResult(run_requests=requests, cursor=cursor)
 
     return _auto

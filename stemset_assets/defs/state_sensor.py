@@ -56,12 +56,17 @@ def check_evaluations(config: StemsetConfig, rows: list[SetStatus], was_broken: 
         broken = r.state == BROKEN
         if broken == (pair in was_broken):
             continue
-        out.append(AssetCheckEvaluation(
-            asset_key=stem_asset_key(r.strategy, config.strategy(r.strategy).stems[0]), check_name=SET_COMPLETE,
-            passed=not broken, partition=r.partition, severity=AssetCheckSeverity.ERROR,
-            description=r.detail if broken else "every stem the manifest lists is in place again",
-            metadata={"state": r.state, "reason": r.reason},
-        ))
+        out.append(
+            AssetCheckEvaluation(
+                asset_key=stem_asset_key(r.strategy, config.strategy(r.strategy).stems[0]),
+                check_name=SET_COMPLETE,
+                passed=not broken,
+                partition=r.partition,
+                severity=AssetCheckSeverity.ERROR,
+                description=r.detail if broken else "every stem the manifest lists is in place again",
+                metadata={"state": r.state, "reason": r.reason},
+            )
+        )
     return out
 
 
@@ -71,8 +76,10 @@ def build_state_sensor(config: StemsetConfig) -> SensorDefinition:
         asset_selection=[CATALOG_KEY],
         minimum_interval_seconds=config.sensors.interval_s,
         default_status=DefaultSensorStatus.RUNNING,
-        description=("Re-materialises `catalog` when any stem set's state changed, and records `set_complete` "
-                     "for sets found broken in the bucket."),
+        description=(
+            "Re-materialises `catalog` when any stem set's state changed, and records `set_complete` "
+            "for sets found broken in the bucket."
+        ),
     )
     def stem_set_state(context: SensorEvaluationContext, media_store: MediaStoreResource):
         last = json.loads(context.cursor) if context.cursor else {}
@@ -80,14 +87,22 @@ def build_state_sensor(config: StemsetConfig) -> SensorDefinition:
         digest = states_digest(rows)
         was_broken = set(last.get("broken", []))
         events = check_evaluations(config, rows, was_broken)
-        cursor = json.dumps({"digest": digest,
-                             "broken": sorted(f"{r.partition}|{r.strategy}" for r in rows if r.state == BROKEN)})
+        cursor = json.dumps(
+            {"digest": digest, "broken": sorted(f"{r.partition}|{r.strategy}" for r in rows if r.state == BROKEN)}
+        )
         if digest == last.get("digest"):
-            return SensorResult(skip_reason=SkipReason("no stem set changed state"), cursor=cursor,
-                                asset_events=events)
+            return SensorResult(skip_reason=SkipReason("no stem set changed state"), cursor=cursor, asset_events=events)
         context.log.info(f"stem set states changed ({len(rows)} set(s)); refreshing the catalog")
-        return SensorResult(run_requests=[RunRequest(run_key=f"catalog@{digest}", asset_selection=[CATALOG_KEY],
-                                                     tags={"stemset/launched_by": STEM_SET_STATE})],
-                            asset_events=events, cursor=cursor)
+        return SensorResult(
+            run_requests=[
+                RunRequest(
+                    run_key=f"catalog@{digest}",
+                    asset_selection=[CATALOG_KEY],
+                    tags={"stemset/launched_by": STEM_SET_STATE},
+                )
+            ],
+            asset_events=events,
+            cursor=cursor,
+        )
 
     return stem_set_state

@@ -38,8 +38,11 @@ class InstanceFactCache(MemoryFactCache):
             stored = json.loads(raw) if raw else {}
         except Exception:  # noqa: BLE001 - a cache: an instance without a usable store just reads the objects
             stored = {}
-        entries = {k: (v[0], v[1]) for k, v in stored.items() if isinstance(v, list) and len(v) == 2} if isinstance(
-            stored, dict) else {}
+        entries = (
+            {k: (v[0], v[1]) for k, v in stored.items() if isinstance(v, list) and len(v) == 2}
+            if isinstance(stored, dict)
+            else {}
+        )
         super().__init__(entries)
 
     def save(self) -> None:
@@ -53,9 +56,16 @@ class InstanceFactCache(MemoryFactCache):
         self.changed = False
 
 
-def read_status(instance: DagsterInstance, config: StemsetConfig, strategies: Sequence[str] | None = None,
-                profile: str | None = None, *, store: ObjectStore | None = None,
-                partitions: Sequence[str] | None = None, also_wanted: Sequence[str] = ()) -> list[SetStatus]:
+def read_status(
+    instance: DagsterInstance,
+    config: StemsetConfig,
+    strategies: Sequence[str] | None = None,
+    profile: str | None = None,
+    *,
+    store: ObjectStore | None = None,
+    partitions: Sequence[str] | None = None,
+    also_wanted: Sequence[str] = (),
+) -> list[SetStatus]:
     """:func:`~stemset_assets.core.status.status_rows` over the instance's ``recordings`` partitions
     (or ``partitions``), with the instance's fact cache."""
     store = store if store is not None else open_store(config)

@@ -29,18 +29,25 @@ class WebserverClient:
 
     def query(self, document: str, variables: dict | None = None) -> dict:
         try:
-            resp = httpx.post(f"{self.url}/graphql", json={"query": document, "variables": variables or {}},
-                              timeout=self.timeout_s)
+            resp = httpx.post(
+                f"{self.url}/graphql", json={"query": document, "variables": variables or {}}, timeout=self.timeout_s
+            )
         except httpx.HTTPError as err:
-            raise StemsetError(f"The Dagster webserver at {self.url} is unreachable ({type(err).__name__}).",
-                               "Start it (`stemset dev`), or unset dagster.webserver_url to run in-process.") from None
+            raise StemsetError(
+                f"The Dagster webserver at {self.url} is unreachable ({type(err).__name__}).",
+                "Start it (`stemset dev`), or unset dagster.webserver_url to run in-process.",
+            ) from None
         if resp.status_code != 200:
-            raise StemsetError(f"The Dagster webserver at {self.url} answered HTTP {resp.status_code}.",
-                               "Check the URL points at dagster-webserver (it serves /graphql).")
+            raise StemsetError(
+                f"The Dagster webserver at {self.url} answered HTTP {resp.status_code}.",
+                "Check the URL points at dagster-webserver (it serves /graphql).",
+            )
         body = resp.json()
         if body.get("errors"):
-            raise StemsetError(f"Dagster GraphQL error: {body['errors'][0].get('message', body['errors'][0])}",
-                               "Check that the webserver runs the same Stemset version as this CLI.")
+            raise StemsetError(
+                f"Dagster GraphQL error: {body['errors'][0].get('message', body['errors'][0])}",
+                "Check that the webserver runs the same Stemset version as this CLI.",
+            )
         return body["data"]
 
     def reachable(self) -> bool:
@@ -53,45 +60,67 @@ class WebserverClient:
     def location(self) -> str:
         """The code location that serves Stemset's job (``stemset`` in workspace.yaml)."""
         if self._location is None:
-            data = self.query("{ repositoriesOrError { __typename ... on RepositoryConnection"
-                              " { nodes { name location { name } pipelines { name } } } } }")
+            data = self.query(
+                "{ repositoriesOrError { __typename ... on RepositoryConnection"
+                " { nodes { name location { name } pipelines { name } } } } }"
+            )
             nodes = (data.get("repositoriesOrError") or {}).get("nodes") or []
             for node in nodes:
                 if any(p["name"] == IMPLICIT_ASSET_JOB or p["name"].startswith("process_") for p in node["pipelines"]):
                     self._location = node["location"]["name"]
                     break
             else:
-                raise StemsetError(f"No Stemset code location is loaded in the webserver at {self.url}.",
-                                   "Start it with `stemset dev` (workspace.yaml), or check the location loads.")
+                raise StemsetError(
+                    f"No Stemset code location is loaded in the webserver at {self.url}.",
+                    "Start it with `stemset dev` (workspace.yaml), or check the location loads.",
+                )
         return self._location
 
     def launch_run(self, partition_key: str, asset_keys: Sequence[AssetKey], tags: dict[str, str] | None = None) -> str:
         """Launch one run of ``asset_keys`` for ``partition_key``; returns the run id."""
         params = {
-            "selector": {"repositoryLocationName": self.location(), "repositoryName": REPOSITORY,
-                         "jobName": IMPLICIT_ASSET_JOB, "assetSelection": [{"path": k.path} for k in asset_keys]},
-            "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in
-                                           {"dagster/partition": partition_key, **(tags or {})}.items()]},
+            "selector": {
+                "repositoryLocationName": self.location(),
+                "repositoryName": REPOSITORY,
+                "jobName": IMPLICIT_ASSET_JOB,
+                "assetSelection": [{"path": k.path} for k in asset_keys],
+            },
+            "executionMetadata": {
+                "tags": [
+                    {"key": k, "value": v} for k, v in {"dagster/partition": partition_key, **(tags or {})}.items()
+                ]
+            },
         }
         data = self.query(
             "mutation($p: ExecutionParams!) { launchRun(executionParams: $p) { __typename"
-            " ... on LaunchRunSuccess { run { runId } } ... on Error { message } } }", {"p": params})
+            " ... on LaunchRunSuccess { run { runId } } ... on Error { message } } }",
+            {"p": params},
+        )
         return self._ok(data["launchRun"], lambda d: d["run"]["runId"])
 
-    def launch_partition_backfill(self, partition_keys: Sequence[str], asset_keys: Sequence[AssetKey],
-                                  title: str | None = None) -> str:
+    def launch_partition_backfill(
+        self, partition_keys: Sequence[str], asset_keys: Sequence[AssetKey], title: str | None = None
+    ) -> str:
         """Launch an asset backfill of ``asset_keys`` over ``partition_keys``; returns its id."""
-        params = {"partitionNames": list(partition_keys), "assetSelection": [{"path": k.path} for k in asset_keys],
-                  "title": title, "tags": [{"key": "stemset/launched_by", "value": "stemset"}]}
+        params = {
+            "partitionNames": list(partition_keys),
+            "assetSelection": [{"path": k.path} for k in asset_keys],
+            "title": title,
+            "tags": [{"key": "stemset/launched_by", "value": "stemset"}],
+        }
         data = self.query(
             "mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) { __typename"
-            " ... on LaunchBackfillSuccess { backfillId } ... on Error { message } } }", {"p": params})
+            " ... on LaunchBackfillSuccess { backfillId } ... on Error { message } } }",
+            {"p": params},
+        )
         return self._ok(data["launchPartitionBackfill"], lambda d: d["backfillId"])
 
     def run_status(self, run_id: str) -> str:
         """QUEUED, NOT_STARTED, STARTING, STARTED, SUCCESS, FAILURE, CANCELING or CANCELED."""
-        data = self.query("query($id: ID!) { runOrError(runId: $id) { __typename ... on Run { status }"
-                          " ... on Error { message } } }", {"id": run_id})
+        data = self.query(
+            "query($id: ID!) { runOrError(runId: $id) { __typename ... on Run { status } ... on Error { message } } }",
+            {"id": run_id},
+        )
         return self._ok(data["runOrError"], lambda d: d["status"])
 
     def wait(self, run_id: str, timeout_s: float = 3600, poll_s: float = 1.0) -> str:
@@ -107,6 +136,7 @@ class WebserverClient:
         try:
             return pick(payload)
         except (KeyError, TypeError):
-            raise StemsetError(f"The Dagster webserver refused: {payload.get('__typename')}: "
-                               f"{payload.get('message', 'no message')}",
-                               "Check the partition and assets exist in the loaded code location.") from None
+            raise StemsetError(
+                f"The Dagster webserver refused: {payload.get('__typename')}: {payload.get('message', 'no message')}",
+                "Check the partition and assets exist in the loaded code location.",
+            ) from None

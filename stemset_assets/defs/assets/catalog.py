@@ -27,8 +27,10 @@ def build_catalog_asset(config: StemsetConfig) -> AssetsDefinition:
         deps=stem_keys(config),
         group_name="catalog",
         kinds={"pandas", "parquet"},
-        description=("Every recording x strategy: state (current / stale / missing / failed / broken / unused), stems, duration, GPU "
-                     "seconds and cost; saved as catalog/catalog.csv and catalog/catalog.parquet."),
+        description=(
+            "Every recording x strategy: state (current / stale / missing / failed / broken / unused), stems, duration, GPU "
+            "seconds and cost; saved as catalog/catalog.csv and catalog/catalog.parquet."
+        ),
     )
     def catalog(context: AssetExecutionContext, media_store: MediaStoreResource) -> MaterializeResult:
         store = media_store.get_store()
@@ -45,8 +47,9 @@ def build_catalog_asset(config: StemsetConfig) -> AssetsDefinition:
         }
         made = df[df["manifest_fingerprint"].notna()]
         if len(made):
-            png = cost_over_time_png([t.timestamp() for t in made["made_at"]], list(made["cost_usd"]),
-                                     list(made["gpu_seconds"]))
+            png = cost_over_time_png(
+                [t.timestamp() for t in made["made_at"]], list(made["cost_usd"]), list(made["gpu_seconds"])
+            )
             store.put_bytes(CATALOG_COST_PLOT, png, content_type="image/png")
             metadata["cost_over_time"] = MetadataValue.md(inline_markdown_image(png, "cost over time"))
             metadata["cost_over_time_url"] = MetadataValue.url(media_store.playback_url(CATALOG_COST_PLOT))

@@ -112,12 +112,17 @@ def _reusable(store: ObjectStore, previous: RecordingRecord | None, original: st
     if previous.original_key != original:
         return False
     source = store.head(previous.source_key)
-    return (source is not None and source.size == previous.source_bytes
-            and store.head(previous.waveform_key) is not None and store.head(previous.peaks_key) is not None)
+    return (
+        source is not None
+        and source.size == previous.source_bytes
+        and store.head(previous.waveform_key) is not None
+        and store.head(previous.peaks_key) is not None
+    )
 
 
-def _process(context, store: ObjectStore, pk: str, original: str, etag: str, size: int, sha: str,
-             local: Path, tmp: Path) -> tuple[RecordingRecord, dict[str, Path]]:
+def _process(
+    context, store: ObjectStore, pk: str, original: str, etag: str, size: int, sha: str, local: Path, tmp: Path
+) -> tuple[RecordingRecord, dict[str, Path]]:
     # lazy: scipy (pyloudnorm) and PyAV load only when a recording is made
     from gpu_worker.audio.analyse import integrated_loudness, peak_dbfs, waveform_peaks
     from gpu_worker.audio.decode import decode_audio
@@ -135,32 +140,57 @@ def _process(context, store: ObjectStore, pk: str, original: str, etag: str, siz
         encode_audio(wav, source, "flac")
     except (AudioError, EncodeError) as err:
         message = str(err).replace(str(local), store.uri(original))
-        raise Failure(description=message, metadata={"original_key": original, "sha256": sha},
-                      allow_retries=False) from None
+        raise Failure(
+            description=message, metadata={"original_key": original, "sha256": sha}, allow_retries=False
+        ) from None
 
     lufs = integrated_loudness(wav)
     peak = peak_dbfs(wav)
     peaks = waveform_peaks(wav, PEAKS)
     peaks_file = tmp / "peaks.json"
-    peaks_file.write_text(json.dumps({
-        "bins": PEAKS, "duration_s": wav.shape[1] / SAMPLE_RATE, "sample_rate": SAMPLE_RATE,
-        "min": [round(float(v), 4) for v in peaks[:, 0]], "max": [round(float(v), 4) for v in peaks[:, 1]],
-    }, separators=(",", ":")))
+    peaks_file.write_text(
+        json.dumps(
+            {
+                "bins": PEAKS,
+                "duration_s": wav.shape[1] / SAMPLE_RATE,
+                "sample_rate": SAMPLE_RATE,
+                "min": [round(float(v), 4) for v in peaks[:, 0]],
+                "max": [round(float(v), 4) for v in peaks[:, 1]],
+            },
+            separators=(",", ":"),
+        )
+    )
     waveform = tmp / "waveform.png"
     waveform.write_bytes(waveform_png(peaks, wav.shape[1] / SAMPLE_RATE, title=PurePosixPath(original).name))
     record = RecordingRecord(
-        partition_key=pk, original_key=original, input_etag=etag, input_bytes=size, sha256=sha,
-        source_key=source_key(pk), source_sha256=file_sha256(source), source_bytes=source.stat().st_size,
-        container=info.container, codec=info.codec, sample_rate=info.sample_rate, channels=info.channels,
-        bit_depth=info.bit_depth, duration_s=round(info.duration_s, 6), frames=int(wav.shape[1]),
-        lufs=_round(lufs), peak_dbfs=_round(peak), peaks_key=peaks_key(pk), waveform_key=waveform_key(pk),
-        code_version=RECORDING_CODE_VERSION, made_at=time.time(),
+        partition_key=pk,
+        original_key=original,
+        input_etag=etag,
+        input_bytes=size,
+        sha256=sha,
+        source_key=source_key(pk),
+        source_sha256=file_sha256(source),
+        source_bytes=source.stat().st_size,
+        container=info.container,
+        codec=info.codec,
+        sample_rate=info.sample_rate,
+        channels=info.channels,
+        bit_depth=info.bit_depth,
+        duration_s=round(info.duration_s, 6),
+        frames=int(wav.shape[1]),
+        lufs=_round(lufs),
+        peak_dbfs=_round(peak),
+        peaks_key=peaks_key(pk),
+        waveform_key=waveform_key(pk),
+        code_version=RECORDING_CODE_VERSION,
+        made_at=time.time(),
     )
     return record, {"source": source, "peaks": peaks_file, "waveform": waveform}
 
 
-def _result(store: ObjectStore, media_store: MediaStoreResource, record: RecordingRecord, png: bytes,
-            reused: bool) -> MaterializeResult:
+def _result(
+    store: ObjectStore, media_store: MediaStoreResource, record: RecordingRecord, png: bytes, reused: bool
+) -> MaterializeResult:
     metadata = {
         "original_key": record.original_key,
         "input_uri": store.uri(record.original_key),

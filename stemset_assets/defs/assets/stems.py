@@ -71,6 +71,7 @@ CODE_VERSION_TAG = "dagster/code_version"
 INPUT_DATA_VERSION_TAG = "dagster/input_data_version"
 INPUT_EVENT_POINTER_TAG = "dagster/input_event_pointer"
 
+
 def build_stems_asset(config: StemsetConfig, name: str, fp: str | None = None) -> AssetsDefinition:
     """The ``stems_<name>`` multi-asset for strategy ``name`` of ``config``."""
     strategy = config.strategy(name)
@@ -123,11 +124,16 @@ def set_state(store: ObjectStore, pk: str, name: str, fp: str, fmt: str) -> SetS
     return pair.state
 
 
-def _record_failure(store: ObjectStore, pk: str, name: str, fp: str, record: RecordingRecord | None,
-                    error: str) -> None:
+def _record_failure(
+    store: ObjectStore, pk: str, name: str, fp: str, record: RecordingRecord | None, error: str
+) -> None:
     """``failure.json`` beside the set, so every reader of state sees ``failed`` with this error."""
-    doc = {"fingerprint": fp, "input_sha256": record.source_sha256 if record else None, "error": error,
-           "failed_at": time.time()}
+    doc = {
+        "fingerprint": fp,
+        "input_sha256": record.source_sha256 if record else None,
+        "error": error,
+        "failed_at": time.time(),
+    }
     try:
         store.put_bytes(failure_key(pk, name), json.dumps(doc).encode(), content_type="application/json")
     except StemsetError:
@@ -145,20 +151,36 @@ class _Planned:
     job: SeparationJob | None
 
 
-def _plan(context: AssetExecutionContext, config: StemsetConfig, name: str, fp: str, store: ObjectStore,
-          media_store: MediaStoreResource, separator: SeparatorResource, pk: str) -> _Planned:
+def _plan(
+    context: AssetExecutionContext,
+    config: StemsetConfig,
+    name: str,
+    fp: str,
+    store: ObjectStore,
+    media_store: MediaStoreResource,
+    separator: SeparatorResource,
+    pk: str,
+) -> _Planned:
     profile_name, _slug = split_partition_key(pk)
     strategy = config.strategy(name)
     profile = config.profiles.get(profile_name)
     if profile is None:
-        raise Failure(description=(f"Partition {pk!r} belongs to profile {profile_name!r}, which config.yaml does "
-                                   f"not define (profiles: {', '.join(config.profiles) or 'none'})."),
-                      allow_retries=False)
+        raise Failure(
+            description=(
+                f"Partition {pk!r} belongs to profile {profile_name!r}, which config.yaml does "
+                f"not define (profiles: {', '.join(config.profiles) or 'none'})."
+            ),
+            allow_retries=False,
+        )
     record = read_record(store, pk)
     if record is None:
-        raise Failure(description=(f"No canonical recording for partition {pk!r} (recordings/{pk}/recording.json "
-                                   "is missing): materialise the `recording` asset for this partition first."),
-                      allow_retries=False)
+        raise Failure(
+            description=(
+                f"No canonical recording for partition {pk!r} (recordings/{pk}/recording.json "
+                "is missing): materialise the `recording` asset for this partition first."
+            ),
+            allow_retries=False,
+        )
     fmt, bitrate = profile.output.format, profile.output.bitrate
     prefix, mkey = stems_prefix(pk, name), manifest_key(pk, name)
     old = read_manifest(store, mkey)
@@ -166,9 +188,17 @@ def _plan(context: AssetExecutionContext, config: StemsetConfig, name: str, fp: 
         context.log.info(f"{pk}: stems of {name!r} are current (fingerprint {fp}); reusing {store.uri(mkey)}")
         return _Planned(pk, record, old, True, None)
     job = SeparationJob(
-        job_id=_job_id(context.run.run_id, pk, name), input_key=record.source_key, output_prefix=prefix,
-        strategy_name=name, strategy=strategy.to_tree(), fingerprint=fp, storage=media_store.storage_ref(),
-        output_format=fmt, bitrate_kbps=bitrate, model_repo=model_repo(config), gpu_type=separator.gpu_type,
+        job_id=_job_id(context.run.run_id, pk, name),
+        input_key=record.source_key,
+        output_prefix=prefix,
+        strategy_name=name,
+        strategy=strategy.to_tree(),
+        fingerprint=fp,
+        storage=media_store.storage_ref(),
+        output_format=fmt,
+        bitrate_kbps=bitrate,
+        model_repo=model_repo(config),
+        gpu_type=separator.gpu_type,
         metadata={"partition_key": pk, "recording_sha256": record.sha256, "run_id": context.run.run_id},
     )
     why = "no stem set yet" if old is None else "stored set is out of date"
@@ -190,9 +220,14 @@ def _stored_set(store: ObjectStore, plan: _Planned, name: str) -> SeparationResu
     return stored
 
 
-def materialize_stem_set(context: AssetExecutionContext, config: StemsetConfig, name: str, fp: str,
-                         media_store: MediaStoreResource,
-                         separator: SeparatorResource) -> Iterator[AssetMaterialization | AssetCheckEvaluation]:
+def materialize_stem_set(
+    context: AssetExecutionContext,
+    config: StemsetConfig,
+    name: str,
+    fp: str,
+    media_store: MediaStoreResource,
+    separator: SeparatorResource,
+) -> Iterator[AssetMaterialization | AssetCheckEvaluation]:
     """Make the run's partitions' stem sets, one partition or many (a backfill run) alike: their jobs
     go to the separator together (``separate_many``: the model loads once; Modal fans them out),
     and each partition gets its own materialisation, with the same data-version and provenance
@@ -210,11 +245,13 @@ def materialize_stem_set(context: AssetExecutionContext, config: StemsetConfig, 
         except Failure as err:
             failed[pk] = err.description or str(err)
     todo = [plan for plan in plans if plan.job is not None]
-    context.log.info(f"{len(plans)} partition(s) of {name!r}: {len(todo)} to separate, "
-                     f"{len(plans) - len(todo)} current")
+    context.log.info(
+        f"{len(plans)} partition(s) of {name!r}: {len(todo)} to separate, {len(plans) - len(todo)} current"
+    )
     outcomes = dict(zip((plan.pk for plan in todo), separator.separate_many([p.job for p in todo], store), strict=True))
     pointers = context.instance.get_latest_storage_id_by_partition(
-        RECORDING_KEY, DagsterEventType.ASSET_MATERIALIZATION, {plan.pk for plan in plans})
+        RECORDING_KEY, DagsterEventType.ASSET_MATERIALIZATION, {plan.pk for plan in plans}
+    )
     for plan in plans:
         outcome = outcomes.get(plan.pk)
         if isinstance(outcome, Exception):
@@ -231,13 +268,23 @@ def materialize_stem_set(context: AssetExecutionContext, config: StemsetConfig, 
             if key in selected:
                 yield AssetMaterialization(key, partition=plan.pk, metadata=metadata, tags=tags)
         state = set_state(store, plan.pk, name, fp, stored_format(stored))
-        for result in checks.evaluate(name, config.strategy(name).stems, stored, mix_peak_dbfs=plan.record.peak_dbfs,
-                                      incomplete=state.detail if state.state == BROKEN else None):
+        for result in checks.evaluate(
+            name,
+            config.strategy(name).stems,
+            stored,
+            mix_peak_dbfs=plan.record.peak_dbfs,
+            incomplete=state.detail if state.state == BROKEN else None,
+        ):
             if (result.asset_key, result.check_name) in checked:
                 yield AssetCheckEvaluation(
-                    asset_key=result.asset_key, check_name=result.check_name, passed=result.passed,
-                    metadata=result.metadata, severity=result.severity, description=result.description,
-                    partition=plan.pk)
+                    asset_key=result.asset_key,
+                    check_name=result.check_name,
+                    passed=result.passed,
+                    metadata=result.metadata,
+                    severity=result.severity,
+                    description=result.description,
+                    partition=plan.pk,
+                )
     if failed:
         if len(keys) == 1:
             (why,) = failed.values()
@@ -255,7 +302,8 @@ def provenance_tags(recording_sha256: str, fp: str, recording_storage_id: int | 
         CODE_VERSION_TAG: fp,
         f"{INPUT_DATA_VERSION_TAG}/{RECORDING_KEY.to_user_string()}": recording_sha256,
         f"{INPUT_EVENT_POINTER_TAG}/{RECORDING_KEY.to_user_string()}": (
-            str(recording_storage_id) if recording_storage_id else "NULL"),
+            str(recording_storage_id) if recording_storage_id else "NULL"
+        ),
     }
 
 
@@ -264,9 +312,16 @@ def stored_format(stored: SeparationResult) -> str:
     return formats.pop() if len(formats) == 1 else ",".join(sorted(formats))
 
 
-def _stem_events(config: StemsetConfig, name: str, fp: str, store: ObjectStore, media_store: MediaStoreResource,
-                 separator: SeparatorResource, plan: _Planned,
-                 stored: SeparationResult) -> Iterator[tuple[AssetKey, dict]]:
+def _stem_events(
+    config: StemsetConfig,
+    name: str,
+    fp: str,
+    store: ObjectStore,
+    media_store: MediaStoreResource,
+    separator: SeparatorResource,
+    plan: _Planned,
+    stored: SeparationResult,
+) -> Iterator[tuple[AssetKey, dict]]:
     """``(asset key, metadata)`` of every stem of a stored set."""
     record, pk, reused = plan.record, plan.pk, plan.reused
     mkey = manifest_key(pk, name)
@@ -276,37 +331,40 @@ def _stem_events(config: StemsetConfig, name: str, fp: str, store: ObjectStore, 
         f = stored.stems.get(stem)
         if f is None:
             raise Failure(description=f"{store.uri(mkey)} lists no stem {stem!r} (it has {', '.join(stored.stems)}).")
-        yield stem_asset_key(name, stem), {
-            "uri": store.uri(f.key),
-            "url": MetadataValue.url(media_store.playback_url(f.key)),
-            "format": f.format,
-            "bytes": int(f.bytes),
-            "duration_s": round(float(f.duration_s), 3),
-            "lufs": _num(f.lufs),
-            "peak_dbfs": _num(f.peak_dbfs),
-            "rms_dbfs": _num(f.rms_dbfs),
-            "suggested_gain_db": suggested_gain_db(f.lufs, f.peak_dbfs),
-            "nonfinite_samples": int(f.nonfinite_samples),
-            "partition": pk,
-            "strategy": name,
-            "fingerprint": fp,
-            "input_sha256": record.sha256,
-            "source_sha256": stored.input_sha256,
-            "backend": stored.backend,
-            "device": stored.device,
-            "gpu_type": stored.gpu_type or MetadataValue.null(),
-            "timings": MetadataValue.json(stored.timings),
-            "total_s": float(stored.timings.get("total", 0.0)),
-            "billed_seconds": float(stored.billed_seconds),
-            "price_per_hour": price,
-            "cost_usd": cost,
-            "run_cost_usd": 0.0 if reused else cost,
-            "residual_db": _num(stored.residual_db),
-            "reused": reused,
-            "job_id": stored.job_id,
-            "manifest": store.uri(mkey),
-            "engine_version": stored.engine_version,
-        }
+        yield (
+            stem_asset_key(name, stem),
+            {
+                "uri": store.uri(f.key),
+                "url": MetadataValue.url(media_store.playback_url(f.key)),
+                "format": f.format,
+                "bytes": int(f.bytes),
+                "duration_s": round(float(f.duration_s), 3),
+                "lufs": _num(f.lufs),
+                "peak_dbfs": _num(f.peak_dbfs),
+                "rms_dbfs": _num(f.rms_dbfs),
+                "suggested_gain_db": suggested_gain_db(f.lufs, f.peak_dbfs),
+                "nonfinite_samples": int(f.nonfinite_samples),
+                "partition": pk,
+                "strategy": name,
+                "fingerprint": fp,
+                "input_sha256": record.sha256,
+                "source_sha256": stored.input_sha256,
+                "backend": stored.backend,
+                "device": stored.device,
+                "gpu_type": stored.gpu_type or MetadataValue.null(),
+                "timings": MetadataValue.json(stored.timings),
+                "total_s": float(stored.timings.get("total", 0.0)),
+                "billed_seconds": float(stored.billed_seconds),
+                "price_per_hour": price,
+                "cost_usd": cost,
+                "run_cost_usd": 0.0 if reused else cost,
+                "residual_db": _num(stored.residual_db),
+                "reused": reused,
+                "job_id": stored.job_id,
+                "manifest": store.uri(mkey),
+                "engine_version": stored.engine_version,
+            },
+        )
 
 
 def _num(value: float | None):

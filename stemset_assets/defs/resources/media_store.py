@@ -65,8 +65,9 @@ class MediaStoreResource(ConfigurableResource):
             return LocalObjectStore(Path(self.root).expanduser())
         if self.backend == "s3":
             if not self.bucket:
-                raise StorageError("The media_store resource has backend s3 but no bucket.",
-                                   "Set storage.s3.bucket in config.yaml.")
+                raise StorageError(
+                    "The media_store resource has backend s3 but no bucket.", "Set storage.s3.bucket in config.yaml."
+                )
             from dagster_aws.s3 import S3Resource  # lazy: dagster-aws and boto3 load only for an s3 store
 
             client = S3Resource(
@@ -83,8 +84,13 @@ class MediaStoreResource(ConfigurableResource):
         """This store as a job's storage reference: where, never the credentials."""
         if self.backend == "local":
             return StorageRef("local", root=str(Path(self.root).expanduser().absolute()))
-        return StorageRef("s3", bucket=self.bucket, endpoint_url=self.endpoint_url or None,
-                          region=self.region or None, public_url=self.public_url or None)
+        return StorageRef(
+            "s3",
+            bucket=self.bucket,
+            endpoint_url=self.endpoint_url or None,
+            region=self.region or None,
+            public_url=self.public_url or None,
+        )
 
     def playback_url(self, key: str) -> str:
         """A URL a browser can play ``key`` from (public URL, presigned GET, or ``file://``)."""
@@ -134,7 +140,12 @@ def open_store(config: StemsetConfig) -> ObjectStore:
         return MediaStoreResource.from_config(config).get_store()
     s3 = config.storage.s3
     return MediaStoreResource(
-        backend="s3", root=str(config.storage.local.root), endpoint_url=s3.endpoint_url, bucket=s3.bucket,
-        region=s3.region, access_key_id=s3.access_key_id, secret_access_key=s3.secret_access_key,
+        backend="s3",
+        root=str(config.storage.local.root),
+        endpoint_url=s3.endpoint_url,
+        bucket=s3.bucket,
+        region=s3.region,
+        access_key_id=s3.access_key_id,
+        secret_access_key=s3.secret_access_key,
         public_url=s3.public_url,
     ).get_store()

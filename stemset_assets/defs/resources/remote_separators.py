@@ -55,6 +55,7 @@ class WorkerTimeoutError(RemoteSeparatorError):
 # Modal
 # --------------------------------------------------------------------------------------
 
+
 class ModalSeparatorClient:
     """Jobs on the deployed ``Separator`` class of a Modal app.
 
@@ -62,8 +63,14 @@ class ModalSeparatorClient:
     tests pass a stand-in whose instances' ``separate`` has ``.remote`` and ``.map``.
     """
 
-    def __init__(self, app_name: str = "stemset-gpu", class_name: str = "Separator", *,
-                 environment_name: str | None = None, cls_factory: Callable[[], Any] | None = None):
+    def __init__(
+        self,
+        app_name: str = "stemset-gpu",
+        class_name: str = "Separator",
+        *,
+        environment_name: str | None = None,
+        cls_factory: Callable[[], Any] | None = None,
+    ):
         self.app_name = app_name
         self.class_name = class_name
         self.environment_name = environment_name
@@ -132,19 +139,24 @@ class ModalSeparatorClient:
             return ModalAuthError(f"Modal refused the call to {where}: {err}", TOKEN_HINT)
         if isinstance(err, mexc.FunctionTimeoutError):
             what = f"job {job.job_id!r}" if job else "a job"
-            return WorkerTimeoutError(f"Modal stopped {what} at the class timeout: {err}",
-                                      "Split long recordings, or raise timeout= in gpu_worker/modal_app.py.")
+            return WorkerTimeoutError(
+                f"Modal stopped {what} at the class timeout: {err}",
+                "Split long recordings, or raise timeout= in gpu_worker/modal_app.py.",
+            )
         if isinstance(err, mexc.ConnectionError):
-            return WorkerUnreachableError(f"Could not reach Modal for {where}: {err}",
-                                          "Check this machine's network; job ids make a retry safe.")
+            return WorkerUnreachableError(
+                f"Could not reach Modal for {where}: {err}", "Check this machine's network; job ids make a retry safe."
+            )
         what = f"job {job.job_id!r}" if job else "the call"
-        return RemoteSeparatorError(f"{what} failed on {where}: {type(err).__name__}: {err}",
-                                    "See `modal app logs " + self.app_name + "`.")
+        return RemoteSeparatorError(
+            f"{what} failed on {where}: {type(err).__name__}: {err}", "See `modal app logs " + self.app_name + "`."
+        )
 
 
 # --------------------------------------------------------------------------------------
 # HTTP
 # --------------------------------------------------------------------------------------
+
 
 class _Retryable(Exception):
     """A request failed in a way worth retrying (connection trouble, 5xx)."""
@@ -159,20 +171,34 @@ class HttpSeparatorClient:
     idempotent, so resubmitting is safe, and a worker that restarted and forgot the job gets it again.
     """
 
-    def __init__(self, url: str, token: str | None, timeout_s: float = 1800, poll_s: float = 1.0,
-                 retries: int = 5, *, backoff_s: float = 0.5, max_backoff_s: float = 30.0,
-                 request_timeout_s: float = 30.0):
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        timeout_s: float = 1800,
+        poll_s: float = 1.0,
+        retries: int = 5,
+        *,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        request_timeout_s: float = 30.0,
+    ):
         if not url:
-            raise RemoteSeparatorError("No GPU worker URL configured.",
-                                       "Set gpu.url in config.yaml (or GPU_WORKER_URL) to the worker's base URL.")
+            raise RemoteSeparatorError(
+                "No GPU worker URL configured.",
+                "Set gpu.url in config.yaml (or GPU_WORKER_URL) to the worker's base URL.",
+            )
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise RemoteSeparatorError(f"The GPU worker URL {self._safe(url)!r} is not an http(s) URL.",
-                                       "Use e.g. http://gpu-host:8000 or the https URL Modal printed.")
+            raise RemoteSeparatorError(
+                f"The GPU worker URL {self._safe(url)!r} is not an http(s) URL.",
+                "Use e.g. http://gpu-host:8000 or the https URL Modal printed.",
+            )
         if parsed.username or parsed.password:
             raise RemoteSeparatorError(
                 f"The GPU worker URL {self._safe(url)!r} carries a user name or password.",
-                "Remove it from gpu.url: the worker authenticates with the bearer token in gpu.token.")
+                "Remove it from gpu.url: the worker authenticates with the bearer token in gpu.token.",
+            )
         self.url = url.rstrip("/")
         self._token = token or None
         self.timeout_s = float(timeout_s)
@@ -183,8 +209,10 @@ class HttpSeparatorClient:
         self.request_timeout_s = float(request_timeout_s)
 
     def __repr__(self) -> str:  # the token never appears
-        return (f"HttpSeparatorClient(url={self._safe(self.url)!r}, token={'****' if self._token else None}, "
-                f"timeout_s={self.timeout_s}, poll_s={self.poll_s}, retries={self.retries})")
+        return (
+            f"HttpSeparatorClient(url={self._safe(self.url)!r}, token={'****' if self._token else None}, "
+            f"timeout_s={self.timeout_s}, poll_s={self.poll_s}, retries={self.retries})"
+        )
 
     @staticmethod
     def _safe(url: str) -> str:
@@ -208,11 +236,14 @@ class HttpSeparatorClient:
             if status == "error":
                 raise error_from_info(state.get("error"))
             if status not in ("queued", "running"):
-                raise RemoteSeparatorError(f"The GPU worker at {self._safe(self.url)} answered job "
-                                           f"{job.job_id!r} with an unknown status {status!r}.")
+                raise RemoteSeparatorError(
+                    f"The GPU worker at {self._safe(self.url)} answered job "
+                    f"{job.job_id!r} with an unknown status {status!r}."
+                )
             self._sleep(self.poll_s, deadline, job)
-            state = self._call("GET", f"/jobs/{urllib.parse.quote(job.job_id, safe='')}", None, deadline, job,
-                               resubmit=body)
+            state = self._call(
+                "GET", f"/jobs/{urllib.parse.quote(job.job_id, safe='')}", None, deadline, job, resubmit=body
+            )
 
     def separate_many(self, jobs: Sequence[SeparationJob]) -> list[SeparationResult | Exception]:
         """Each job in turn (the worker runs one at a time anyway); per-job exceptions in place."""
@@ -230,8 +261,15 @@ class HttpSeparatorClient:
         return self._call("GET", "/healthz", None, time.monotonic() + self.request_timeout_s, None)
 
     # -- requests -----------------------------------------------------------------------
-    def _call(self, method: str, path: str, body: bytes | None, deadline: float, job: SeparationJob | None,
-              resubmit: bytes | None = None) -> dict[str, Any]:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        deadline: float,
+        job: SeparationJob | None,
+        resubmit: bytes | None = None,
+    ) -> dict[str, Any]:
         """One logical request with retries. A 404 on a job poll (the worker restarted and forgot
         it) resubmits ``resubmit`` and counts as a retry."""
         failures = 0
@@ -263,12 +301,14 @@ class HttpSeparatorClient:
                     f"The GPU worker at {self._safe(self.url)} failed {failures} time(s) in a row on {what}: {last}.",
                     "Check that the worker is running and reachable. Its stems are published only with their "
                     "manifest, so an interrupted job leaves nothing half-written; run it again (same job id) "
-                    "once the worker is back.")
+                    "once the worker is back.",
+                )
             delay = min(self.max_backoff_s, self.backoff_s * 2 ** (failures - 1)) * random.uniform(0.8, 1.2)
             self._sleep(delay, deadline, job)
 
-    def _request(self, method: str, path: str, body: bytes | None, deadline: float,
-                 job: SeparationJob | None) -> tuple[int, dict[str, Any]]:
+    def _request(
+        self, method: str, path: str, body: bytes | None, deadline: float, job: SeparationJob | None
+    ) -> tuple[int, dict[str, Any]]:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             self._timeout(job)
@@ -295,19 +335,22 @@ class HttpSeparatorClient:
             message = (data.get("error") or {}).get("message") if isinstance(data, dict) else None
             raise _Retryable(f"{method} {path}: HTTP {status}" + (f": {message}" if message else ""))
         if not isinstance(data, dict):
-            raise RemoteSeparatorError(f"The GPU worker at {self._safe(self.url)} answered {method} {path} "
-                                       "with JSON that is not an object.")
+            raise RemoteSeparatorError(
+                f"The GPU worker at {self._safe(self.url)} answered {method} {path} with JSON that is not an object."
+            )
         return status, data
 
     def _raise_for(self, status: int, data: dict[str, Any], job: SeparationJob | None) -> None:
         if status in (401, 403):
             raise WorkerAuthError(
                 f"The GPU worker at {self._safe(self.url)} rejected the token (HTTP {status}).",
-                "Set gpu.token in config.yaml (GPU_WORKER_TOKEN) to the token the worker was started with.")
+                "Set gpu.token in config.yaml (GPU_WORKER_TOKEN) to the token the worker was started with.",
+            )
         if isinstance(data.get("error"), dict):
             raise error_from_info(data["error"])
-        raise RemoteSeparatorError(f"The GPU worker at {self._safe(self.url)} answered HTTP {status}: "
-                                   f"{data.get('_raw', data)}.")
+        raise RemoteSeparatorError(
+            f"The GPU worker at {self._safe(self.url)} answered HTTP {status}: {data.get('_raw', data)}."
+        )
 
     def _sleep(self, seconds: float, deadline: float, job: SeparationJob | None) -> None:
         remaining = deadline - time.monotonic()
@@ -320,4 +363,5 @@ class HttpSeparatorClient:
         raise WorkerTimeoutError(
             f"{what} did not finish on the GPU worker at {self._safe(self.url)} within {self.timeout_s:g} s.",
             "Raise gpu.timeout_s for long recordings, or check the worker's load; the job keeps its id, "
-            "so asking again picks up the running job instead of starting a second one.")
+            "so asking again picks up the running job instead of starting a second one.",
+        )

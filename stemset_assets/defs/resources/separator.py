@@ -86,16 +86,23 @@ class SeparatorResource(ConfigurableResource):
             elif self.backend == "http":
                 self._client = HttpSeparatorClient(self.url or "", self.token, timeout_s=self.timeout_s)
             else:
-                raise Failure(description=f"Unknown separator backend {self.backend!r}; use one of "
-                                          f"{', '.join(BACKENDS)} (gpu.backend in config.yaml).", allow_retries=False)
+                raise Failure(
+                    description=f"Unknown separator backend {self.backend!r}; use one of "
+                    f"{', '.join(BACKENDS)} (gpu.backend in config.yaml).",
+                    allow_retries=False,
+                )
         return self._client
 
     def _for_remote(self, job: SeparationJob) -> SeparationJob:
         if self.backend == "modal" and job.storage.backend == "local":
-            raise Failure(description=(
-                "The modal separator cannot reach local storage: a Modal container reads inputs from, and "
-                "writes stems to, the bucket. Set storage.backend: s3 (e.g. Cloudflare R2) in config.yaml, "
-                "or use gpu.backend: local or http."), allow_retries=False)
+            raise Failure(
+                description=(
+                    "The modal separator cannot reach local storage: a Modal container reads inputs from, and "
+                    "writes stems to, the bucket. Set storage.backend: s3 (e.g. Cloudflare R2) in config.yaml, "
+                    "or use gpu.backend: local or http."
+                ),
+                allow_retries=False,
+            )
         # The worker loads models from its own folder or Demucs' download, not this machine's.
         return replace(job, model_repo=None, gpu_type=job.gpu_type or self.gpu_type)
 
@@ -114,7 +121,13 @@ class SeparatorResource(ConfigurableResource):
             price = gpu.price_per_hour()
         except Exception:  # an unknown GPU type: cost 0 rather than no definitions at all
             price = 0.0
-        return cls(backend=gpu.backend, gpu_type=gpu.type, price_per_hour=price,
-                   prices_per_hour=dict(gpu.prices_per_hour), app_name=gpu.app, url=gpu.url or None,
-                   token=env_or_value(raw_section(config, "gpu").get("token"), gpu.token),
-                   timeout_s=gpu.timeout_s)
+        return cls(
+            backend=gpu.backend,
+            gpu_type=gpu.type,
+            price_per_hour=price,
+            prices_per_hour=dict(gpu.prices_per_hour),
+            app_name=gpu.app,
+            url=gpu.url or None,
+            token=env_or_value(raw_section(config, "gpu").get("token"), gpu.token),
+            timeout_s=gpu.timeout_s,
+        )
