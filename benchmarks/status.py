@@ -40,17 +40,36 @@ def build(root: Path, n: int, fp: str) -> None:
         pk = f"h4n/take_{i}"
         store.put_bytes(f"inputs/h4n/take_{i}.wav", b"RIFF")
         etag = store.head(f"inputs/h4n/take_{i}.wav").etag
-        store.put_bytes(f"recordings/{pk}/recording.json", json.dumps({
-            "source_sha256": "s", "input_etag": etag, "original_key": f"inputs/h4n/take_{i}.wav",
-            "duration_s": 240.0}).encode())
+        store.put_bytes(
+            f"recordings/{pk}/recording.json",
+            json.dumps(
+                {
+                    "source_sha256": "s",
+                    "input_etag": etag,
+                    "original_key": f"inputs/h4n/take_{i}.wav",
+                    "duration_s": 240.0,
+                }
+            ).encode(),
+        )
         stems = {}
         for stem in ("drums", "bass", "other", "vocals"):
             key = f"outputs/{pk}/htdemucs/{stem}.m4a"
             store.put_bytes(key, b"xx")
             stems[stem] = {"key": key, "bytes": 2, "format": "m4a"}
-        store.put_bytes(f"outputs/{pk}/htdemucs/manifest.json", json.dumps(
-            {"fingerprint": fp, "input_sha256": "s", "stems": stems, "billed_seconds": 3.0,
-             "backend": "modal", "gpu_type": "A100-40GB", "input_duration_s": 240.0}).encode())
+        store.put_bytes(
+            f"outputs/{pk}/htdemucs/manifest.json",
+            json.dumps(
+                {
+                    "fingerprint": fp,
+                    "input_sha256": "s",
+                    "stems": stems,
+                    "billed_seconds": 3.0,
+                    "backend": "modal",
+                    "gpu_type": "A100-40GB",
+                    "input_duration_s": 240.0,
+                }
+            ).encode(),
+        )
 
 
 def main() -> int:
@@ -79,7 +98,9 @@ def main() -> int:
     rows = status_rows(store, config, keys, cache=cache)
     warm = time.perf_counter() - t0
     result = {
-        "partitions": args.partitions, "cold_s": round(cold, 3), "warm_s": round(warm, 3),
+        "partitions": args.partitions,
+        "cold_s": round(cold, 3),
+        "warm_s": round(warm, 3),
         "states": {s: sum(r.state == s for r in rows) for s in {r.state for r in rows}},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
     }

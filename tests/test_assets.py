@@ -318,8 +318,11 @@ def test_recordings_stems_checks_and_catalog(world: World):
     csv = pd.read_csv(io.BytesIO(store.get_bytes("catalog/catalog.csv")))
     assert len(df) == len(csv) == 4 * len(world.config.strategies)
     done = df[df["partition"] != "h4n/later"]
-    assert set(done["state"]) == {"current"}
-    assert set(df[df["partition"] == "h4n/later"]["state"]) == {"missing"}
+    # Strategies the recording's profile runs are current; the others are unused (stored or not).
+    assert set(done[done["default"]]["state"]) == {"current"}
+    assert set(done[~done["default"]]["state"]) == {"unused"}
+    later = df[df["partition"] == "h4n/later"]
+    assert set(later[later["default"]]["state"]) == {"missing"} and set(later[~later["default"]]["state"]) == {"unused"}
     assert set(df[df["partition"] == "h4n/later"]["recording_state"]) == {"not_materialised"}
     row = df[(df["partition"] == "memos/bose_take_1_final_mix") & (df["strategy"] == "htdemucs_6s")].iloc[0]
     assert bool(row["default"]) and json.loads(row["stem_uris"])["piano"].endswith("piano.m4a")
