@@ -128,7 +128,7 @@ def test_hundreds_of_inputs_drain_over_ticks_none_missed_none_twice(tmp_path, bu
     assert tags == set(names)
     by_pk = {r.partition_key: r for r in ticker.requested}
     etag = store.head("inputs/h4n/take 007.wav").etag.strip('"')
-    assert by_pk["h4n/take_007"].run_key == f"h4n/take_007@{etag}"
+    assert by_pk["h4n/take_007"].run_key == f"h4n/take_007@{etag}@new"
     # Each profile's own strategies, plus the recording.
     assert set(by_pk["h4n/take_007"].asset_selection) == {AssetKey("recording"), *stem_keys(config, ["htdemucs"])}
     assert set(by_pk["memos/memo_01"].asset_selection) == {

@@ -30,7 +30,10 @@ def facts(**kw):
     ("case", "expected", "reason"),
     [
         (facts(), st.CURRENT, st.UP_TO_DATE),
-        (facts(wanted=False), st.UNUSED, st.NOT_WANTED),
+        (facts(wanted=False, manifest=None, stem_objects={}), st.UNUSED, st.NOT_WANTED),
+        # A set made on request though no profile asks for it is judged like any other.
+        (facts(wanted=False), st.CURRENT, st.UP_TO_DATE),
+        (facts(wanted=False, manifest=manifest(fingerprint="fp-old")), st.STALE, st.STRATEGY_CHANGED),
         (facts(manifest=None, stem_objects={}), st.MISSING, st.NOT_SEPARATED),
         (facts(manifest=None, stem_objects={}, recording=None, input_etag=None), st.MISSING, st.NOT_RECORDED),
         (facts(manifest=None), st.BROKEN, st.MANIFEST_MISSING),
@@ -166,3 +169,12 @@ def test_cache_is_used_only_while_the_etag_holds(tmp_path):
     doc["fingerprint"] = "fp-old-and-longer"
     store.put_bytes("outputs/h4n/a/ht/manifest.json", json.dumps(doc).encode())
     assert _states(store, cache)[("h4n/a", "ht")].reasons[0] == st.STRATEGY_CHANGED
+
+
+def test_unused_rows_still_say_what_happened_to_the_recording():
+    def unused(**kw):
+        return st.decide_state(facts(wanted=False, manifest=None, stem_objects={}, **kw), TARGET).reasons
+
+    assert unused(recording=None) == (st.NOT_WANTED, st.NOT_RECORDED)
+    assert unused(input_etag=None) == (st.NOT_WANTED, st.INPUT_MISSING)
+    assert unused(input_etag="e2") == (st.NOT_WANTED, st.INPUT_CHANGED)

@@ -6,7 +6,9 @@ facts read from the bucket (:mod:`stemset_assets.core.set_facts`). Nothing else 
 
 States, in the order the rule tests them:
 
-- ``unused``: the recording's profile does not ask for the strategy (nothing to do);
+- ``unused``: the recording's profile does not ask for the strategy and nothing of it is stored
+  (nothing to do). A set made on request (``stemset process --strategy``) is judged like any
+  other, so it reads current, stale or broken, and a backfill redoes it when it goes stale;
 - ``broken``: objects of the set are there but the set is not whole: stems without their
   ``manifest.json``, or a stem the manifest lists that is gone or has another size;
 - ``failed``: the latest attempt to make the set the strategy asks for now failed
@@ -124,8 +126,11 @@ class SetState:
 def decide_state(facts: SetFacts, target: Target) -> SetState:
     """The state of one stem set (see the module doc for the rule)."""
     extra = (INPUT_MISSING,) if facts.recording is not None and facts.input_etag is None else ()
-    if not facts.wanted:
-        return SetState(UNUSED, (NOT_WANTED,), "no profile of this recording asks for the strategy")
+    if not facts.wanted and facts.manifest is None and not facts.stem_objects:
+        # The recording's own facts still ride along: the catalog shows them on every row.
+        return SetState(
+            UNUSED, (NOT_WANTED, *_recording_reasons(facts)), "no profile of this recording asks for the strategy"
+        )
 
     manifest = facts.manifest
     if manifest is None and facts.stem_objects:
@@ -161,6 +166,15 @@ def reusable(state: SetState) -> bool:
     """Whether the stored set is what separating the recording as it stands would make: current,
     or stale only because the input changed (which redoing the recording, not the stems, resolves)."""
     return state.state == CURRENT or (state.state == STALE and set(state.reasons) <= {INPUT_CHANGED, INPUT_MISSING})
+
+
+def _recording_reasons(facts: SetFacts) -> tuple[str, ...]:
+    rec = facts.recording
+    if rec is None:
+        return (NOT_RECORDED,)
+    if facts.input_etag is None:
+        return (INPUT_MISSING,)
+    return (INPUT_CHANGED,) if facts.input_etag != rec.input_etag else ()
 
 
 def _incomplete(manifest: ManifestFacts, present: Mapping[str, int]) -> tuple[str, str] | None:
