@@ -21,7 +21,11 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     out = Path(args.out)
     if args.check:
-        stale = [rel for rel, text in rendered_text(config).items() if not (out / rel).is_file() or (out / rel).read_text() != text]
+        stale = [
+            rel
+            for rel, text in rendered_text(config).items()
+            if not (out / rel).is_file() or (out / rel).read_text() != text
+        ]
         for rel in stale:
             print(f"{out / rel} differs from what config.yaml renders: run `stemset deploy render`")
         return 1 if stale else 0

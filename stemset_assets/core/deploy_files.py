@@ -26,7 +26,9 @@ from .run_tags import GPU_TAG, GPU_TAG_VALUE
 
 COORDINATOR_MODULE = "stemset_assets.defs.run_coordinator"
 COORDINATOR_CLASS = "StemsetRunCoordinator"
-PG_SCHEME = "postgresql+psycopg2"  # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; Dagster's NOTIFY needs psycopg2
+PG_SCHEME = (
+    "postgresql+psycopg2"  # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; Dagster's NOTIFY needs psycopg2
+)
 PG_ENV = {
     "username": "DAGSTER_PG_USERNAME",
     "password": "DAGSTER_PG_PASSWORD",

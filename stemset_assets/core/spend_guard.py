@@ -88,7 +88,9 @@ def headroom(budget: BudgetConfig, spending: Spending) -> tuple[float, str | Non
     """``(US$ left, the limit that leaves least)``: ``(inf, None)`` without a budget."""
     room: list[tuple[float, str]] = []
     if budget.gpu_usd_per_day is not None:
-        room.append((budget.gpu_usd_per_day - spending.day_total, f"budget.gpu_usd_per_day ${budget.gpu_usd_per_day:g}"))
+        room.append(
+            (budget.gpu_usd_per_day - spending.day_total, f"budget.gpu_usd_per_day ${budget.gpu_usd_per_day:g}")
+        )
     if budget.gpu_usd_per_month is not None:
         room.append(
             (budget.gpu_usd_per_month - spending.month_total, f"budget.gpu_usd_per_month ${budget.gpu_usd_per_month:g}")
@@ -134,9 +136,7 @@ class Admission(Generic[T]):
         }
 
 
-def admit(
-    items: Sequence[T], cost_of: Callable[[T], float], budget: BudgetConfig, spending: Spending
-) -> Admission[T]:
+def admit(items: Sequence[T], cost_of: Callable[[T], float], budget: BudgetConfig, spending: Spending) -> Admission[T]:
     """Take ``items`` in order while their estimated costs fit what the budget leaves after
     ``spending``; an item that does not fit is held back and later (cheaper) ones may still fit.
     Items estimated at $0 always fit. Without a budget everything is admitted."""

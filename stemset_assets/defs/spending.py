@@ -17,7 +17,7 @@ from dagster import AssetRecordsFilter, DagsterInstance, DagsterRunStatus, RunsF
 
 from ..config import StemsetConfig
 from ..core.run_tags import BACKFILL_ESTIMATE_TAG, BACKFILL_ID_TAG, ESTIMATE_TAG
-from ..core.spend_guard import Spending, day_and_month
+from ..core.spend_guard import Admission, Spending, admit, day_and_month
 from .asset_keys import stem_asset_key
 
 PAGE = 1000
@@ -95,3 +95,12 @@ def read_spending(instance: DagsterInstance, config: StemsetConfig, now: float |
             committed += left
             in_flight += 1
     return Spending(day_usd=day, month_usd=month, committed_usd=committed, in_flight=in_flight)
+
+
+def guard(instance: DagsterInstance, config: StemsetConfig, items, cost_of) -> Admission:
+    """:func:`~stemset_assets.core.spend_guard.admit` ``items`` against the budget and what the
+    instance says was spent; reads nothing when there is no budget or nothing costs anything."""
+    items = list(items)
+    if not config.budget.limited or not any(cost_of(i) > 0 for i in items):
+        return Admission(admitted=items, admitted_usd=sum(max(0.0, cost_of(i)) for i in items))
+    return admit(items, cost_of, config.budget, read_spending(instance, config))
