@@ -165,15 +165,15 @@ def test_daemon_sensor_queue_cap_and_backfill_on_postgres(tmp_path, pg):
         ),
     ):
 
-        def sensor_runs_done():
-            runs = instance.get_runs()
+        def sensor_runs_done():  # (the stem_set_state sensor adds catalog runs: not GPU runs)
+            runs = [r for r in instance.get_runs() if r.tags.get("stemset/launched_by") == "new_recordings"]
             return len(runs) == 5 and all(r.status in DONE for r in runs) and runs
 
         runs = wait_for(sensor_runs_done, 600, "the sensor's five runs")
         assert {r.status for r in runs} == {DagsterRunStatus.SUCCESS}, (tmp_path / "d.log").read_text()[-3000:]
         assert all(r.tags.get(GPU_TAG) == "true" and r.tags["stemset/launched_by"] == "new_recordings" for r in runs)
-        records = instance.get_run_records()
-        assert max_overlap(records) <= cap
+        gpu_records = [r for r in instance.get_run_records() if r.dagster_run.tags.get(GPU_TAG) == "true"]
+        assert max_overlap(gpu_records) <= cap
         keys = sorted(instance.get_dynamic_partitions(RECORDINGS_PARTITIONS))
         assert keys == [f"h4n/t{i}" for i in range(5)]
         assert all(store.exists(manifest_key(k, "htdemucs")) for k in keys)
@@ -197,7 +197,7 @@ def test_daemon_sensor_queue_cap_and_backfill_on_postgres(tmp_path, pg):
     assert backfill_runs and all(
         r.status == DagsterRunStatus.SUCCESS and r.tags[GPU_TAG] == "true" for r in backfill_runs
     )
-    assert max_overlap(instance.get_run_records()) <= cap
+    assert max_overlap([r for r in instance.get_run_records() if r.dagster_run.tags.get(GPU_TAG) == "true"]) <= cap
     instance.dispose()
 
 
@@ -240,7 +240,7 @@ def test_failed_and_killed_runs_are_retried_on_postgres(tmp_path, pg):
         r for r in runs if r.tags.get("dagster/partition") == "h4n/t1" and r.status == DagsterRunStatus.FAILURE
     )
     messages = " ".join(e.message or "" for e in instance.all_logs(killed.run_id))
-    assert "Run execution process" in messages and "exit" in messages  # the dead process was noticed
+    assert "unexpectedly exited" in messages  # the killed process was noticed, and the run failed
     assert not list(flaky.iterdir())
     instance.dispose()
 
