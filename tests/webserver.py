@@ -18,13 +18,29 @@ STARTUP_TIMEOUT_S = 120
 
 
 @contextmanager
-def dagster_webserver(home: Path, config_path: Path) -> Iterator[WebserverClient]:
+def dagster_webserver(
+    home: Path,
+    config_path: Path,
+    *,
+    instance_yaml: str | None = None,
+    workspace: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[WebserverClient]:
+    """``instance_yaml``: the instance's dagster.yaml (default: SQLite, runs launched at once);
+    ``workspace``: the workspace file (default: Stemset's); ``env``: extra variables."""
     home.mkdir(parents=True, exist_ok=True)
     (home / "dagster.yaml").write_text(
-        "run_coordinator:\n  module: dagster._core.run_coordinator\n  class: DefaultRunCoordinator\n"
+        instance_yaml
+        or "run_coordinator:\n  module: dagster._core.run_coordinator\n  class: DefaultRunCoordinator\n"
         "telemetry:\n  enabled: false\n"
     )
-    env = {**os.environ, "DAGSTER_HOME": str(home), "STEMSET_CONFIG": str(config_path), "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "STEMSET_CONFIG": str(config_path),
+        "PYTHONPATH": str(ROOT),
+        **(env or {}),
+    }
     port = free_port()
     log_path = home / "webserver.log"  # a file, not a pipe: nobody reads a pipe while tests run
     with open(log_path, "wb") as log:
@@ -34,7 +50,7 @@ def dagster_webserver(home: Path, config_path: Path) -> Iterator[WebserverClient
                 "-m",
                 "dagster_webserver",
                 "-w",
-                str(ROOT / "workspace.yaml"),
+                str(workspace or ROOT / "workspace.yaml"),
                 "-h",
                 "127.0.0.1",
                 "-p",
@@ -61,20 +77,36 @@ def dagster_webserver(home: Path, config_path: Path) -> Iterator[WebserverClient
 
 
 @contextmanager
-def dagster_daemon(home: Path, config_path: Path) -> Iterator[subprocess.Popen]:
+def dagster_daemon(
+    home: Path,
+    config_path: Path,
+    *,
+    workspace: Path | None = None,
+    env: dict[str, str] | None = None,
+    log_path: Path | None = None,
+) -> Iterator[subprocess.Popen]:
     """`dagster-daemon run` on the same instance (needs the webserver's dagster.yaml in ``home``)."""
-    env = {**os.environ, "DAGSTER_HOME": str(home), "STEMSET_CONFIG": str(config_path), "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "STEMSET_CONFIG": str(config_path),
+        "PYTHONPATH": str(ROOT),
+        **(env or {}),
+    }
+    log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dagster._daemon", "run", "-w", str(ROOT / "workspace.yaml")],
+        [sys.executable, "-m", "dagster._daemon", "run", "-w", str(workspace or ROOT / "workspace.yaml")],
         cwd=ROOT,
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT if log_path else subprocess.DEVNULL,
     )
     try:
         yield proc
     finally:
         _stop(proc)
+        if log_path:
+            log.close()
 
 
 def _stop(proc: subprocess.Popen) -> None:

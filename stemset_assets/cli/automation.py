@@ -89,6 +89,11 @@ def add_backfill_args(p: argparse.ArgumentParser) -> None:
         help="dagster-webserver URL to launch through (default: dagster.webserver_url in config.yaml)",
     )
     p.add_argument("--json", action="store_true", help="print the plan (and result) as JSON")
+    p.add_argument(
+        "--ignore-budget",
+        action="store_true",
+        help="launch every planned partition even past budget.gpu_usd_per_day / per_month",
+    )
 
 
 def run_backfill(args: argparse.Namespace) -> int:
@@ -100,7 +105,7 @@ def run_backfill(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     instance = dagster_instance(config)
-    plan = plan_backfill(instance, config, args.strategy, args.mode, args.profile)
+    plan = plan_backfill(instance, config, args.strategy, args.mode, args.profile, budget=not args.ignore_budget)
     if args.json and args.dry_run:
         print(json.dumps({**plan.as_dict(), "dry_run": True}, indent=1))
         return 0
@@ -111,7 +116,7 @@ def run_backfill(args: argparse.Namespace) -> int:
         return 0
     if not plan.partitions:
         if not args.json:
-            print("nothing to do")
+            print("nothing launched: the GPU budget leaves no room" if plan.held_back else "nothing to do")
         else:
             print(json.dumps({**plan.as_dict(), "dry_run": False, "path": "nothing"}, indent=1))
         return 0

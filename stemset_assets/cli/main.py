@@ -12,7 +12,7 @@ from collections.abc import Callable
 from gpu_worker.errors import StemsetError
 from gpu_worker.http_worker import add_worker_args, run_worker
 
-from . import api, automation, catalog, dev, process, separate
+from . import api, automation, catalog, deploy, dev, process, separate
 
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
@@ -25,6 +25,7 @@ COMMANDS: dict[str, Command] = {
     "api": (api.add_args, api.run),
     "status": (automation.add_status_args, automation.run_status),
     "backfill": (automation.add_backfill_args, automation.run_backfill),
+    "deploy": (deploy.add_args, deploy.run),
 }
 """``name: (add its arguments to a parser, run it)``; the run function's docstring is the help."""
 

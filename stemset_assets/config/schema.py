@@ -150,6 +150,30 @@ class BackfillConfig:
 
 
 @dataclass(frozen=True)
+class RunsConfig:
+    """The production run queue and its safety nets (``deploy/dagster.yaml``, ``stemset deploy render``)."""
+
+    max_concurrent: int = 20  # runs in progress at once, of any kind
+    gpu_concurrency: int = 4  # runs that separate (tag stemset/gpu) in progress at once
+    max_retries: int = 2  # a failed run is retried this many times by the daemon
+    start_timeout_s: int = 300  # a run not started after this long is marked failed by run monitoring
+    cancel_timeout_s: int = 180  # a run still canceling after this long is marked canceled
+    max_runtime_s: int = 0  # a run going longer is canceled by run monitoring; 0 = no limit
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """What separating may spend (US$; None = no limit). Sensors and backfills launch only what fits."""
+
+    gpu_usd_per_day: float | None = None  # per UTC day
+    gpu_usd_per_month: float | None = None  # per UTC calendar month
+
+    @property
+    def limited(self) -> bool:
+        return self.gpu_usd_per_day is not None or self.gpu_usd_per_month is not None
+
+
+@dataclass(frozen=True)
 class ApiConfig:
     """The web API (`stemset api serve`): bearer ``token``; ``auth: false`` turns auth off
     (local use only: the server then binds only to loopback); uploads up to ``max_upload_mb``."""
@@ -179,6 +203,8 @@ class StemsetConfig:
     backfill: BackfillConfig = field(default_factory=BackfillConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     dagster: DagsterConfig = field(default_factory=DagsterConfig)
+    runs: RunsConfig = field(default_factory=RunsConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     @property
     def source(self) -> str:

@@ -26,12 +26,14 @@ from .schema import (
     ApiConfig,
     AutoReprocess,
     BackfillConfig,
+    BudgetConfig,
     DagsterConfig,
     GpuConfig,
     LocalStorage,
     ModelsConfig,
     OutputSpec,
     Profile,
+    RunsConfig,
     S3Storage,
     SensorsConfig,
     StemsetConfig,
@@ -53,6 +55,15 @@ _KEYS = {
     "backfill": ("billed_seconds_per_audio_second", "max_partitions_per_run"),
     "api": ("token", "auth", "max_upload_mb"),
     "dagster": ("webserver_url",),
+    "runs": (
+        "max_concurrent",
+        "gpu_concurrency",
+        "max_retries",
+        "start_timeout_s",
+        "cancel_timeout_s",
+        "max_runtime_s",
+    ),
+    "budget": ("gpu_usd_per_day", "gpu_usd_per_month"),
     "profile": ("description", "strategies", "output"),
     "output": ("format", "bitrate"),
 }
@@ -75,6 +86,8 @@ class SectionReader(ValueReader):
             api=self.read_api(data.get("api")),
             dagster=self.read_dagster(data.get("dagster")),
             backfill=self.read_backfill(data.get("backfill")),
+            runs=self.read_runs(data.get("runs")),
+            budget=self.read_budget(data.get("budget")),
         )
 
     def read_storage(self, raw: Any) -> StorageConfig:
@@ -231,6 +244,33 @@ class SectionReader(ValueReader):
                 self.get(sec, "max_partitions_per_run", "backfill", 10), "backfill.max_partitions_per_run", 1, 1000
             ),
         )
+
+    def read_runs(self, raw: Any) -> RunsConfig:
+        sec = self.section(raw, "runs", _KEYS["runs"])
+        d = RunsConfig()
+
+        def whole(key: str, lo: int, hi: int) -> int:
+            return self.integer(self.get(sec, key, "runs", getattr(d, key)), f"runs.{key}", lo, hi)
+
+        return RunsConfig(
+            max_concurrent=whole("max_concurrent", 1, 10_000),
+            gpu_concurrency=whole("gpu_concurrency", 1, 10_000),
+            max_retries=whole("max_retries", 0, 10),
+            start_timeout_s=whole("start_timeout_s", 10, 86_400),
+            cancel_timeout_s=whole("cancel_timeout_s", 10, 86_400),
+            max_runtime_s=whole("max_runtime_s", 0, 7 * 86_400),
+        )
+
+    def read_budget(self, raw: Any) -> BudgetConfig:
+        sec = self.section(raw, "budget", _KEYS["budget"])
+
+        def amount(key: str) -> float | None:  # empty (or unset) = no limit
+            value = self.get(sec, key, "budget", None, required=False)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                return None
+            return self.number(value, f"budget.{key}", 0, "an amount in US$ (empty for no limit)")
+
+        return BudgetConfig(gpu_usd_per_day=amount("gpu_usd_per_day"), gpu_usd_per_month=amount("gpu_usd_per_month"))
 
     def read_api(self, raw: Any) -> ApiConfig:
         sec = self.section(raw, "api", _KEYS["api"])

@@ -21,6 +21,7 @@ from gpu_worker.errors import StemsetError
 
 from ..config import StemsetConfig
 from .selection import check_profile, check_strategies
+from .spend_guard import Admission, Spending, admit
 from .state import BROKEN, CURRENT, FAILED, INPUT_CHANGED, MISSING, NOT_RECORDED, STALE, TO_REDO
 from .status import SetStatus, StrategyHistory
 
@@ -84,6 +85,10 @@ class BackfillPlan:
     include_recording: bool
     skipped: dict[str, str] = field(default_factory=dict)  # partition -> why it is left out
     unknown_duration: int = 0
+    durations: dict[str, float | None] = field(default_factory=dict, repr=False)  # partition -> audio s
+    held_back: list[str] = field(default_factory=list)  # partitions the GPU budget left out
+    budget_note: str = ""  # what the spend guard held back and why ("" when nothing)
+    budget: dict[str, Any] = field(default_factory=dict)  # the spend guard's numbers
 
     @property
     def count(self) -> int:
@@ -119,6 +124,9 @@ class BackfillPlan:
             "partitions": self.partitions,
             "skipped": self.skipped,
             "unknown_duration": self.unknown_duration,
+            "held_back": self.held_back,
+            "held_back_reason": self.budget_note or None,
+            "budget": self.budget or None,
         }
 
     def describe(self) -> str:
@@ -145,7 +153,40 @@ class BackfillPlan:
                 + (", ..." if len(self.skipped) > 5 else "")
                 + ")"
             )
+        if self.budget_note:
+            lines.append(f"  {self.budget_note}")
         return "\n".join(lines)
+
+    def partition_cost(self, partition: str) -> float:
+        return self.estimate.cost_usd(self.durations.get(partition) or 0.0)
+
+
+def within_budget(plan: BackfillPlan, config: StemsetConfig, spending: Spending) -> BackfillPlan:
+    """``plan`` cut to the partitions whose estimates fit the GPU budget after ``spending`` (in
+    plan order); the rest are listed in ``held_back`` and ``budget_note`` says why."""
+    admission: Admission[str] = admit(plan.partitions, plan.partition_cost, config.budget, spending)
+    return with_admission(plan, config, admission)
+
+
+def with_admission(plan: BackfillPlan, config: StemsetConfig, admission: Admission[str]) -> BackfillPlan:
+    kept = list(admission.admitted)
+    seconds = sum(plan.durations.get(pk) or 0.0 for pk in kept)
+    unknown = sum(1 for pk in kept if plan.durations.get(pk) is None)
+    return BackfillPlan(
+        plan.strategy,
+        plan.mode,
+        plan.profile,
+        kept,
+        seconds,
+        plan.estimate,
+        plan.include_recording,
+        plan.skipped,
+        unknown,
+        plan.durations,
+        list(admission.held),
+        admission.describe(config.budget, "partition(s)"),
+        admission.as_dict() if config.budget.limited else {},
+    )
 
 
 def check_request(config: StemsetConfig, strategy: str, mode: str, profile: str | None) -> str:
@@ -169,6 +210,7 @@ def plan_from_states(
     sets are never chosen) and their estimate from ``history`` (None: the config default)."""
     wanted = MODE_STATES[mode]
     chosen: list[str] = []
+    durations: dict[str, float | None] = {}
     skipped: dict[str, str] = {}
     seconds, unknown, recording = 0.0, 0, False
     for s in states:
@@ -179,11 +221,12 @@ def plan_from_states(
             skipped[s.partition] = "input missing and no canonical recording to separate"
             continue
         chosen.append(s.partition)
+        durations[s.partition] = s.duration_s
         recording = recording or needs_recording
         if s.duration_s is None:
             unknown += 1
         else:
             seconds += s.duration_s
     return BackfillPlan(
-        strategy, mode, profile, chosen, seconds, cost_model(config, history), recording, skipped, unknown
+        strategy, mode, profile, chosen, seconds, cost_model(config, history), recording, skipped, unknown, durations
     )

@@ -18,9 +18,11 @@ from dagster import DagsterInstance
 from gpu_worker.stores.base import ObjectStore
 
 from ..config import StemsetConfig
-from ..core.backfill_plan import BackfillPlan, check_request, plan_from_states
+from ..core.backfill_plan import BackfillPlan, check_request, plan_from_states, with_admission
+from ..core.run_tags import BACKFILL_ESTIMATE_TAG, HELD_BACK_TAG, gpu_tags
 from ..core.status import SetStatus, history
 from .runs import RunOutcome, materialize_in_process, selection_for
+from .spending import guard
 from .status import read_status
 from .webserver import WebserverClient
 
@@ -34,14 +36,19 @@ def plan_backfill(
     *,
     store: ObjectStore | None = None,
     states: Sequence[SetStatus] | None = None,
+    budget: bool = True,
 ) -> BackfillPlan:
     """The partitions of ``strategy`` to redo (``mode``: one of ``core.backfill_plan.MODES``;
     default every set that is not current) and their estimate; ``states`` (default: read from the
-    instance and the store) are the strategy's set states."""
+    instance and the store) are the strategy's set states. With ``budget`` the plan keeps only what
+    fits the GPU budget after what the instance records as spent (the rest is ``held_back``)."""
     strategy = check_request(config, strategy, mode, profile)
     if states is None:
         states = read_status(instance, config, [strategy], profile, store=store)
-    return plan_from_states(config, strategy, mode, profile, states, history(states, strategy))
+    plan = plan_from_states(config, strategy, mode, profile, states, history(states, strategy))
+    if not budget:
+        return plan
+    return with_admission(plan, config, guard(instance, config, plan.partitions, plan.partition_cost))
 
 
 def webserver_url(config: StemsetConfig, override: str | None = None) -> str | None:
@@ -83,7 +90,14 @@ def launch_backfill(
         if client.reachable():
             assets = selection_for(config, [plan.strategy], plan.include_recording)
             backfill_id = client.launch_partition_backfill(
-                plan.partitions, assets, title=f"stemset backfill {plan.strategy} --{plan.mode}"
+                plan.partitions,
+                assets,
+                title=f"stemset backfill {plan.strategy} --{plan.mode}",
+                tags={
+                    **gpu_tags(),
+                    BACKFILL_ESTIMATE_TAG: f"{plan.cost_usd:.6f}",
+                    HELD_BACK_TAG: str(len(plan.held_back)),
+                },
             )
             return LaunchResult(
                 "webserver",
@@ -99,7 +113,7 @@ def launch_backfill(
         include_recording=plan.include_recording,
         resources=resources,
         progress=progress,
-        tags={"stemset/backfill": f"{plan.strategy}:{plan.mode}"},
+        tags={"stemset/backfill": f"{plan.strategy}:{plan.mode}", **gpu_tags()},
     )
     ok = sum(1 for o in outcomes if o.success)
     return LaunchResult(

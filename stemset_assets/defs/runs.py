@@ -23,6 +23,7 @@ from dagster import AssetKey, AssetSelection, DagsterInstance, materialize
 from gpu_worker.errors import StemsetError
 
 from ..config import StemsetConfig
+from ..core.run_tags import gpu_tags
 from .asset_keys import CATALOG_KEY, RECORDING_KEY, stem_keys
 from .build import build_definitions
 from .partitions import register_partitions
@@ -86,7 +87,7 @@ def materialize_in_process(
             instance=instance,
             resources=dict(defs.resources or {}),
             raise_on_error=False,
-            tags={"stemset/launched_by": "stemset", **(tags or {})},
+            tags={"stemset/launched_by": "stemset", **gpu_tags(), **(tags or {})},
         )
         outcome = RunOutcome(pk, result.success, result.run_id, None if result.success else _failure_message(result))
         outcomes.append(outcome)

@@ -56,12 +56,15 @@ from ..config import StemsetConfig
 from ..core.backfill_plan import NEEDS_RECORDING, cost_model
 from ..core.layout import RECORD_NAME, RECORDINGS, read_record
 from ..core.partition_keys import assign_partition_keys, list_inputs, relative_name
+from ..core.run_tags import estimate_tag, gpu_tags
+from ..core.spend_guard import audio_seconds_from_size
 from ..core.state import BROKEN, STALE
 from ..core.status import history
 from ..core.uploads import AUDIO_EXTENSIONS
 from .asset_keys import RECORDING_KEY, stem_keys
 from .partitions import RECORDINGS_PARTITIONS, recordings
 from .resources.media_store import MediaStoreResource
+from .spending import guard
 from .status import read_status
 
 NEW_RECORDINGS = "new_recordings"
@@ -204,6 +207,21 @@ def build_new_recordings_sensor(config: StemsetConfig) -> SensorDefinition:
         )
         new_keys = list(dict.fromkeys(pk for _, _, pk in batch if pk not in known))
         made_from = recorded_etags(store, batch)
+        todo = [(p, info, pk) for p, info, pk in batch if made_from.get(pk) != clean_etag(info.etag)]
+        # The spend guard: each input's estimate from its size (its length is not known yet).
+        estimate = cost_model(config, None)
+
+        def cost(item) -> float:
+            profile, info, _ = item
+            return len(config.profiles[profile].strategies) * estimate.cost_usd(
+                audio_seconds_from_size(info.key, info.size)
+            )
+
+        admission = guard(context.instance, config, todo, cost)
+        held = admission.describe(config.budget, "new input(s)")
+        if held:  # not marked handled: looked at again next tick (or tomorrow)
+            context.log.warning(held + "; they wait for the next tick")
+            handled -= {object_digest(info.key, info.etag) for _, info, _ in admission.held}
         requests = [
             RunRequest(
                 run_key=f"{pk}@{clean_etag(info.etag)}@{made_from.get(pk, 'new')}",
@@ -213,22 +231,24 @@ def build_new_recordings_sensor(config: StemsetConfig) -> SensorDefinition:
                     "stemset/input_key": info.key,
                     "stemset/input_etag": clean_etag(info.etag),
                     "stemset/launched_by": NEW_RECORDINGS,
+                    **(gpu_tags() if config.profiles[profile].strategies else {}),
+                    **estimate_tag(cost((profile, info, pk))),
                 },
             )
-            for profile, info, pk in batch
-            if made_from.get(pk) != clean_etag(info.etag)  # its recording already holds this content
+            for profile, info, pk in admission.admitted
         ]
         cursor = encode_cursor(handled)
+        partitions_added = [recordings.build_add_request(new_keys)] if new_keys else []
         if not requests:
-            return SensorResult(skip_reason=SkipReason("no new inputs"), cursor=cursor)
+            return SensorResult(
+                skip_reason=SkipReason(held or "no new inputs"),
+                cursor=cursor,
+                dynamic_partitions_requests=partitions_added,
+            )
         context.log.info(
             f"{len(requests)} run(s) requested, {len(new_keys)} new partition(s), in {time.monotonic() - t0:.2f} s"
         )
-        return SensorResult(
-            run_requests=requests,
-            dynamic_partitions_requests=[recordings.build_add_request(new_keys)] if new_keys else [],
-            cursor=cursor,
-        )
+        return SensorResult(run_requests=requests, dynamic_partitions_requests=partitions_added, cursor=cursor)
 
     return new_recordings
 
@@ -295,6 +315,12 @@ def build_auto_reprocess_sensor(config: StemsetConfig, strategy: str) -> SensorD
             spent,
             settings.daily_cost_ceiling_usd,
         )
+        admission = guard(context.instance, config, chosen, lambda item: item[1])
+        over_budget = admission.describe(config.budget, "stale partition(s)")
+        if over_budget:
+            context.log.warning(over_budget)
+            spent -= admission.held_usd
+            chosen = admission.admitted
         cursor = json.dumps({"day": day, "spent_usd": round(spent, 6)})
         if held:
             context.log.warning(
@@ -304,7 +330,8 @@ def build_auto_reprocess_sensor(config: StemsetConfig, strategy: str) -> SensorD
         if not chosen:
             return SensorResult(
                 skip_reason=SkipReason(
-                    f"no stale stem sets of {strategy!r} to rerun" + (" within today's cost ceiling" if held else "")
+                    over_budget
+                    or f"no stale stem sets of {strategy!r} to rerun" + (" within today's cost ceiling" if held else "")
                 ),
                 cursor=cursor,
             )
@@ -319,7 +346,8 @@ def build_auto_reprocess_sensor(config: StemsetConfig, strategy: str) -> SensorD
                     tags={
                         "stemset/launched_by": auto_reprocess_name(strategy),
                         "stemset/reason": s.reason,
-                        "stemset/estimated_cost_usd": f"{cost:.6f}",
+                        **estimate_tag(cost),
+                        **gpu_tags(),
                     },
                 )
             )

@@ -14,6 +14,8 @@ from dagster import AssetKey
 
 from gpu_worker.errors import StemsetError
 
+from ..core.run_tags import STEMS_KEY_PREFIX, gpu_tags
+
 IMPLICIT_ASSET_JOB = "__ASSET_JOB"
 REPOSITORY = "__repository__"
 RUN_DONE = {"SUCCESS", "FAILURE", "CANCELED"}
@@ -87,7 +89,8 @@ class WebserverClient:
             },
             "executionMetadata": {
                 "tags": [
-                    {"key": k, "value": v} for k, v in {"dagster/partition": partition_key, **(tags or {})}.items()
+                    {"key": k, "value": v}
+                    for k, v in {"dagster/partition": partition_key, **_gpu(asset_keys), **(tags or {})}.items()
                 ]
             },
         }
@@ -99,14 +102,18 @@ class WebserverClient:
         return self._ok(data["launchRun"], lambda d: d["run"]["runId"])
 
     def launch_partition_backfill(
-        self, partition_keys: Sequence[str], asset_keys: Sequence[AssetKey], title: str | None = None
+        self,
+        partition_keys: Sequence[str],
+        asset_keys: Sequence[AssetKey],
+        title: str | None = None,
+        tags: dict[str, str] | None = None,
     ) -> str:
         """Launch an asset backfill of ``asset_keys`` over ``partition_keys``; returns its id."""
         params = {
             "partitionNames": list(partition_keys),
             "assetSelection": [{"path": k.path} for k in asset_keys],
             "title": title,
-            "tags": [{"key": "stemset/launched_by", "value": "stemset"}],
+            "tags": [{"key": k, "value": v} for k, v in {"stemset/launched_by": "stemset", **(tags or {})}.items()],
         }
         data = self.query(
             "mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) { __typename"
@@ -140,3 +147,8 @@ class WebserverClient:
                 f"The Dagster webserver refused: {payload.get('__typename')}: {payload.get('message', 'no message')}",
                 "Check the partition and assets exist in the loaded code location.",
             ) from None
+
+
+def _gpu(asset_keys: Sequence[AssetKey]) -> dict[str, str]:
+    """The GPU tag when the selection separates stems (the production queue caps such runs)."""
+    return gpu_tags() if any(k.path and k.path[0] == STEMS_KEY_PREFIX for k in asset_keys) else {}
