@@ -115,7 +115,10 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def _worker_main(conn: Connection, config: StemsetConfig, resources: dict[str, Any] | None, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(143))  # a run in hand is failed by the API
+    # The API ends this process (SIGTERM) and fails or requeues a run in hand; Ctrl-C in the
+    # terminal is the API's to handle, not this process's.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from ..defs.queued_runs import execute_queued_run
     from ..defs.runs import dagster_instance
 
@@ -123,7 +126,7 @@ def _worker_main(conn: Connection, config: StemsetConfig, resources: dict[str, A
     while True:
         try:
             run_id = conn.recv()
-        except (EOFError, OSError):
+        except (EOFError, OSError, KeyboardInterrupt):  # Dagster maps SIGTERM to KeyboardInterrupt
             return
         if run_id is None:
             return

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dagster import DagsterEventType, DagsterInstance, DagsterRun, RunsFilter
+from dagster import DagsterEventType, DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 
 from gpu_worker.errors import StemsetError
 from gpu_worker.stores.base import ObjectStore
@@ -149,15 +149,14 @@ class JobManager:
 
     def _execute(self, run: DagsterRun) -> None:
         status = self.worker.run(run.run_id)
-        if status is not None:
-            return
         run = self.instance.get_run_by_id(run.run_id)
-        if run is None or run.is_finished:
+        if run is None or run.status == DagsterRunStatus.SUCCESS:
             return
-        if self._stopping.is_set():
-            self.instance.report_run_failed(run, f"{INTERRUPTED}; it is queued again")
+        if self._stopping.is_set():  # cut short by the API stopping (Dagster may have failed it already)
+            if not run.is_finished:
+                self.instance.report_run_failed(run, f"{INTERRUPTED}; it is queued again")
             self._retry(run)
-        else:
+        elif status is None and not run.is_finished:
             log.error("job worker died during run %s", run.run_id)
             self.instance.report_run_failed(run, WORKER_DIED)
 
