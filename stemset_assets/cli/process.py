@@ -168,9 +168,9 @@ def _dagster_output(verbose: bool) -> Iterator[Path | None]:
     if verbose:
         yield None
         return
-    from ..defs.runs import DEFAULT_HOME
-
-    home = Path(os.environ.get("DAGSTER_HOME") or Path(DEFAULT_HOME).absolute())
+    # The instance's home as defs.runs.dagster_instance picks it (imported only once redirected:
+    # importing the Dagster definitions already prints warnings).
+    home = Path(os.environ.get("DAGSTER_HOME") or Path(".dagster_home").absolute())
     folder = home / "logs"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"process-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
