@@ -26,6 +26,7 @@ api:
   token: ${STEMSET_API_TOKEN:-}
   auth: %(auth)s
   max_upload_mb: 1
+  public_url: ${STEMSET_API_URL:-}
 """
 
 
@@ -79,7 +80,11 @@ def api_server(
     config = write_config(folder, repo, auth=token is not None, sections=sections, storage=storage)
     port = free_port()
     extra = env or {}
-    env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_WEBSERVER_URL", "STEMSET_API_TOKEN")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DAGSTER_WEBSERVER_URL", "STEMSET_API_TOKEN", "STEMSET_API_URL")
+    }
     env.update({"DAGSTER_HOME": str(folder / "home"), "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **extra})
     if token:
         env["STEMSET_API_TOKEN"] = token

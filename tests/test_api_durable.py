@@ -248,7 +248,11 @@ def test_every_error_is_json_and_storage_down_is_503(tmp_path, model_repo, own_s
         f"    endpoint_url: {own_seaweed.endpoint_url}\n    bucket: {bucket}\n    region: auto\n"
         "    access_key_id: ${TEST_S3_KEY}\n    secret_access_key: ${TEST_S3_SECRET}\n"
     )
-    env = {"TEST_S3_KEY": own_seaweed.access_key_id, "TEST_S3_SECRET": own_seaweed.secret_access_key}
+    env = {
+        "TEST_S3_KEY": own_seaweed.access_key_id,
+        "TEST_S3_SECRET": own_seaweed.secret_access_key,
+        "STEMSET_API_URL": "https://stems.example.org",  # api.public_url: where clients reach the API
+    }
     with api_server(tmp_path / "api", model_repo, storage=storage, env=env) as server:
 
         def call(method: str, path: str, **kw) -> httpx.Response:
@@ -258,6 +262,8 @@ def test_every_error_is_json_and_storage_down_is_503(tmp_path, model_repo, own_s
         job = wait_for_job(server, body["job_id"])
         assert job["status"] == "complete", job
         stem = job["stems"]["drums"]
+        assert stem.startswith("https://stems.example.org/api/media/outputs/h4n/take/htdemucs/"), stem
+        stem = stem.removeprefix("https://stems.example.org")
         assert call("GET", stem).status_code == 200 and call("GET", "/api/recordings").status_code == 200
         # Unknown routes and methods: JSON 404/405, not Starlette's plain text.
         for method, path, status in [
