@@ -20,6 +20,11 @@ by default (:class:`~gpu_worker.remote.ThreadJobRunner`), or on Modal
 Run it with :func:`serve`, ``python -m gpu_worker.http_worker --port 8000`` or ``stemset worker serve``;
 the token comes from ``GPU_WORKER_TOKEN``. Without a token the worker serves only on a loopback
 address.
+
+Hostile input: a job body is at most ``MAX_BODY_BYTES``, checked against ``Content-Length``
+before reading and again while the body streams in (a chunked body stops being read at the
+limit: memory stays flat). A job may name local storage only under a root this worker was
+given (``--allow-local-root`` / ``STEMSET_WORKER_LOCAL_ROOTS``); none by default.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -42,13 +48,14 @@ from starlette.routing import Route
 
 from . import ENGINE_VERSION
 from .errors import StemsetError
-from .job import JOB_VERSION, SeparationJob
+from .job import JOB_VERSION, SeparationJob, StorageRef
 from .remote import JobConflictError, ThreadJobRunner, WarmWorker, error_info
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20  # a job is a few kB; anything this big is not one
 TOKEN_ENV = "GPU_WORKER_TOKEN"
+LOCAL_ROOTS_ENV = "STEMSET_WORKER_LOCAL_ROOTS"  # os.pathsep-separated folders jobs may use as local storage
 
 
 class WorkerConfigError(StemsetError):
@@ -59,15 +66,67 @@ def _error(status: int, kind: str, message: str, headers: dict[str, str] | None 
     return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
 
 
+def _too_big(size: int | None) -> JSONResponse:
+    what = f"{size} bytes" if size is not None else f"over {MAX_BODY_BYTES} bytes"
+    return _error(413, "JobError", f"The request body is {what}; a job is at most {MAX_BODY_BYTES} bytes of JSON.")
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes | JSONResponse:
+    """The body, or a 413 as soon as it is known to pass ``limit``: from ``Content-Length``
+    before reading anything, else while it streams (the rest is never read)."""
+    length = request.headers.get("content-length")
+    if length is not None and length.strip().isdigit() and int(length) > limit:
+        return _too_big(int(length))
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return _too_big(None)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def local_roots_from_env(value: str | None = None) -> list[Path]:
+    """The folders of ``$STEMSET_WORKER_LOCAL_ROOTS`` (os.pathsep-separated)."""
+    value = os.environ.get(LOCAL_ROOTS_ENV, "") if value is None else value
+    return [Path(p).expanduser() for p in value.split(os.pathsep) if p.strip()]
+
+
+def local_root_refused(ref: StorageRef, allowed: Sequence[Path]) -> str | None:
+    """Why a job may not use ``ref`` here (a local root outside every allowed folder), or None."""
+    if ref.backend != "local":
+        return None
+    root = Path(ref.root or "").expanduser()
+    if root.is_absolute():
+        resolved = root.resolve()
+        for base in allowed:
+            base = base.resolve()
+            if resolved == base or base in resolved.parents:
+                return None
+    return (
+        f"This worker does not serve local storage at {str(ref.root)[:200]!r}: a job may name only a "
+        f"folder the worker allows (--allow-local-root or {LOCAL_ROOTS_ENV} on the worker; "
+        f"{len(allowed)} allowed). Use s3 storage, or allow the folder on the worker."
+    )
+
+
 def create_app(
-    *, runner: Any, token: str | None, require_token: bool = False, info: dict[str, Any] | None = None
+    *,
+    runner: Any,
+    token: str | None,
+    require_token: bool = False,
+    info: dict[str, Any] | None = None,
+    local_roots: Sequence[Path] = (),
 ) -> Starlette:
     """The ASGI app over ``runner`` (a ThreadJobRunner or SpawnJobRunner).
 
     ``token``: the bearer token clients must send (compared in constant time); None = no auth,
     which only :func:`serve` on a loopback address should allow. ``require_token``: refuse every
-    job request when no token is configured (a public endpoint such as Modal's)."""
+    job request when no token is configured (a public endpoint such as Modal's). ``local_roots``:
+    the folders a job may name as local storage (none by default: s3 only)."""
     expected = token.encode() if token else None
+    allowed_roots = [Path(p) for p in local_roots]
     details = {"engine_version": ENGINE_VERSION, "contract_version": JOB_VERSION, **(info or {})}
 
     def unauthorized(request: Request) -> JSONResponse | None:
@@ -94,15 +153,16 @@ def create_app(
         )
 
     async def read_job(request: Request) -> SeparationJob | JSONResponse:
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            return _error(
-                413,
-                "JobError",
-                f"The request body is {len(body)} bytes; a job is at most {MAX_BODY_BYTES} bytes of JSON.",
-            )
+        body = await read_body(request)
+        if isinstance(body, JSONResponse):
+            return body
         try:
-            return SeparationJob.from_json(body)
+            job = SeparationJob.from_json(body)
+            for ref in {job.storage, job.out_storage}:
+                refused = local_root_refused(ref, allowed_roots)
+                if refused is not None:
+                    return _error(403, "JobError", refused)
+            return job
         except StemsetError as err:
             return _error(400, type(err).__name__, str(err))
         except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -226,13 +286,17 @@ def build_app(
     max_concurrent: int = 1,
     gpu_type: str | None = None,
     device: str = "auto",
+    local_roots: Sequence[Path] = (),
 ) -> Starlette:
     """The in-process worker app: a WarmWorker (models preloaded, moved to the GPU) behind the routes."""
     worker = WarmWorker(backend="http", model_repo=model_repo, preload_models=preload, gpu_type=gpu_type, device=device)
     worker.charge_startup(worker.preload() + worker.to_device())
     runner = ThreadJobRunner(worker, max_concurrent=max_concurrent)
     return create_app(
-        runner=runner, token=token, info={"backend": "http", "gpu_type": gpu_type, "max_concurrent": max_concurrent}
+        runner=runner,
+        token=token,
+        info={"backend": "http", "gpu_type": gpu_type, "max_concurrent": max_concurrent},
+        local_roots=local_roots,
     )
 
 
@@ -247,12 +311,21 @@ def serve(
     gpu_type: str | None = None,
     device: str = "auto",
     log_level: str = "info",
+    local_roots: Sequence[Path] = (),
 ) -> None:
     """Run the worker with uvicorn until interrupted. Without ``token`` only a loopback host is allowed."""
     check_bind(host, token)
     import uvicorn  # lazy: only serving needs it, not every `stemset` command that registers this one
 
-    app = build_app(token, model_repo, preload=preload, max_concurrent=max_concurrent, gpu_type=gpu_type, device=device)
+    app = build_app(
+        token,
+        model_repo,
+        preload=preload,
+        max_concurrent=max_concurrent,
+        gpu_type=gpu_type,
+        device=device,
+        local_roots=local_roots,
+    )
     uvicorn.run(app, host=host, port=int(port), log_level=log_level, timeout_graceful_shutdown=5)
 
 
@@ -283,6 +356,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="this machine's GPU type as priced in gpu.prices_per_hour (default $STEMSET_GPU_TYPE)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument(
+        "--allow-local-root",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help=f"a folder jobs may use as local storage (repeatable; default ${LOCAL_ROOTS_ENV}, else none: s3 only)",
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -299,6 +379,7 @@ def run_serve(args: argparse.Namespace) -> int:
         gpu_type=args.gpu_type or os.environ.get("STEMSET_GPU_TYPE") or None,
         device=args.device,
         log_level=args.log_level,
+        local_roots=[Path(p) for p in args.allow_local_root] if args.allow_local_root else local_roots_from_env(),
     )
     return 0
 

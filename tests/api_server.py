@@ -26,6 +26,7 @@ api:
   token: ${STEMSET_API_TOKEN:-}
   auth: %(auth)s
   max_upload_mb: 1
+  public_url: ${STEMSET_API_URL:-}
 """
 
 
@@ -44,11 +45,13 @@ class ApiServer:
         return self.log_path.read_text(errors="replace")
 
 
-def write_config(folder: Path, repo: Path, auth: bool = True, sections: str = "") -> Path:
+def write_config(folder: Path, repo: Path, auth: bool = True, sections: str = "", storage: str | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.yaml"
     path.write_text(
-        tiny_config_yaml(repo, folder / "media", sections=API % {"auth": "true" if auth else "false"} + sections)
+        tiny_config_yaml(
+            repo, folder / "media", storage=storage, sections=API % {"auth": "true" if auth else "false"} + sections
+        )
     )
     return path
 
@@ -65,16 +68,28 @@ def stop(proc: subprocess.Popen) -> None:
 
 @contextmanager
 def api_server(
-    folder: Path, repo: Path, token: str | None = "t0ken-" + os.urandom(8).hex(), sections: str = ""
+    folder: Path,
+    repo: Path,
+    token: str | None = "t0ken-" + os.urandom(8).hex(),
+    sections: str = "",
+    *,
+    storage: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[ApiServer]:
-    config = write_config(folder, repo, auth=token is not None, sections=sections)
+    """``storage`` replaces the local storage block of the config; ``env`` adds variables."""
+    config = write_config(folder, repo, auth=token is not None, sections=sections, storage=storage)
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_WEBSERVER_URL", "STEMSET_API_TOKEN")}
-    env.update({"DAGSTER_HOME": str(folder / "home"), "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+    extra = env or {}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DAGSTER_WEBSERVER_URL", "STEMSET_API_TOKEN", "STEMSET_API_URL")
+    }
+    env.update({"DAGSTER_HOME": str(folder / "home"), "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **extra})
     if token:
         env["STEMSET_API_TOKEN"] = token
     log_path = folder / "api.log"
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab") as log:  # appended: a restarted server keeps the earlier log
         proc = subprocess.Popen(
             [
                 sys.executable,

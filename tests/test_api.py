@@ -3,6 +3,7 @@ the catalog, auth, and bad input (too big, not audio, hostile names, unknown pro
 
 from __future__ import annotations
 
+import json
 import unicodedata
 from pathlib import Path
 
@@ -72,7 +73,14 @@ def test_upload_job_stems_and_catalog(server, tmp_path):
         if r.event_log_entry.dagster_event is not None
     }
     assert pids and server.process.pid not in pids
+    # Stem URLs never come from the request's Host header (a client could point them anywhere).
+    forged = httpx.get(
+        f"{server.url}/api/jobs/{body['job_id']}", headers={**server.headers(), "Host": "evil.example"}, timeout=10
+    ).json()
+    assert forged["stems"] == job["stems"] and "evil.example" not in json.dumps(forged)
     for name, url in job["stems"].items():
+        assert url.startswith("/api/media/outputs/h4n/cafe_take/htdemucs/"), url  # root-relative: no Host header
+        url = server.url + url
         got = httpx.get(url, headers=server.headers(), timeout=10)
         assert got.status_code == 200 and got.content[:4] == b"fLaC", name
         assert got.headers["content-type"] == "audio/flac"

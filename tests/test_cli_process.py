@@ -94,7 +94,7 @@ def test_process_catalog_local(tmp_path, model_repo, home, capsys):
     rc = main(["--config", str(cfg), "-q", "process", "h4n", "--strategy", "vocals_only", "--out", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    lines = captured.out.strip().splitlines()[2:]
+    lines = [line for line in captured.out.strip().splitlines()[2:] if not line.startswith("done: ")]
     assert sorted(line.split()[0] for line in lines) == ["Take", "second.wav"]  # both lack vocals_only
     assert (out / "h4n" / "second" / "vocals.flac").is_file()
     assert len(instance.get_runs()) == 3
@@ -192,3 +192,38 @@ def test_dev_sets_dagster_home_and_runs_the_workspace(tmp_path, monkeypatch):
     assert env["STEMSET_CONFIG"] == str(tmp_path / "cfg.yaml")
     _, env = dev_command(None, [], {"DAGSTER_HOME": "/somewhere/else"})
     assert env["DAGSTER_HOME"] == "/somewhere/else" and "STEMSET_CONFIG" not in env
+
+
+def test_process_output_is_quiet_with_dagster_logs_in_a_file(tmp_path, model_repo, home, capsys):
+    """Progress, the table and one result line on the terminal; Dagster's logs (DEBUG lines,
+    banners, warnings) in a file whose path is printed; `--verbose` shows them instead."""
+    import subprocess
+    import sys
+
+    cfg = write_config(tmp_path, model_repo)
+    wav = take(tmp_path / "takes", "Quiet take.wav", 1.0, seed=5)
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_WEBSERVER_URL"}
+    env.update(DAGSTER_HOME=str(home), PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; from stemset_assets.cli.main import main; sys.exit(main())"]
+        + ["--config", str(cfg), "process", "h4n", str(wav), "--out", str(tmp_path / "stems")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    for noise in ("DEBUG", "dagster - ", "Traceback", "Welcome to Dagster", "Warning", "STEP_"):
+        assert noise not in done.stderr + done.stdout, noise
+    (log_line,) = [line for line in done.stderr.splitlines() if line.startswith("Dagster's logs: ")]
+    log_path = Path(log_line.removeprefix("Dagster's logs: "))
+    assert log_path.parent == home / "logs" and "RUN_SUCCESS" in log_path.read_text()
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("done: 1 stem set(s) in ") and str(tmp_path / "stems") in last and str(log_path) in last
+    assert len(done.stdout.strip().splitlines()) == 4  # the table (header, rule, one row) and the result line
+
+    again = take(tmp_path / "takes", "Loud take.wav", 1.0, seed=6)
+    rc = main(["--config", str(cfg), "-q", "process", "h4n", str(again), "--verbose", "--out", str(tmp_path / "o")])
+    captured = capsys.readouterr()
+    assert rc == 0 and "dagster - DEBUG" in captured.err and "Dagster's logs" not in captured.err

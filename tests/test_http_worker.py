@@ -5,11 +5,13 @@ wrong tokens are refused; no serving on a public address without a token."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import httpx
 import pytest
@@ -216,3 +218,136 @@ def test_refuses_public_address_without_token(worker_env, tmp_path):
     assert out.returncode == 1
     assert out.stderr.startswith("error: Refusing to serve on 0.0.0.0 without a token")
     assert "GPU_WORKER_TOKEN" in out.stderr and "Traceback" not in out.stderr
+
+
+# ---------------------------------------------------------------------- hostile input (issue 14, item 7)
+
+
+class _RecordingRunner:
+    """Takes jobs without running them (the routes are under test, not separation)."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def submit(self, job):
+        self.jobs.append(job)
+        record = type("Record", (), {"to_dict": lambda self: {"job_id": job.job_id, "status": "queued"}})()
+        return record, True
+
+    def stats(self):
+        return {}
+
+    def shutdown(self):
+        pass
+
+
+def _post_streamed(app, body_chunks, headers: list[tuple[bytes, bytes]]) -> tuple[int, dict, int]:
+    """POST /jobs straight into the ASGI app, the body fed chunk by chunk; (status, JSON answer,
+    body bytes the app consumed)."""
+    import asyncio
+    import json
+
+    consumed = 0
+    sent: list[dict] = []
+    chunks = iter(body_chunks)
+
+    async def receive():
+        nonlocal consumed
+        chunk = next(chunks, None)
+        if chunk is None:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        consumed += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/jobs",
+        "raw_path": b"/jobs",
+        "query_string": b"",
+        "headers": [(b"host", b"127.0.0.1"), (b"authorization", f"Bearer {TOKEN}".encode()), *headers],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 8000),
+    }
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], json.loads(body), consumed
+
+
+def test_an_oversize_body_stops_being_read_at_the_limit_with_flat_memory():
+    import tracemalloc
+
+    from gpu_worker.http_worker import MAX_BODY_BYTES, create_app
+
+    app = create_app(runner=_RecordingRunner(), token=TOKEN)
+    block = b"x" * (64 * 1024)
+    total = 400 * 1024 * 1024  # 400 MB if it were all read
+
+    def body():
+        for _ in range(total // len(block)):
+            yield block
+
+    # Chunked (no Content-Length): the app reads up to the limit, then answers 413 and stops.
+    tracemalloc.start()
+    status, answer, consumed = _post_streamed(app, body(), [])
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert status == 413 and answer["error"]["type"] == "JobError", answer
+    assert consumed <= MAX_BODY_BYTES + len(block), consumed  # not 400 MB
+    assert peak < 8 * MAX_BODY_BYTES, peak  # memory stays flat (a few MiB, not 0.4 GB)
+
+    # A declared length over the limit is refused before a byte of the body is read.
+    status, answer, consumed = _post_streamed(app, body(), [(b"content-length", str(total).encode())])
+    assert status == 413 and consumed == 0 and str(total) in answer["error"]["message"]
+
+
+def test_local_storage_roots_are_allowed_by_configuration_only(worker, store, tmp_path):
+    from starlette.testclient import TestClient
+
+    from gpu_worker.http_worker import LOCAL_ROOTS_ENV, create_app, local_roots_from_env
+    from gpu_worker.job import SeparationJob, StorageRef
+
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    s3_job = make_job(store, "inputs/test/any.wav", None)
+    secret_dir = tmp_path / "elsewhere"
+    secret_dir.mkdir()
+
+    def local(root, out=None) -> SeparationJob:
+        fields = {"storage": StorageRef("local", root=str(root))}
+        if out is not None:
+            fields["output_storage"] = StorageRef("local", root=str(out))
+        return dataclasses.replace(s3_job, job_id=uuid.uuid4().hex[:12], **fields)
+
+    # The real worker (started with no allowed root) refuses every local root a job names.
+    for job in (local(secret_dir), local("/"), local("relative/media")):
+        resp = httpx.post(f"{worker.url}/jobs", content=job.to_json(), headers=auth, timeout=10)
+        assert resp.status_code == 403, resp.text
+        assert "does not serve local storage" in resp.json()["error"]["message"]
+    assert list(secret_dir.iterdir()) == []
+
+    # Allowed roots (and folders under them) are taken; anything else, or escaping by '..', is not.
+    allowed = tmp_path / "media"
+    (allowed / "sub").mkdir(parents=True)
+    runner = _RecordingRunner()
+    with TestClient(create_app(runner=runner, token=TOKEN, local_roots=[allowed])) as client:
+        for root, status in [
+            (allowed, 202),
+            (allowed / "sub", 202),
+            (allowed / ".." / "elsewhere", 403),
+            (secret_dir, 403),
+        ]:
+            resp = client.post("/jobs", content=local(root).to_json(), headers=auth)
+            assert resp.status_code == status, (root, resp.text)
+        # An allowed input root does not allow another output root.
+        resp = client.post("/jobs", content=local(allowed, out=secret_dir).to_json(), headers=auth)
+        assert resp.status_code == 403, resp.text
+    assert len(runner.jobs) == 2
+    assert local_roots_from_env(f"{allowed}{os.pathsep}{secret_dir}") == [allowed, secret_dir]
+    assert LOCAL_ROOTS_ENV == "STEMSET_WORKER_LOCAL_ROOTS"

@@ -13,8 +13,13 @@ explicitly off; the page and its static files are public and hold no data):
 - ``GET /api/media/{key}``: a stem, peaks file or canonical recording, streamed from the store.
 - ``GET /``: the player page; ``/static/...`` its script and style; ``GET /healthz``.
 
-Errors are ``{"error": {"type", "message"}}``; neither the token nor storage credentials ever
-appear in a response or a log line.
+Every error, on every route (unknown routes and methods too), is JSON
+``{"error": {"type", "message"}}`` with its status: 404/405 for unknown routes and methods, 503
+when storage (or the Dagster instance) cannot be reached, 500 for anything unexpected (logged,
+never echoed). Neither the token nor storage credentials ever appear in a response or a log line.
+
+Stem and media URLs are ``api.public_url`` + ``/api/media/<key>`` when that is set, else
+root-relative (``/api/media/<key>``): never built from the request's Host header.
 """
 
 from __future__ import annotations
@@ -28,16 +33,18 @@ import tempfile
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from gpu_worker.errors import StemsetError
+from gpu_worker.errors import StemsetError, StorageError
 from gpu_worker.stores.base import ObjectStore, guess_content_type
 from gpu_worker.stores.local import LocalObjectStore
 
@@ -62,6 +69,55 @@ class ApiConfigError(StemsetError):
 
 def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+
+
+_HTTP_KINDS = {404: "NotFound", 405: "MethodNotAllowed"}
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (unknown route, method not allowed, missing static file) as JSON."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message = f"No route {request.url.path[:200]!r}."
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path[:200]!r}."
+    else:
+        message = str(exc.detail)
+    return _error(exc.status_code, _HTTP_KINDS.get(exc.status_code, "HTTPError"), message, headers=exc.headers)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    """Storage or the Dagster instance out of reach: 503 with what to do; anything else: a 500
+    that names no detail (the log has it)."""
+    if isinstance(exc, StorageError) or _unreachable(exc):
+        log.warning("%s %s: storage unavailable: %s", request.method, request.url.path, exc)
+        return _error(
+            503,
+            "StorageUnavailable",
+            "The media storage (or the Dagster instance) cannot be reached right now; try again in a "
+            "minute. The server's log says which.",
+            headers={"Retry-After": "30"},
+        )
+    if isinstance(exc, StemsetError):
+        log.warning("%s %s failed: %s", request.method, request.url.path, exc)
+        return _error(503, type(exc).__name__, str(exc))
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return _error(500, "InternalError", "The server failed on this request; its log has the details.")
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """A connection-level failure (refused, reset, timed out, DNS), anywhere in the cause chain."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__name__ in (
+            "EndpointConnectionError",
+            "ConnectTimeoutError",
+            "ReadTimeoutError",
+            "OperationalError",
+        ):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _clean(value: Any) -> Any:
@@ -145,9 +201,12 @@ def create_app(
             headers={"WWW-Authenticate": 'Bearer realm="stemset"'},
         )
 
-    def media_url(request: Request):
-        base = str(request.base_url).rstrip("/")
-        return lambda key: f"{base}/api/media/{key}"
+    base_url = (config.api.public_url or "").rstrip("/")
+
+    def media_url(request: Request | None = None):
+        """Media URLs from configuration (``api.public_url``, else root-relative), never from
+        the request's Host header, which a client controls."""
+        return lambda key: f"{base_url}/api/media/{quote(key, safe='/')}"
 
     async def take_upload(profile: str, form) -> Response | tuple[Any, str, list[str]]:
         """Check the form's file and put it in the profile's inputs: (ingested, name, strategies)."""
@@ -212,7 +271,11 @@ def create_app(
         if isinstance(taken, Response):
             return taken
         ingested, name, strategies = taken
-        job = await run_in_threadpool(jobs.submit, ingested.partition, strategies)
+        try:
+            job = await run_in_threadpool(jobs.submit, ingested.partition, strategies)
+        except StemsetError as err:
+            log.warning("job for %s not started: %s", ingested.partition, err.message)
+            return _error(503, type(err).__name__, f"{name!r} was stored, but its job did not start: {err}")
         log.info("upload %s -> %s (job %s)", ingested.object_key, ingested.partition, job.job_id)
         return JSONResponse(
             {
@@ -286,12 +349,15 @@ def create_app(
 
     async def healthz(request: Request) -> Response:
         via = "webserver" if jobs.webserver is not None else "in-process"
-        return JSONResponse({"ok": True, "auth": expected is not None, "jobs": via})
+        return JSONResponse({"ok": True, "auth": expected is not None, "jobs": via, "worker_pid": jobs.worker.pid})
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
-        yield
-        await run_in_threadpool(jobs.close)  # stop the job worker after the job in hand
+        await run_in_threadpool(jobs.start)  # reconcile runs left by an earlier process, then dispatch
+        try:
+            yield
+        finally:
+            await run_in_threadpool(jobs.close)  # end the job worker; a run in hand is queued again
 
     return Starlette(
         lifespan=lifespan,
@@ -305,6 +371,7 @@ def create_app(
             Route("/api/media/{key:path}", media),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
+        exception_handlers={HTTPException: _http_error, StemsetError: _server_error, Exception: _server_error},
     )
 
 

@@ -4,16 +4,24 @@ Uploads files to a profile's inputs (or takes every input that is not current), 
 through Dagster, in this process against the configured instance
 (:func:`~stemset_assets.defs.runs.dagster_instance`) or through a running webserver when
 ``dagster.webserver_url`` is set, then downloads the stems and prints a summary.
+
+The terminal shows progress, the summary table and one result line (failures one line each).
+Dagster's own output (its run logs, warnings, stack traces) goes to a log file under
+``$DAGSTER_HOME/logs/`` whose path is printed; ``--verbose`` shows it on the terminal instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from tqdm import tqdm
 
@@ -69,6 +77,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="separate in this process with the local separator (ignores gpu.backend and the webserver)",
     )
     p.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="show Dagster's logs on the terminal (default: in a log file, whose path is printed)",
+    )
+    p.add_argument(
         "--out",
         "-o",
         type=Path,
@@ -79,19 +93,44 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Upload files to a profile's inputs, separate them through Dagster and download the stems."""
-    # Dagster loads only when a command runs, so `stemset --help` stays fast.
-    from ..defs.intake import ingest_file
-    from ..defs.resources.media_store import open_store
-    from ..defs.runs import dagster_instance, selection_for
-
     config = load_config(args.config)
     profile = config.profile(args.profile)
     strategies = list(dict.fromkeys(args.strategy or profile.strategies))
     if not strategies:
         raise StemsetError(f"Profile {profile.name!r} runs no strategy.", "Name one with --strategy.")
-    selection_for(config, strategies)  # unknown strategies: a clear error before anything is uploaded
     if args.local:
         config = dataclasses.replace(config, gpu=dataclasses.replace(config.gpu, backend="local"))
+    terminal = sys.stderr
+    with _dagster_output(getattr(args, "verbose", False)) as log_path:
+        if log_path is not None:
+            print(f"Dagster's logs: {log_path}", file=terminal, flush=True)
+        rows = _process(args, config, profile, strategies, terminal)
+    if rows is None:
+        return 0
+    _print_summary(rows)
+    failed = [r for r in rows if not r.ok]
+    seconds = sum({r.partition: r.seconds for r in rows}.values())
+    where = f"; logs: {log_path}" if log_path is not None else ""
+    if failed:
+        print(f"\n{len(failed)} of {len(rows)} stem set(s) failed:", file=sys.stderr)
+        for r in failed:
+            print(f"  {r.file} [{r.strategy}]: {_one_line(r.error)}", file=sys.stderr)
+        print(f"failed: {len(rows) - len(failed)} of {len(rows)} stem set(s) made{where}", file=sys.stderr)
+        return 1
+    out = args.out.expanduser().absolute()
+    cost = sum(r.cost for r in rows)
+    print(f"done: {len(rows)} stem set(s) in {seconds:.1f} s, ${cost:.4f}, stems in {out}{where}")
+    return 0
+
+
+def _process(args, config, profile, strategies: list[str], terminal: IO[str]) -> list[Row] | None:
+    """Upload, run and download; the summary rows (None: nothing to do)."""
+    # Dagster loads only when a command runs, so `stemset --help` stays fast.
+    from ..defs.intake import ingest_file
+    from ..defs.resources.media_store import open_store
+    from ..defs.runs import dagster_instance, selection_for
+
+    selection_for(config, strategies)  # unknown strategies: a clear error before anything is uploaded
     store = open_store(config)
     instance = dagster_instance(config)
     quiet = True if args.quiet else None
@@ -99,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     names: dict[str, str] = {}  # partition -> file name shown
     if args.files:
         files = [existing_file(f) for f in args.files]
-        for path in tqdm(files, desc="upload", unit="file", disable=quiet):
+        for path in tqdm(files, desc="upload", unit="file", disable=quiet, file=terminal):
             try:
                 check_audio_file(path, path.name)
             except UploadRejected as err:
@@ -111,22 +150,37 @@ def run(args: argparse.Namespace) -> int:
         names = _not_current(store, instance, config, profile.name, strategies)
         if not names:
             print(f"Every input of {profile.name!r} is current for {', '.join(strategies)}: nothing to do.")
-            return 0
+            return None
     keys = list(names)
-    timings = _run(config, instance, keys, strategies, local=args.local, quiet=quiet)
+    timings = _run(config, instance, keys, strategies, local=args.local, quiet=quiet, terminal=terminal)
     out = args.out.expanduser().absolute()
     for pk in keys:
         seconds, error = timings.get(pk, (0.0, "not run"))
         for strategy in strategies:
             rows.append(_collect(store, config, pk, names[pk], strategy, seconds, error, out, len(strategies)))
-    _print_summary(rows)
-    failed = [r for r in rows if not r.ok]
-    if failed:
-        print(f"\n{len(failed)} of {len(rows)} stem set(s) failed:", file=sys.stderr)
-        for r in failed:
-            print(f"  {r.file} [{r.strategy}]: {r.error}", file=sys.stderr)
-        return 1
-    return 0
+    return rows
+
+
+@contextlib.contextmanager
+def _dagster_output(verbose: bool) -> Iterator[Path | None]:
+    """Unless ``verbose``: what Dagster writes to stderr (logs, warnings, banners, tracebacks) goes
+    to a new file under ``$DAGSTER_HOME/logs/``, whose path is yielded."""
+    if verbose:
+        yield None
+        return
+    # The instance's home as defs.runs.dagster_instance picks it (imported only once redirected:
+    # importing the Dagster definitions already prints warnings).
+    home = Path(os.environ.get("DAGSTER_HOME") or Path(".dagster_home").absolute())
+    folder = home / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"process-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    with open(path, "a", encoding="utf-8", buffering=1) as log, contextlib.redirect_stderr(log):
+        yield path
+
+
+def _one_line(text: str | None, limit: int = 300) -> str:
+    line = " ".join((text or "").split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def _not_current(store, instance, config, profile: str, strategies: list[str]) -> dict[str, str]:
@@ -147,7 +201,7 @@ def _not_current(store, instance, config, profile: str, strategies: list[str]) -
 
 
 def _run(
-    config, instance, keys: list[str], strategies: list[str], *, local: bool, quiet
+    config, instance, keys: list[str], strategies: list[str], *, local: bool, quiet, terminal: IO[str]
 ) -> dict[str, tuple[float, str | None]]:
     """Run every partition; ``{partition: (seconds, error or None)}``."""
     # Dagster loads only when a command runs, so `stemset --help` stays fast.
@@ -156,7 +210,7 @@ def _run(
 
     out: dict[str, tuple[float, str | None]] = {}
     url = config.dagster.webserver_url
-    with tqdm(total=len(keys), desc="separate", unit="file", disable=quiet) as bar:
+    with tqdm(total=len(keys), desc="separate", unit="file", disable=quiet, file=terminal) as bar:
         if url and not local:
             client = WebserverClient(url)
             selection = selection_for(config, strategies)

@@ -176,11 +176,13 @@ class BudgetConfig:
 @dataclass(frozen=True)
 class ApiConfig:
     """The web API (`stemset api serve`): bearer ``token``; ``auth: false`` turns auth off
-    (local use only: the server then binds only to loopback); uploads up to ``max_upload_mb``."""
+    (local use only: the server then binds only to loopback); uploads up to ``max_upload_mb``;
+    media URLs start with ``public_url`` (never with the request's Host header)."""
 
     token: str | None = field(default=None, repr=False)
     auth: bool = True
     max_upload_mb: int = 500
+    public_url: str | None = None  # where clients reach the API; media URLs start with it (else root-relative)
 
     __repr__ = __str__ = _masked_repr  # token masked, never printed
 

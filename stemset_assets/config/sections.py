@@ -53,7 +53,7 @@ _KEYS = {
     "sensors": ("max_new_per_tick", "interval_s", "settle_s", "auto_reprocess"),
     "auto_reprocess": ("enabled", "max_per_tick", "daily_cost_ceiling_usd"),
     "backfill": ("billed_seconds_per_audio_second", "max_partitions_per_run"),
-    "api": ("token", "auth", "max_upload_mb"),
+    "api": ("token", "auth", "max_upload_mb", "public_url"),
     "dagster": ("webserver_url",),
     "runs": (
         "max_concurrent",
@@ -283,6 +283,7 @@ class SectionReader(ValueReader):
             token=self.text(self.get(sec, "token", "api", required=False), "api.token", optional=True),
             auth=auth,
             max_upload_mb=self.integer(self.get(sec, "max_upload_mb", "api", 500), "api.max_upload_mb", 1, 100_000),
+            public_url=self.url(self.get(sec, "public_url", "api", required=False), "api.public_url", optional=True),
         )
 
     def read_dagster(self, raw: Any) -> DagsterConfig:

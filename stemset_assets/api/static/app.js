@@ -6,9 +6,19 @@ const state = { token: localStorage.getItem("stemset-token") || "", config: null
 
 // ------------------------------------------------------------------ API
 
+// The token goes only to this page's own origin: a stem URL on another host (a bucket's public
+// URL, or anything a response names) is fetched without it.
+function sameOrigin(url) {
+  try {
+    return new URL(url, window.location.href).origin === window.location.origin;
+  } catch (e) {
+    return false;
+  }
+}
+
 async function api(path, options = {}) {
   const headers = Object.assign({}, options.headers || {});
-  if (state.token) headers["Authorization"] = "Bearer " + state.token;
+  if (state.token && sameOrigin(path)) headers["Authorization"] = "Bearer " + state.token;
   const resp = await fetch(path, Object.assign({}, options, { headers }));
   if (resp.status === 401) {
     $("#token-form").hidden = false;
