@@ -22,6 +22,7 @@ from stemset_assets.defs.resources.remote_separators import ModalSeparatorClient
 from tests.configs import tiny_config_yaml
 from tests.model_fixtures import make_model_repo
 from tests.remote_fixtures import WorkerProcess, aws_env, free_port, make_job, upload_input
+from tests.test_assets import failure_text
 from tests.test_remote_separators import local_factory
 
 TOKEN = "remote-backend-token-3c9e1a"
@@ -111,8 +112,7 @@ def test_http_backend_materialises_stems_on_the_worker_with_its_cost(tmp_path, s
     upload_input(store, "inputs/h4n/other.wav", 1.0, seed=5)
     bad = _run(config, media, SeparatorResource(backend="http", url=worker.url, token="wrong"), "h4n/other")
     assert not bad.success
-    failure = next(e for e in bad.all_events if e.is_step_failure)
-    message = failure.step_failure_data.error.message
+    message = failure_text(bad)  # the Failure's description, as the UI shows it
     assert "token" in message.lower() and "wrong" not in message
     assert not store.exists(manifest_key("h4n/other", "htdemucs"))
 

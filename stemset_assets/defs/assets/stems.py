@@ -248,7 +248,12 @@ def materialize_stem_set(
     context.log.info(
         f"{len(plans)} partition(s) of {name!r}: {len(todo)} to separate, {len(plans) - len(todo)} current"
     )
-    outcomes = dict(zip((plan.pk for plan in todo), separator.separate_many([p.job for p in todo], store), strict=True))
+    try:
+        outcomes = dict(
+            zip((plan.pk for plan in todo), separator.separate_many([p.job for p in todo], store), strict=True)
+        )
+    except StemsetError as err:  # the separator itself is unusable (token, address, quota): no set is at fault
+        raise Failure(description=f"separation with {name!r} could not start: {err}", allow_retries=False) from err
     pointers = context.instance.get_latest_storage_id_by_partition(
         RECORDING_KEY, DagsterEventType.ASSET_MATERIALIZATION, {plan.pk for plan in plans}
     )
