@@ -98,7 +98,7 @@ def test_cli_prints_one_line_for_a_cyclic_alias(tmp_path):
     path.write_text("storage: &s\n  local: *s\n")
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)}
     out = subprocess.run(
-        [sys.executable, "-m", "stemset_assets.cli", "--config", str(path), "catalog"],
+        [sys.executable, "-m", "stemset_assets.cli", "--config", str(path), "separate", "x.wav"],
         capture_output=True,
         text=True,
         env=env,
