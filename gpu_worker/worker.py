@@ -304,12 +304,27 @@ def _stream_window_s() -> float | None:
 
 
 class _user_named_errors(contextlib.AbstractContextManager):
-    """Audio errors name the user's object, not our temporary copy of it (reusable)."""
+    """Audio errors and warnings name the user's object, not our temporary copy of it (reusable)."""
 
     def __init__(self, local_input: Path, where: str):
         self.local, self.where = str(local_input), where
+        self._caught: list[warnings.catch_warnings] = []
+
+    def __enter__(self):
+        catcher = warnings.catch_warnings(record=True)
+        self._caught.append(catcher)
+        self._records = catcher.__enter__()
+        warnings.simplefilter("always", AudioWarning)
+        return self
 
     def __exit__(self, exc_type, err, tb):
+        records = self._records
+        self._caught.pop().__exit__(None, None, None)
+        for w in records:
+            if issubclass(w.category, AudioWarning):
+                warnings.warn(str(w.message).replace(self.local, self.where), AudioWarning, stacklevel=2)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if isinstance(err, AudioError):
             raise AudioError(
                 err.message.replace(self.local, self.where),
