@@ -65,7 +65,7 @@ class SectionReader(ValueReader):
 
     def read(self, data: dict, path: Path | None) -> StemsetConfig:
         for key in data:  # a misspelt section (`storag:`) must not silently mean the defaults
-            if key not in TOP_LEVEL:
+            if key not in TOP_LEVEL and not str(key).startswith("x-"):  # x-...: a home for YAML anchors
                 raise self.unknown_key(str(key), key, TOP_LEVEL, "the top level")
         strategies, trees = self.read_strategies(data.get("strategies"))
         return StemsetConfig(
