@@ -27,12 +27,12 @@ from .audio.decode import decode_audio
 from .audio.encode import StemWriter, encode_audio
 from .audio.info import SAMPLE_RATE, AudioWarning
 from .audio.source import open_source
-from .errors import AudioError, JobError
+from .errors import AudioError, JobError, StorageError
 from .hashing import file_sha256 as _sha256
 from .job import MANIFEST_NAME, SeparationJob, SeparationResult, StemFile, StorageRef
 from .stores.base import ObjectStore
 from .stores.local import LocalObjectStore
-from .stores.publish import publish_set, staging_key
+from .stores.publish import STAGING_DIR, new_attempt, publish_set, set_key, sweep
 from .stores.s3 import S3ObjectStore
 from .strategy import parse_strategy
 
@@ -61,8 +61,12 @@ def job_seed(input_sha256: str, fingerprint: str) -> int:
     return int(hashlib.sha256(f"{input_sha256}:{fingerprint}".encode()).hexdigest()[:8], 16)
 
 
-def stem_key(job: SeparationJob, stem: str) -> str:
-    return f"{job.output_prefix.rstrip('/')}/{stem}.{EXTENSIONS[job.output_format]}"
+def stem_key(job: SeparationJob, stem: str, attempt: str | None = None) -> str:
+    """Where a stem is published: in the attempt's set folder, or flat under the prefix."""
+    name = f"{stem}.{EXTENSIONS[job.output_format]}"
+    if job.set_folder and attempt is not None:
+        return set_key(job.output_prefix, attempt, name)
+    return f"{job.output_prefix.rstrip('/')}/{name}"
 
 
 def manifest_key(job: SeparationJob) -> str:
@@ -204,11 +208,22 @@ def run_job(
             timings["encode"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        prefix = job.output_prefix.rstrip("/")
+        attempt = new_attempt(job.job_id)
+        # Leftovers of interrupted attempts of this job go now; other jobs' once they are old.
+        sweep(out_store, prefix, job_id=job.job_id, keep_attempt=attempt)
         staged, final = {}, {}
         for name, path in files.items():
-            staged[name] = staging_key(stem_key(job, name), job.job_id)
-            final[name] = stem_key(job, name)
-            out_store.upload(path, staged[name])
+            final[name] = stem_key(job, name, attempt)
+            staged[name] = f"{prefix}/{STAGING_DIR}/{attempt}/{final[name].rsplit('/', 1)[-1]}"
+            try:
+                out_store.upload(path, staged[name])
+            except StorageError as err:
+                raise StorageError(
+                    f"Uploading the stems of {out_store.uri(prefix)} failed: {err.message} Nothing was published: "
+                    "readers still see the previous set, if there was one.",
+                    err.hint or "Run the job again once storage is reachable; the next run removes the partial upload.",
+                ) from err
         stem_files = {
             name: StemFile(
                 name=name,

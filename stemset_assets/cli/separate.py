@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
             job_id=uuid.uuid4().hex[:12],
             input_key=path.name,
             output_prefix=_folder_name(path),
+            set_folder=False,  # a plain folder: <out>/<file>/<stem>.<ext>
             strategy_name=name,
             strategy=strategy.to_tree(),
             fingerprint=fp,
