@@ -32,7 +32,7 @@ from .hashing import file_sha256 as _sha256
 from .job import MANIFEST_NAME, SeparationJob, SeparationResult, StemFile, StorageRef
 from .stores.base import ObjectStore
 from .stores.local import LocalObjectStore
-from .stores.publish import STAGING_DIR, new_attempt, publish_set, set_key, sweep
+from .stores.publish import STAGING_DIR, new_attempt, publish_set, set_key
 from .stores.s3 import S3ObjectStore
 from .strategy import parse_strategy
 
@@ -209,9 +209,7 @@ def run_job(
 
         t0 = time.perf_counter()
         prefix = job.output_prefix.rstrip("/")
-        attempt = new_attempt(job.job_id)
-        # Leftovers of interrupted attempts of this job go now; other jobs' once they are old.
-        sweep(out_store, prefix, job_id=job.job_id, keep_attempt=attempt)
+        attempt = new_attempt(job.job_id)  # publish_set sweeps what earlier attempts left
         staged, final = {}, {}
         for name, path in files.items():
             final[name] = stem_key(job, name, attempt)

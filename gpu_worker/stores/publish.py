@@ -13,8 +13,8 @@ A PUT replaces an object atomically on S3 and a rename does locally, so after a 
 step the manifest lists either the complete old set or the complete new one: nothing is renamed
 on S3, and no reader ever follows a manifest to a missing stem. What a kill leaves behind
 (staging objects, a set folder no manifest lists, the old set after step 3) is invisible to
-readers and removed by :func:`sweep`, which each publish runs on its prefix first: leftovers of
-earlier attempts of the same job at once (attempts of one job never overlap: a caller resubmits
+readers and removed by :func:`sweep`, which each publish runs on its prefix once committed: leftovers
+of earlier attempts of the same job at once (attempts of one job never overlap: a caller resubmits
 a job only when its worker is gone), anything else once it is ``grace_s`` old (another job may
 still be between its steps 2 and 3).
 
@@ -113,8 +113,9 @@ def publish_set(
     3. copy each staged object to its final key (a rename on a local store, a server-side copy
        on S3), then 4. check they all arrived;
     5. write the manifest: from here readers see the new set, complete;
-    6. delete the old set's objects the new manifest does not list, and the staged copies (best
-       effort: leftovers are logged and left to :func:`sweep`; the new set stays published).
+    6. delete the old set's objects the new manifest does not list, the staged copies, and (by
+       :func:`sweep`) what earlier attempts of the same job left (best effort: failures are logged,
+       the new set stays published).
 
     A failure in steps 1-4 raises with what is published now: the old set (fresh final keys) or
     no set (in-place publish); staged copies stay for a retry or the sweep.
@@ -165,6 +166,13 @@ def publish_set(
             store.delete(key)
         except StorageError as err:
             log.warning("Published %s but could not delete %s: %s", manifest_key, key, err)
+    attempts = {where[1] for where in map(_set_prefix, staged.values()) if where is not None and where[1]}
+    if len(attempts) == 1:  # earlier, interrupted attempts of this job (and old leftovers of others)
+        (attempt,) = attempts
+        try:
+            sweep(store, home, job_id=_job_of(attempt), keep_attempt=attempt)
+        except StorageError as err:
+            log.warning("Published %s but could not sweep its leftovers: %s", manifest_key, err)
 
 
 def zip_names(staged: Mapping[str, str], final: Mapping[str, str]) -> list[tuple[str, str]]:
