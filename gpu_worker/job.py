@@ -123,6 +123,9 @@ class SeparationResult:
     engine_version: str
     backend: str = "local"
     reused: bool = False
+    # Keys of the set this one replaced (what the manifest listed before): superseded for good, so
+    # a sweep may delete any of them a kill left behind at once (gpu_worker.stores.publish.sweep).
+    replaces: list[str] = field(default_factory=list)
     version: int = JOB_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -235,6 +235,7 @@ def run_job(
             for name in files
         }
         gpu_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        replaces = _superseded(out_store, prefix, manifest_key(job), set(final.values()))
         timings["write"] = time.perf_counter() - t0  # the manifest write below is not counted
         timings["total"] = time.perf_counter() - started
         if startup_s > 0:
@@ -260,11 +261,23 @@ def run_job(
             batches=stats.batches,
             engine_version=ENGINE_VERSION,
             backend=backend,
+            replaces=replaces,
         )
         publish_set(out_store, staged, final, manifest_key(job), result.to_json().encode())
     if progress:
         progress(1.0)
     return result
+
+
+def _superseded(store: ObjectStore, prefix: str, mkey: str, new_keys: set[str]) -> list[str]:
+    """What the new manifest replaces: the stems the current one lists, and what it said it
+    replaced that a kill left in place (so a sweep can delete them however the kill fell)."""
+    before = read_manifest(store, mkey)
+    if before is None:
+        return []
+    old = {f.key for f in before.stems.values()} | set(before.replaces)
+    present = {info.key for info in store.list(prefix + "/")} if before.replaces else old
+    return sorted((old & present) - new_keys)
 
 
 def _describe(stem: np.ndarray, nonfinite: int) -> dict:

@@ -86,6 +86,14 @@ def manifest_keys(data: bytes | None) -> set[str]:
         return set()
 
 
+def replaced_keys(data: bytes | None) -> set[str]:
+    """The keys a manifest says it replaced (``replaces``): superseded, never to be listed again."""
+    try:
+        return {str(k) for k in json.loads(data or b"{}").get("replaces") or ()}
+    except (ValueError, TypeError, AttributeError):
+        return set()
+
+
 def _read(store: ObjectStore, key: str) -> bytes | None:
     try:
         return store.get_bytes(key) if store.head(key) is not None else None
@@ -212,9 +220,11 @@ def sweep(
     now: float | None = None,
 ) -> list[str]:
     """Delete what interrupted publishes left under ``prefix`` (one set's prefix, or a whole tree
-    such as ``outputs/``): staging objects, and set-folder objects no manifest lists. Objects of
-    earlier attempts of ``job_id`` go at once (except ``keep_attempt``, the caller's own); others
-    once they are ``grace_s`` old (default :func:`sweep_grace_s`). Returns the keys deleted."""
+    such as ``outputs/``): staging objects, and set-folder objects no manifest lists. At once: the
+    objects of earlier attempts of ``job_id`` (except ``keep_attempt``, the caller's own) and
+    those the manifest says it replaced; any other once it is ``grace_s`` old (default
+    :func:`sweep_grace_s`: another job may be between its copies and its manifest). Returns the
+    keys deleted."""
     grace = sweep_grace_s() if grace_s is None else grace_s
     now = time.time() if now is None else now
     scope = prefix.rstrip("/") + "/" if prefix else ""
@@ -225,12 +235,13 @@ def sweep(
             candidates.setdefault(where[0], []).append((info, where[1]))
     deleted: list[str] = []
     for set_prefix, infos in sorted(candidates.items()):
-        listed = manifest_keys(_read(store, f"{set_prefix}/{MANIFEST_NAME}" if set_prefix else MANIFEST_NAME))
+        doc = _read(store, f"{set_prefix}/{MANIFEST_NAME}" if set_prefix else MANIFEST_NAME)
+        listed, superseded = manifest_keys(doc), replaced_keys(doc)
         for info, attempt in infos:
             if info.key in listed or (keep_attempt is not None and attempt == keep_attempt):
                 continue
             mine = job_id is not None and attempt and _job_of(attempt) == job_id
-            if mine or now - info.last_modified >= grace:
+            if mine or info.key in superseded or now - info.last_modified >= grace:
                 try:
                     store.delete(info.key)
                     deleted.append(info.key)
