@@ -107,3 +107,23 @@ def test_cli_prints_one_line_for_a_cyclic_alias(tmp_path):
     assert out.returncode != 0
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "refers back to itself" in lines[0], out.stderr
+
+
+PROVIDERS = {  # the README's table: one storage block, the same variables, four services
+    "r2": {"STEMSET_S3_ENDPOINT_URL": "https://abc.r2.cloudflarestorage.com", "AWS_REGION": "auto"},
+    "aws": {"AWS_REGION": "eu-west-1"},
+    "minio": {"STEMSET_S3_ENDPOINT_URL": "http://minio-host:9000", "AWS_REGION": "us-east-1"},
+    "seaweedfs": {"STEMSET_S3_ENDPOINT_URL": "http://seaweed-host:8333"},
+}
+
+
+@pytest.mark.parametrize("provider", sorted(PROVIDERS))
+def test_readme_s3_block_reads_for_every_provider(tmp_path, provider):
+    text = (ROOT / "README.md").read_text()
+    block = text.split("**Any S3 service, the same variables.**", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "config.yaml"
+    path.write_text(block)
+    env = {"STEMSET_S3_BUCKET": "stemset-media", **PROVIDERS[provider]}
+    s3 = load_config(path, env=env).storage.s3
+    assert s3.bucket == "stemset-media" and s3.endpoint_url == (PROVIDERS[provider].get("STEMSET_S3_ENDPOINT_URL"))
+    assert s3.region == PROVIDERS[provider].get("AWS_REGION", "auto") and s3.access_key_id is None
