@@ -53,7 +53,9 @@ def test_demo_models_keep_their_repo_so_sets_read_current_afterwards(tmp_path):
     demo = tmp_path / ".stemset" / "demo-config.yaml"
     assert demo.is_file() and str(tmp_path / ".stemset" / "demo-models") in demo.read_text()
     # afterwards, in a new shell: the catalog under the demo's config reads current
-    after = _run(["-m", "stemset_assets.cli", "catalog", "--format", "json"], tmp_path, {**env, "STEMSET_CONFIG": str(demo)})
+    after = _run(
+        ["-m", "stemset_assets.cli", "catalog", "--format", "json"], tmp_path, {**env, "STEMSET_CONFIG": str(demo)}
+    )
     assert after.returncode == 0, after.stderr[-3000:]
     rows = json.loads(after.stdout)["rows"]
     assert rows and {r["state"] for r in rows if r["default"]} == {"current"}, rows

@@ -86,7 +86,17 @@ def _separate(tmp_path: Path, repo: Path, path: Path, *extra: str) -> subprocess
     )
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(tmp_path), "STEMSET_CONFIG": str(cfg)}
     return subprocess.run(
-        [sys.executable, "-m", "stemset_assets.cli", "separate", str(path), "--out", str(tmp_path / "out"), "-q", *extra],
+        [
+            sys.executable,
+            "-m",
+            "stemset_assets.cli",
+            "separate",
+            str(path),
+            "--out",
+            str(tmp_path / "out"),
+            "-q",
+            *extra,
+        ],
         capture_output=True,
         text=True,
         env=env,

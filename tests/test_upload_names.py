@@ -61,7 +61,9 @@ def test_same_normalised_name_at_once_gives_two_objects_and_partitions(tmp_path,
     files = takes(tmp_path / "takes")
     with instance_for_test() as instance:
         with ThreadPoolExecutor(2) as pool:
-            got = list(pool.map(lambda pn: ingest_file(store, instance, "h4n", pn[0], pn[1]), zip(files, NAMES)))
+            got = list(
+                pool.map(lambda pn: ingest_file(store, instance, "h4n", pn[0], pn[1]), zip(files, NAMES, strict=True))
+            )
         assert len({g.object_key for g in got}) == 2, got
         assert len({g.partition for g in got}) == 2, got
         for ingested, path in zip(got, files, strict=True):
@@ -90,7 +92,7 @@ def test_api_uploads_at_once_each_job_returns_its_own_stems(tmp_path_factory):
             return resp.json()
 
         with ThreadPoolExecutor(2) as pool:
-            bodies = list(pool.map(send, zip(files, NAMES)))
+            bodies = list(pool.map(send, zip(files, NAMES, strict=True)))
         assert len({b["object_key"] for b in bodies}) == 2 and len({b["partition"] for b in bodies}) == 2
         for body, path in zip(bodies, files, strict=True):
             job = wait_for_job(server, body["job_id"])

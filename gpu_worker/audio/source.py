@@ -27,7 +27,9 @@ REUPLOAD_HINT = (
 )
 MIN_FRACTION_ENV = "STEMSET_MIN_DECODED_FRACTION"
 DEFAULT_MIN_FRACTION = 0.99
-ACCEPT_HINT = f"To separate the part that is there knowingly, set {MIN_FRACTION_ENV}=0 (`stemset separate --accept-truncated`)."
+ACCEPT_HINT = (
+    f"To separate the part that is there knowingly, set {MIN_FRACTION_ENV}=0 (`stemset separate --accept-truncated`)."
+)
 
 
 def min_decoded_fraction() -> float:

@@ -70,7 +70,9 @@ def fault_s3(tmp_path_factory) -> Iterator[SeaweedServer]:
     weed = _weed_binary()
     if weed is None or os.environ.get("STEMSET_SKIP_S3") == "1":
         pytest.skip("no SeaweedFS (weed) binary")
-    server = _start(weed, tmp_path_factory.mktemp("fault-s3"), "FAULTKEY" + os.urandom(4).hex().upper(), "x" * 30, "auto")
+    server = _start(
+        weed, tmp_path_factory.mktemp("fault-s3"), "FAULTKEY" + os.urandom(4).hex().upper(), "x" * 30, "auto"
+    )
     yield server
     _stop(server.process)
 
