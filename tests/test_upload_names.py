@@ -31,7 +31,7 @@ def sha(data: bytes) -> str:
 def takes(folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     out = []
-    for seed, name in enumerate(NAMES):
+    for seed in range(len(NAMES)):
         path = folder / f"file{seed}.wav"
         write_audio(path, music_like(1.0, seed=seed + 1), 44100)
         out.append(path)
