@@ -321,7 +321,7 @@ def test_inputs_cut_at_many_points(tmp_path, fmt):
             assert cut.name in str(err), str(err)
             refused += 1
             continue
-        if fmt in STATES_LENGTH:
-            assert wav.shape[1] >= 0.99 * expect, (fmt, i, wav.shape[1], expect)
-    if fmt in STATES_LENGTH:
+        if fmt in STATES_LENGTH:  # within 1%, or (MP4's edit list) within the 0.1 s container tolerance
+            assert wav.shape[1] >= min(0.99 * expect, expect - 4410), (fmt, i, wav.shape[1], expect)
+    if fmt in ("wav", "flac"):
         assert refused == 20  # every cut of these loses more than 1%: all refused
