@@ -42,7 +42,7 @@ class StorageRef:
 class SeparationJob:
     job_id: str
     input_key: str
-    output_prefix: str  # stems go to <output_prefix>/<stem>.<ext>, then <output_prefix>/manifest.json
+    output_prefix: str  # stems go under <output_prefix>/ (see set_folder), then <output_prefix>/manifest.json
     strategy_name: str
     strategy: dict[str, Any]  # the strategy tree, as Strategy.to_tree() writes it
     fingerprint: str
@@ -55,6 +55,9 @@ class SeparationJob:
     seed: int | None = None  # shift offsets; None = derived from input and fingerprint
     gpu_type: str | None = None  # what the caller asked for; the worker reports what it ran on
     metadata: dict[str, Any] = field(default_factory=dict)  # e.g. partition key, for the manifest
+    # True: stems go to a fresh set folder <output_prefix>/v-<attempt>/ and the manifest switches
+    # to it atomically (stores.publish); False: <output_prefix>/<stem>.<ext> (a plain folder).
+    set_folder: bool = True
     version: int = JOB_VERSION
 
     @property
@@ -120,6 +123,9 @@ class SeparationResult:
     engine_version: str
     backend: str = "local"
     reused: bool = False
+    # Keys of the set this one replaced (what the manifest listed before): superseded for good, so
+    # a sweep may delete any of them a kill left behind at once (gpu_worker.stores.publish.sweep).
+    replaces: list[str] = field(default_factory=list)
     version: int = JOB_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ to that node's model (chaining); not named at all, it is dropped.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -20,6 +21,19 @@ from .errors import ModelError, StrategyError
 PRECISIONS = ("fp32", "bf16", "fp16")
 STEM_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-/]{0,127}$")
+PARAM_NAMES = ("shifts", "overlap", "segment", "precision", "batch_size")
+_FOUR = ("drums", "bass", "other", "vocals")
+# The outputs of Demucs' released models, so a misspelt output is caught when the config is read
+# (other models are checked when they load: check_node_model).
+RELEASED_SOURCES = {
+    **dict.fromkeys(("htdemucs", "htdemucs_ft", "hdemucs_mmi", "mdx", "mdx_extra", "mdx_q", "mdx_extra_q"), _FOUR),
+    "htdemucs_6s": (*_FOUR, "guitar", "piano"),
+}
+
+
+def _nearest(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f"; the nearest valid one is {close[0]!r}" if close else ""
 
 
 @dataclass(frozen=True)
@@ -161,6 +175,12 @@ def _parse_node(tree: Any, path: str, inherited: SeparationParams) -> StrategyNo
             continue
         if not isinstance(key, str) or not STEM_NAME.match(key):
             raise StrategyError(f"{path}: {key!r} is not a model output name.")
+        known = RELEASED_SOURCES.get(model)
+        if known is not None and key not in known:
+            raise StrategyError(
+                f"{path}.{key}: model {model!r} has no output {key!r}{_nearest(key, (*known, '__params'))}.",
+                f"{model} produces {', '.join(known)}; `_` names the model and `__params` holds its parameters.",
+            )
         if isinstance(target, str):
             if not STEM_NAME.match(target):
                 raise StrategyError(
@@ -181,10 +201,12 @@ def _parse_params(raw: Any, path: str, inherited: SeparationParams) -> Separatio
         return inherited
     if not isinstance(raw, Mapping):
         raise StrategyError(f"{path} must be a mapping of separation parameters.")
-    known = {"shifts", "overlap", "segment", "precision", "batch_size"}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(str(k) for k in set(raw) - set(PARAM_NAMES))
     if unknown:
-        raise StrategyError(f"{path}: unknown parameter(s) {unknown}; known: {sorted(known)}.")
+        raise StrategyError(
+            f"{path}.{unknown[0]}: unknown parameter {unknown[0]!r}{_nearest(unknown[0], PARAM_NAMES)}"
+            f" (known: {', '.join(sorted(PARAM_NAMES))}).",
+        )
     params = replace(inherited, **dict(raw))
     if not isinstance(params.shifts, int) or isinstance(params.shifts, bool) or not 0 <= params.shifts <= 20:
         raise StrategyError(f"{path}.shifts must be a whole number from 0 to 20, got {params.shifts!r}.")

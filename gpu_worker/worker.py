@@ -27,12 +27,12 @@ from .audio.decode import decode_audio
 from .audio.encode import StemWriter, encode_audio
 from .audio.info import SAMPLE_RATE, AudioWarning
 from .audio.source import open_source
-from .errors import AudioError, JobError
+from .errors import AudioError, JobError, StorageError
 from .hashing import file_sha256 as _sha256
 from .job import MANIFEST_NAME, SeparationJob, SeparationResult, StemFile, StorageRef
 from .stores.base import ObjectStore
 from .stores.local import LocalObjectStore
-from .stores.publish import publish_set, staging_key
+from .stores.publish import STAGING_DIR, new_attempt, publish_set, set_key
 from .stores.s3 import S3ObjectStore
 from .strategy import parse_strategy
 
@@ -61,8 +61,12 @@ def job_seed(input_sha256: str, fingerprint: str) -> int:
     return int(hashlib.sha256(f"{input_sha256}:{fingerprint}".encode()).hexdigest()[:8], 16)
 
 
-def stem_key(job: SeparationJob, stem: str) -> str:
-    return f"{job.output_prefix.rstrip('/')}/{stem}.{EXTENSIONS[job.output_format]}"
+def stem_key(job: SeparationJob, stem: str, attempt: str | None = None) -> str:
+    """Where a stem is published: in the attempt's set folder, or flat under the prefix."""
+    name = f"{stem}.{EXTENSIONS[job.output_format]}"
+    if job.set_folder and attempt is not None:
+        return set_key(job.output_prefix, attempt, name)
+    return f"{job.output_prefix.rstrip('/')}/{name}"
 
 
 def manifest_key(job: SeparationJob) -> str:
@@ -204,11 +208,20 @@ def run_job(
             timings["encode"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        prefix = job.output_prefix.rstrip("/")
+        attempt = new_attempt(job.job_id)  # publish_set sweeps what earlier attempts left
         staged, final = {}, {}
         for name, path in files.items():
-            staged[name] = staging_key(stem_key(job, name), job.job_id)
-            final[name] = stem_key(job, name)
-            out_store.upload(path, staged[name])
+            final[name] = stem_key(job, name, attempt)
+            staged[name] = f"{prefix}/{STAGING_DIR}/{attempt}/{final[name].rsplit('/', 1)[-1]}"
+            try:
+                out_store.upload(path, staged[name])
+            except StorageError as err:
+                raise StorageError(
+                    f"Uploading the stems of {out_store.uri(prefix)} failed: {err.message} Nothing was published: "
+                    "readers still see the previous set, if there was one.",
+                    err.hint or "Run the job again once storage is reachable; the next run removes the partial upload.",
+                ) from err
         stem_files = {
             name: StemFile(
                 name=name,
@@ -222,6 +235,7 @@ def run_job(
             for name in files
         }
         gpu_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        replaces = _superseded(out_store, prefix, manifest_key(job), set(final.values()))
         timings["write"] = time.perf_counter() - t0  # the manifest write below is not counted
         timings["total"] = time.perf_counter() - started
         if startup_s > 0:
@@ -247,11 +261,23 @@ def run_job(
             batches=stats.batches,
             engine_version=ENGINE_VERSION,
             backend=backend,
+            replaces=replaces,
         )
         publish_set(out_store, staged, final, manifest_key(job), result.to_json().encode())
     if progress:
         progress(1.0)
     return result
+
+
+def _superseded(store: ObjectStore, prefix: str, mkey: str, new_keys: set[str]) -> list[str]:
+    """What the new manifest replaces: the stems the current one lists, and what it said it
+    replaced that a kill left in place (so a sweep can delete them however the kill fell)."""
+    before = read_manifest(store, mkey)
+    if before is None:
+        return []
+    old = {f.key for f in before.stems.values()} | set(before.replaces)
+    present = {info.key for info in store.list(prefix + "/")} if before.replaces else old
+    return sorted((old & present) - new_keys)
 
 
 def _describe(stem: np.ndarray, nonfinite: int) -> dict:
@@ -304,12 +330,27 @@ def _stream_window_s() -> float | None:
 
 
 class _user_named_errors(contextlib.AbstractContextManager):
-    """Audio errors name the user's object, not our temporary copy of it (reusable)."""
+    """Audio errors and warnings name the user's object, not our temporary copy of it (reusable)."""
 
     def __init__(self, local_input: Path, where: str):
         self.local, self.where = str(local_input), where
+        self._caught: list[warnings.catch_warnings] = []
+
+    def __enter__(self):
+        catcher = warnings.catch_warnings(record=True)
+        self._caught.append(catcher)
+        self._records = catcher.__enter__()
+        warnings.simplefilter("always", AudioWarning)
+        return self
 
     def __exit__(self, exc_type, err, tb):
+        records = self._records
+        self._caught.pop().__exit__(None, None, None)
+        for w in records:
+            if issubclass(w.category, AudioWarning):
+                warnings.warn(str(w.message).replace(self.local, self.where), AudioWarning, stacklevel=2)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if isinstance(err, AudioError):
             raise AudioError(
                 err.message.replace(self.local, self.where),

@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 export DAGSTER_HOME=${DAGSTER_HOME:-$PWD/.dagster_home}
 mkdir -p "$DAGSTER_HOME"
 if [ "${STEMSET_DEMO_MODELS:-}" = 1 ]; then
-  export STEMSET_MODEL_REPO=$PWD/.stemset/demo-models
-  python -m gpu_worker.demo_models "$STEMSET_MODEL_REPO" >/dev/null
+  # tiny models in .stemset/demo-models, pinned in .stemset/demo-config.yaml (their sets stay current)
+  python -m stemset_assets.cli.quickstart --demo-models
+else
+  python -m stemset_assets.cli.quickstart
 fi
-python -m stemset_assets.cli.quickstart

@@ -281,7 +281,8 @@ def test_recordings_stems_checks_and_catalog(world: World):
             assert manifest.fingerprint == fps[name] and manifest.input_sha256 == record.source_sha256
             for stem in strategy.stems:
                 m = mats[f"stems/{name}/{stem}"]
-                key = f"{prefix}/{stem}.{profile.output.format}"
+                key = manifest.stems[stem].key  # in the set folder the manifest names (issue 14)
+                assert key.startswith(f"{prefix}/v-") and key.endswith(f"/{stem}.{profile.output.format}")
                 info = store.head(key)
                 assert info is not None and meta(m, "bytes") == info.size
                 assert meta(m, "uri") == store.uri(key)
@@ -348,7 +349,7 @@ def small_world(tmp_path, model_repo) -> World:
 def test_unchanged_partition_reuses_its_stems_and_a_new_input_recomputes(small_world: World):
     world, store, pk = small_world, small_world.store, "h4n/take3"
     assert world.run(pk, ["htdemucs"]).success
-    stem = f"{stems_prefix(pk, 'htdemucs')}/vocals.flac"
+    stem = SeparationResult.from_json(store.get_bytes(manifest_key(pk, "htdemucs"))).stems["vocals"].key
     before = store.head(stem)
     source_before = store.head(source_key(pk))
     time.sleep(0.05)
@@ -369,6 +370,8 @@ def test_unchanged_partition_reuses_its_stems_and_a_new_input_recomputes(small_w
     mats = materializations(third)
     assert meta(mats["recording"], "reused") is False
     assert meta(mats["stems/htdemucs/vocals"], "reused") is False
+    assert store.head(stem) is None  # the old set is removed once the new one is published
+    stem = SeparationResult.from_json(store.get_bytes(manifest_key(pk, "htdemucs"))).stems["vocals"].key
     assert store.head(stem).etag != before.etag
     old_version = materializations(again)["stems/htdemucs/vocals"].tags["dagster/data_version"]
     assert mats["stems/htdemucs/vocals"].tags["dagster/data_version"] != old_version

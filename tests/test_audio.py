@@ -641,10 +641,12 @@ def test_rejects_truncated_compressed_files(tmp_path, fmt):
     assert "upload" in msg  # says how to fix it
 
 
-def test_truncated_wav_decodes_intact_part_with_warning(tmp_path):
+def test_truncated_wav_decodes_intact_part_with_warning_when_accepted(tmp_path, monkeypatch):
     x = music_like(2.0)
     full = write_audio(tmp_path / "take.wav", x, SR, "wav", "PCM_16")
     cut = _truncate(full, keep=0.5)
+    _assert_rejected(cut, "truncated", "50.0%")  # by default a WAV cut in half is an error (issue 14)
+    monkeypatch.setenv("STEMSET_MIN_DECODED_FRACTION", "0")  # accepted knowingly
     present = (cut.stat().st_size - 44) // 4  # 44-byte header, 4 bytes per stereo 16-bit frame
     with pytest.warns(AudioWarning, match="cut_take.wav.*truncated"):
         wav, info = decode_audio(cut)

@@ -3,6 +3,7 @@ synthesised takes, a real SQLite Dagster instance, on a local media folder and o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -69,7 +70,9 @@ def test_process_catalog_local(tmp_path, model_repo, home, capsys):
     rc = main(["--config", str(cfg), "-q", "process", "h4n", str(first), "--out", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    folder = out / "h4n" / "take_one"
+    digest = hashlib.sha256(first.read_bytes()).hexdigest()[:12]  # uploads are named by content (issue 14)
+    one = f"h4n/take_one-{digest}"
+    folder = out / one
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"{s}.flac" for s in STEMS)
     assert all((folder / f"{s}.flac").stat().st_size > 1000 for s in STEMS)
     # the summary table: file, strategy, stems, seconds, cost
@@ -79,10 +82,10 @@ def test_process_catalog_local(tmp_path, model_repo, home, capsys):
     assert "$0.0000" in row  # local runs cost nothing
     # the upload, the partition and the run are in the store and the configured instance
     store = LocalObjectStore(tmp_path / "media")
-    assert store.exists("inputs/h4n/Take One.wav") and store.exists(manifest_key("h4n/take_one", "htdemucs"))
+    assert store.exists(f"inputs/h4n/Take One-{digest}.wav") and store.exists(manifest_key(one, "htdemucs"))
     instance = DagsterInstance.from_config(str(home))
-    assert instance.get_dynamic_partitions(RECORDINGS_PARTITIONS) == ["h4n/take_one"]
-    assert [r.tags["dagster/partition"] for r in instance.get_runs()] == ["h4n/take_one"]
+    assert instance.get_dynamic_partitions(RECORDINGS_PARTITIONS) == [one]
+    assert [r.tags["dagster/partition"] for r in instance.get_runs()] == [one]
 
     # without files: everything is current, nothing runs
     assert main(["--config", str(cfg), "-q", "process", "h4n"]) == 0
@@ -104,8 +107,8 @@ def test_process_catalog_local(tmp_path, model_repo, home, capsys):
     data = json.loads(capsys.readouterr().out)
     states = {(r["partition"], r["strategy"]): r["state"] for r in data["rows"]}
     assert states == {
-        ("h4n/take_one", "htdemucs"): "current",
-        ("h4n/take_one", "vocals_only"): "current",
+        (one, "htdemucs"): "current",
+        (one, "vocals_only"): "current",
         ("h4n/second", "htdemucs"): "missing",
         ("h4n/second", "vocals_only"): "current",
     }
@@ -132,10 +135,11 @@ def test_process_through_the_webserver(tmp_path, model_repo, home, capsys, monke
         rc = main(["--config", str(via), "-q", "process", "h4n", str(good), str(bad), "--out", str(tmp_path / "out")])
         captured = capsys.readouterr()
     assert rc == 1 and "notes.wav" in captured.err + captured.out
-    assert sorted(p.name for p in (tmp_path / "out" / "h4n" / "good").iterdir()) == sorted(f"{s}.flac" for s in STEMS)
+    good_pk = "h4n/good-" + hashlib.sha256(good.read_bytes()).hexdigest()[:12]
+    assert sorted(p.name for p in (tmp_path / "out" / good_pk).iterdir()) == sorted(f"{s}.flac" for s in STEMS)
     runs = DagsterInstance.from_config(str(home)).get_runs()
     # the non-audio file is refused before upload; the good one ran in the webserver's run launcher
-    assert {r.tags["dagster/partition"]: r.status.value for r in runs} == {"h4n/good": "SUCCESS"}
+    assert {r.tags["dagster/partition"]: r.status.value for r in runs} == {good_pk: "SUCCESS"}
     assert all(r.tags.get("stemset/launched_by") == "stemset process" for r in runs)
 
 
@@ -154,7 +158,9 @@ def test_process_on_seaweedfs_reports_failures(tmp_path, model_repo, home, seawe
     assert rc == 1
     assert "1 of 2 stem set(s) failed" in captured.err and "notes.wav" in captured.err and "not audio" in captured.err
     assert seaweed.secret_access_key not in captured.out + captured.err
-    assert sorted(p.name for p in (out / "h4n" / "bose_take_1").iterdir()) == sorted(f"{s}.flac" for s in STEMS)
+    digest = hashlib.sha256(good.read_bytes()).hexdigest()[:12]
+    pk = f"h4n/bose_take_1-{digest}"
+    assert sorted(p.name for p in (out / pk).iterdir()) == sorted(f"{s}.flac" for s in STEMS)
     store = S3ObjectStore.from_settings(
         endpoint_url=seaweed.endpoint_url,
         bucket=bucket,
@@ -162,9 +168,9 @@ def test_process_on_seaweedfs_reports_failures(tmp_path, model_repo, home, seawe
         access_key_id=seaweed.access_key_id,
         secret_access_key=seaweed.secret_access_key,
     )
-    assert store.exists("inputs/h4n/Böse Take [1].wav")
+    assert store.exists(f"inputs/h4n/Böse Take [1]-{digest}.wav")
     assert not store.exists("inputs/h4n/notes.wav")  # refused before upload
-    manifest = json.loads(store.get_bytes(manifest_key("h4n/bose_take_1", "htdemucs")))
+    manifest = json.loads(store.get_bytes(manifest_key(pk, "htdemucs")))
     assert manifest["backend"] == "local" and set(manifest["stems"]) == set(STEMS)
     rows = {line.split()[0]: line for line in captured.out.splitlines() if line.startswith(("Böse", "notes"))}
     assert "FAILED" in rows["notes.wav"] and "FAILED" not in rows["Böse"]

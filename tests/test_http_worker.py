@@ -189,7 +189,7 @@ def test_killed_mid_job_then_retry_on_restarted_worker(worker_env, store, tmp_pa
         assert result.job_id == job.job_id
         assert SeparationResult.from_json(store.get_bytes(result.manifest_key)) == result
         assert published_keys(store, job.output_prefix) == sorted(
-            [f"{job.output_prefix}/{s}.flac" for s in result.stems] + [result.manifest_key]
+            [s.key for s in result.stems.values()] + [result.manifest_key]
         )
     finally:
         first.kill()

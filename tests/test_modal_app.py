@@ -172,7 +172,7 @@ def test_separator_local_end_to_end(modal_env, seaweed):
     manifest = SeparationResult.from_json(store.get_bytes(first.manifest_key))
     assert manifest == first
     assert published_keys(store, job.output_prefix) == sorted(
-        [f"{job.output_prefix}/{s}.flac" for s in first.stems] + [first.manifest_key]
+        [s.key for s in first.stems.values()] + [first.manifest_key]
     )
     for stem in first.stems.values():
         assert stem.duration_s == pytest.approx(1.5, abs=1e-3)

@@ -18,7 +18,7 @@ from ..errors import AudioError
 from .channels import downmix_matrix
 from .info import CHANNELS, SAMPLE_RATE, AudioInfo
 from .resample import Resampler, resampled_length
-from .source import REUPLOAD_HINT, Source, ffmpeg_reason, no_frames_error, open_source
+from .source import REUPLOAD_HINT, Source, check_complete, ffmpeg_reason, no_frames_error, open_source
 
 _SOURCE_CHUNK = 1 << 16  # source frames per read; fixed so output never depends on block size
 _DECODE_BLOCK = SAMPLE_RATE * 30  # output frames per block inside decode_audio
@@ -26,14 +26,6 @@ _DECODE_BLOCK = SAMPLE_RATE * 30  # output frames per block inside decode_audio
 
 def _fmt_time(seconds: float) -> str:
     return f"{seconds:.3f} s"
-
-
-def _truncated(path: Path, claimed_s: float, got_s: float) -> AudioError:
-    return AudioError(
-        f"'{path}' is truncated or corrupt: its header promises {claimed_s:.2f} s of audio but only "
-        f"{got_s:.2f} s could be decoded.",
-        REUPLOAD_HINT,
-    )
 
 
 def _decode_failed(path: Path, at_s: float, decoder: str, err: Exception) -> AudioError:
@@ -132,7 +124,7 @@ def _source_blocks(src: Source, counter: list[int]) -> Iterator[np.ndarray]:
     if n == 0:
         raise no_frames_error(src.path, src.info.container)
     if src.declared and n < src.declared - src.tolerance:
-        raise _truncated(src.path, src.declared / rate, n / rate)
+        check_complete(src.path, src.declared, n, "frames", rate)
 
 
 def _count_frames(src: Source) -> int:

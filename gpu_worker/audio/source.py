@@ -25,6 +25,51 @@ REUPLOAD_HINT = (
     "The file was probably cut off while being uploaded or copied; upload the complete file again, "
     "or re-export it from the recorder or audio editor."
 )
+MIN_FRACTION_ENV = "STEMSET_MIN_DECODED_FRACTION"
+DEFAULT_MIN_FRACTION = 0.99
+ACCEPT_HINT = (
+    f"To separate the part that is there knowingly, set {MIN_FRACTION_ENV}=0 (`stemset separate --accept-truncated`)."
+)
+
+
+def min_decoded_fraction() -> float:
+    """How much of the length a header promises must decode for a file to count as whole:
+    ``$STEMSET_MIN_DECODED_FRACTION`` (0..1), default 0.99. Below it a file is an error; at or
+    above it (0 accepts any cut file) the intact part is decoded with an AudioWarning."""
+    raw = os.environ.get(MIN_FRACTION_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MIN_FRACTION
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise AudioError(f"{MIN_FRACTION_ENV}={raw!r} must be a fraction from 0 to 1 (default {DEFAULT_MIN_FRACTION}).")
+    return value
+
+
+def check_complete(path: Path, promised: int, got: int, unit: str, rate: int | None = None) -> None:
+    """Fail when ``got`` is below the accepted fraction of what the header ``promised`` (frames,
+    or bytes for a WAV's data chunk); warn when it is short but accepted."""
+    if got >= promised or promised <= 0:
+        return
+    fraction = got / promised
+    if rate:
+        amounts = f"{promised / rate:.2f} s of audio but only {got / rate:.2f} s could be decoded"
+    else:
+        amounts = f"{promised} {unit} of audio but the file holds only {got}"
+    detail = f"its header promises {amounts} ({fraction:.1%} of it)"
+    limit = min_decoded_fraction()
+    if fraction < limit:
+        raise AudioError(
+            f"'{path}' is truncated or corrupt: {detail}, below the {limit:.0%} Stemset accepts.",
+            f"{REUPLOAD_HINT} {ACCEPT_HINT}",
+        )
+    warnings.warn(
+        f"'{path}' is truncated: {detail}; decoding the intact part ({MIN_FRACTION_ENV}={limit:g}).",
+        AudioWarning,
+        stacklevel=3,
+    )
 
 
 @dataclass
@@ -293,14 +338,10 @@ def _open_sndfile(p: Path, size: int, sfi) -> Source:
             names = tuple(n for b, n in enumerate(WAV_MASK_NAMES) if mask >> b & 1)
             layout = names[: sfi.channels] if len(names) >= sfi.channels else None
         if data is not None and data[0] > data[1]:
-            missing = 1.0 - data[1] / data[0]
-            warnings.warn(
-                f"'{p}' is truncated: its header promises {data[0]} bytes of audio but the file holds "
-                f"only {data[1]} ({missing:.0%} missing). Decoding the intact "
-                f"{frames / sfi.samplerate:.2f} s.",
-                AudioWarning,
-                stacklevel=3,
-            )
+            if frames:  # the frames the data chunk's size promises, at the bytes per frame present
+                check_complete(p, round(frames * data[0] / data[1]), frames, "frames", int(sfi.samplerate))
+            else:
+                check_complete(p, data[0], data[1], "bytes")
     elif fmt == "FLAC":
         layout = FLAC_ORDER.get(sfi.channels)
         declared = frames  # STREAMINFO's exact count: decoding fewer means the file is cut

@@ -49,7 +49,7 @@ from gpu_worker.stores.base import ObjectStore, guess_content_type
 from gpu_worker.stores.local import LocalObjectStore
 
 from ..core.catalog import build_catalog, totals
-from ..core.layout import OUTPUTS, RECORDINGS
+from ..core.layout import OUTPUTS, RECORDINGS, is_hidden_key
 from ..core.uploads import UploadRejected, check_audio_file, safe_filename
 from ..defs.intake import ingest_file
 from ..defs.partitions import RECORDINGS_PARTITIONS
@@ -328,6 +328,8 @@ def create_app(
         key = request.path_params["key"]
         parts = key.split("/")
         if not key.startswith(MEDIA_PREFIXES) or any(p in ("", ".", "..") for p in parts) or "\x00" in key:
+            return _error(404, "NotFound", "No such media object.")
+        if is_hidden_key(key):  # staging: not published
             return _error(404, "NotFound", "No such media object.")
         info = await run_in_threadpool(store.head, key)
         if info is None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from gpu_worker.audio.source import MIN_FRACTION_ENV
 from gpu_worker.errors import StemsetError
 from gpu_worker.job import SeparationJob, StorageRef
 from gpu_worker.worker import run_job
@@ -31,11 +32,18 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", "-f", choices=["wav", "flac", "opus", "m4a"], default="wav")
     p.add_argument("--bitrate", type=int, default=192, help="kbit/s for opus and m4a (default 192)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument(
+        "--accept-truncated",
+        action="store_true",
+        help="separate what a cut file holds instead of failing (sets STEMSET_MIN_DECODED_FRACTION=0)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Separate local files into DIR/<file stem>/<stem>.<ext> plus manifest.json. No Dagster involved."""
     config = load_config(args.config)
+    if args.accept_truncated:
+        os.environ[MIN_FRACTION_ENV] = "0"  # this process only: decoding reads it
     name = args.strategy or _default_strategy(config)
     strategy = config.strategy(name)
     repo = model_repo(config)
@@ -48,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
             job_id=uuid.uuid4().hex[:12],
             input_key=path.name,
             output_prefix=_folder_name(path),
+            set_folder=False,  # a plain folder: <out>/<file>/<stem>.<ext>
             strategy_name=name,
             strategy=strategy.to_tree(),
             fingerprint=fp,

@@ -123,6 +123,12 @@ def _parse_yaml(text: str, source: str) -> dict:
             else "Check indentation and quoting there (values with ': ' or '#' need quotes)."
         )
         raise ConfigError(f"{source}: not valid YAML{where}: {problem}.", hint) from None
+    cycle = _alias_cycle(data)
+    if cycle is not None:
+        raise ConfigError(
+            f"{source}: {cycle} refers back to itself through a YAML alias (an anchor used inside itself).",
+            "Aliases (*name) may only point at anchors (&name) outside the value that holds them.",
+        )
     if data is None:
         raise ConfigError(
             f"{source}: the file is empty.",
@@ -134,6 +140,33 @@ def _parse_yaml(text: str, source: str) -> dict:
             f"(storage, gpu, models, sensors, backfill, profiles, strategies), got {type(data).__name__}."
         )
     return data
+
+
+def _alias_cycle(data: Any) -> str | None:
+    """The key path of the first value that contains itself (``a: &x [*x]``), or None. PyYAML
+    builds such values as self-referencing lists and dicts; anything walking them recurses for ever."""
+    on_path: set[int] = set()
+    done: set[int] = set()
+    stack: list[tuple[Any, str, bool]] = [(data, "", False)]
+    while stack:
+        value, where, leaving = stack.pop()
+        if not isinstance(value, (dict, list)):
+            continue
+        if leaving:
+            on_path.discard(id(value))
+            done.add(id(value))
+            continue
+        if id(value) in on_path:
+            return where or "the top level"
+        if id(value) in done:  # shared by two aliases, but not cyclic
+            continue
+        on_path.add(id(value))
+        stack.append((value, where, True))
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, child in items:
+            child_at = f"{where}[{key}]" if isinstance(value, list) else (f"{where}.{key}" if where else str(key))
+            stack.append((child, child_at, False))
+    return None
 
 
 def raw_section(config: StemsetConfig, *path: str) -> dict[str, Any]:

@@ -44,6 +44,8 @@ from .values import ValueReader
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
+TOP_LEVEL = ("storage", "gpu", "models", "sensors", "backfill", "api", "dagster", "profiles", "strategies")
+
 _KEYS = {
     "storage": ("backend", "local", "s3"),
     "storage.local": ("root",),
@@ -73,6 +75,9 @@ class SectionReader(ValueReader):
     """Turns the parsed tree into :class:`StemsetConfig`, section by section."""
 
     def read(self, data: dict, path: Path | None) -> StemsetConfig:
+        for key in data:  # a misspelt section (`storag:`) must not silently mean the defaults
+            if key not in TOP_LEVEL and not str(key).startswith("x-"):  # x-...: a home for YAML anchors
+                raise self.unknown_key(str(key), key, TOP_LEVEL, "the top level")
         strategies, trees = self.read_strategies(data.get("strategies"))
         return StemsetConfig(
             path=path,

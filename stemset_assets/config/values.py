@@ -58,10 +58,14 @@ class ValueReader:
             raise self.error(path, f"must be a mapping with keys {', '.join(keys)} (got {type(raw).__name__}).")
         for key in raw:
             if key not in keys:
-                close = difflib.get_close_matches(str(key), keys, n=1)
-                hint = f"Did you mean {close[0]!r}?" if close else None
-                raise self.error(f"{path}.{key}", f"is not a known key (allowed: {', '.join(keys)}).", hint)
+                raise self.unknown_key(f"{path}.{key}", key, keys, path)
         return raw
+
+    def unknown_key(self, where: str, key: Any, keys: tuple[str, ...], section: str) -> ConfigError:
+        """The error for a key no section knows: it names the key and the nearest valid one."""
+        close = difflib.get_close_matches(str(key), keys, n=1, cutoff=0.5)
+        hint = f"Did you mean {close[0]!r}?" if close else "Remove it, or rename it to one of those."
+        return self.error(where, f"is not a known key in {section} (allowed: {', '.join(keys)}).", hint)
 
     def get(self, sec: dict, key: str, path: str, default: Any = None, required: bool = True) -> Any:
         value = sec.get(key)

@@ -7,8 +7,10 @@ One layout for the local folder and the bucket (``<partition key>`` is ``<profil
     recordings/<partition key>/peaks.json            waveform peaks (min/max of the mono mix)
     recordings/<partition key>/waveform.png          the waveform, rendered
     recordings/<partition key>/recording.json        a :class:`RecordingRecord`, written last
-    outputs/<partition key>/<strategy>/<stem>.<ext>  stems (published by the worker)
-    outputs/<partition key>/<strategy>/manifest.json the worker's SeparationResult, written last
+    outputs/<partition key>/<strategy>/v-<attempt>/<stem>.<ext>  stems, one folder per publish
+    outputs/<partition key>/<strategy>/manifest.json the worker's SeparationResult, written last: it
+                                                     lists the stems (the one commit point)
+    outputs/<partition key>/<strategy>/.staging/...  stems being uploaded (never read or served)
     outputs/<partition key>/<strategy>/failure.json  the latest failed attempt (removed once a set is published)
     catalog/catalog.csv, catalog/catalog.parquet     the catalog asset
 
@@ -32,6 +34,7 @@ from typing import Any
 from gpu_worker.errors import StemsetError, StorageError
 from gpu_worker.job import MANIFEST_NAME, SeparationResult
 from gpu_worker.stores.base import ObjectStore
+from gpu_worker.stores.publish import hidden_key
 
 INPUTS = "inputs"
 RECORDINGS = "recordings"
@@ -49,6 +52,11 @@ CATALOG_PARQUET = f"{CATALOG}/catalog.parquet"
 CATALOG_COST_PLOT = f"{CATALOG}/cost_over_time.png"
 
 RECORD_VERSION = 1
+
+
+def is_hidden_key(key: str) -> bool:
+    """Staging objects (``.../.staging/...``): never part of a published set, never served."""
+    return hidden_key(key)
 
 
 def input_prefix(profile: str) -> str:

@@ -7,6 +7,10 @@ ASCII decomposition are dropped), lower-cased, and every run of other characters
 ``. _ -``; so a partition key has none of the characters the Dagster UI or a path trips on
 (``, | [ ] /`` in the slug, whitespace, ``...``).
 
+Uploads (``stemset process``, the web API) are stored as ``<name>-<12 hex digits of the content's
+sha256>.<ext>`` (:func:`stemset_assets.core.uploads.content_named`), and that suffix is always kept
+in the slug, so two different files never race for one key whatever their names.
+
 Keys are stable and collision-free: a file keeps the key it was first given, and when another
 file's slug is already taken (``Take 1.wav`` after ``take_1.wav``) the newcomer gets the slug
 plus ``-`` and the first 8 hex digits of the sha256 of its full object key
@@ -36,6 +40,7 @@ HASH_LEN = 8
 _UNSAFE = re.compile(r"[^a-z0-9._-]+")
 _DOTS = re.compile(r"\.{2,}")
 _EDGES = "._-"
+_CONTENT_HASH = re.compile(r"^(.*)-([0-9a-f]{12})$")  # core.uploads.content_named's suffix
 
 
 def slugify(name: str, max_len: int = MAX_SLUG) -> str:
@@ -61,6 +66,9 @@ def base_slug(profile: str, object_key: str) -> str:
     """The slug before any collision suffix: the relative path without its extension."""
     rel = PurePosixPath(relative_name(profile, object_key))
     stem = str(rel.with_suffix("")) if rel.suffix and len(rel.suffix) <= 5 else str(rel)
+    hashed = _CONTENT_HASH.match(stem)
+    if hashed:  # an upload's content hash survives however long the name: it is what keeps keys apart
+        return f"{slugify(hashed.group(1), MAX_SLUG - 13)}-{hashed.group(2)}"
     return slugify(stem)
 
 

@@ -5,7 +5,8 @@ key, size and ETag; then the small JSON documents that carry meaning (``recordin
 ``manifest.json``, ``failure.json``) are read, in parallel, unless a :class:`FactCache` already
 holds them under the same key and ETag (an object's ETag changes whenever its bytes do, so a
 cached entry is valid exactly while the listing shows the same ETag). Staging objects
-(``.staging/``) are never facts: they are not part of any set until published.
+(``.staging/``) are never facts: they are not part of any set until published; objects of a
+set folder (``v-<attempt>/``) count only when the manifest lists them.
 
 This module imports no Dagster.
 """
@@ -22,7 +23,7 @@ from typing import Any, Protocol
 from gpu_worker.errors import StorageError
 from gpu_worker.job import MANIFEST_NAME
 from gpu_worker.stores.base import ObjectInfo, ObjectStore
-from gpu_worker.stores.publish import STAGING_DIR
+from gpu_worker.stores.publish import SET_DIR_PREFIX, STAGING_DIR
 
 from .layout import FAILURE_NAME, INPUTS, OUTPUTS, RECORD_NAME, RECORDINGS
 from .state import FailureFacts, ManifestFacts, RecordingFacts, SetFacts, SetState, Target, decide_state
@@ -101,12 +102,13 @@ class _Listed:
     manifests: dict[tuple[str, str], ObjectInfo]  # (partition, strategy) -> manifest.json info
     failures: dict[tuple[str, str], ObjectInfo]
     stems: dict[tuple[str, str], dict[str, int]]  # (partition, strategy) -> {stem key: size}
+    in_set_folders: dict[tuple[str, str], dict[str, int]]  # the same, for objects in v-<attempt>/ folders
 
 
 def _list(store: ObjectStore, partitions: Sequence[str]) -> _Listed:
     """One listing per profile and area; for a few partitions, their own folders only (the
     inputs are then looked up by key once the recordings name them)."""
-    out = _Listed({}, {}, {}, {}, defaultdict(dict))
+    out = _Listed({}, {}, {}, {}, defaultdict(dict), defaultdict(dict))
     narrow = len(partitions) <= NARROW_MAX
     scopes = sorted(set(partitions)) if narrow else sorted({pk.partition("/")[0] for pk in partitions})
     for scope in scopes:
@@ -119,6 +121,10 @@ def _list(store: ObjectStore, partitions: Sequence[str]) -> _Listed:
                 out.records[f"{parts[1]}/{parts[2]}"] = info
         for info in store.list(f"{OUTPUTS}/{scope}/"):
             parts = info.key.split("/")
+            if len(parts) == 6 and parts[4].startswith(SET_DIR_PREFIX):
+                # a set folder's object: part of a set only if the manifest lists it (collect_states)
+                out.in_set_folders[(f"{parts[1]}/{parts[2]}", parts[3])][info.key] = info.size
+                continue
             if len(parts) != 5 or STAGING_DIR in parts:
                 continue  # staged objects and anything not <profile>/<slug>/<strategy>/<name>
             pair = (f"{parts[1]}/{parts[2]}", parts[3])
@@ -223,6 +229,17 @@ def failure_facts(data: Mapping[str, Any]) -> FailureFacts | None:
         return None
 
 
+def _stem_objects(listed: _Listed, pair: tuple[str, str], manifest: ManifestFacts | None) -> dict[str, int]:
+    """The set's objects: flat ones beside the manifest, and those of set folders the manifest
+    lists. A set folder no manifest lists is an interrupted (or superseded) publish: not part of
+    any set, invisible to the rule, removed by the sweep (``gpu_worker.stores.publish.sweep``)."""
+    objects = dict(listed.stems.get(pair, {}))
+    if manifest is not None:
+        listed_keys = {key for key, _ in manifest.stems.values()}
+        objects.update({k: v for k, v in listed.in_set_folders.get(pair, {}).items() if k in listed_keys})
+    return objects
+
+
 def _float(value: Any) -> float | None:
     try:
         return None if value is None else float(value)
@@ -271,7 +288,7 @@ def collect_states(
                 input_etag=input_info.etag if input_info is not None else None,
                 manifest=manifest,
                 failure=failure,
-                stem_objects=dict(listed.stems.get(pair, {})),
+                stem_objects=_stem_objects(listed, pair, manifest),
             )
             target = targets.get((profile, name))
             state = (

@@ -34,6 +34,7 @@ AUDIO_EXTENSIONS = (
     ".rf64",
 )
 MAX_NAME_BYTES = 120  # of the file name, UTF-8, extension included
+CONTENT_HASH_LEN = 12  # hex digits of the content's sha256 in an uploaded object's name
 _FORBIDDEN = set('<>:"|?*\\/')
 
 
@@ -61,6 +62,21 @@ def safe_filename(name: str, max_bytes: int = MAX_NAME_BYTES) -> str:
     stem_bytes = stem.encode("utf-8")[:budget]
     stem = stem_bytes.decode("utf-8", "ignore").rstrip(" .") or "upload"
     return f"{stem}.{ext}" if ext else stem
+
+
+def content_named(name: str, sha256: str) -> str:
+    """The object name for an upload: the normalised name (:func:`safe_filename`) plus the first
+    12 hex digits of its content's sha256 before the extension: ``coll  x.wav`` ->
+    ``coll x-3f0c9a2e81b4.wav``. Two different files never share an object (or a partition),
+    however their names normalise and whenever they arrive; the same file sent twice does."""
+    digest = sha256.lower()[:CONTENT_HASH_LEN]
+    if len(digest) != CONTENT_HASH_LEN or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(f"not a sha256 hex digest: {sha256!r}")
+    safe = safe_filename(name, MAX_NAME_BYTES - CONTENT_HASH_LEN - 1)
+    stem, dot, ext = safe.rpartition(".")
+    if not dot or not stem or "." + ext.lower() not in AUDIO_EXTENSIONS:
+        stem, ext = safe, ""
+    return f"{stem}-{digest}.{ext}" if ext else f"{stem}-{digest}"
 
 
 def sniff_audio(head: bytes) -> str | None:

@@ -299,9 +299,10 @@ class HttpSeparatorClient:
                 what = f"job {job.job_id!r}" if job else "the request"
                 raise WorkerUnreachableError(
                     f"The GPU worker at {self._safe(self.url)} failed {failures} time(s) in a row on {what}: {last}.",
-                    "Check that the worker is running and reachable. Its stems are published only with their "
-                    "manifest, so an interrupted job leaves nothing half-written; run it again (same job id) "
-                    "once the worker is back.",
+                    "Check that the worker is running and reachable. Readers find stems only through the set's "
+                    "manifest, which switches from the old set to the new one in one write, so an interrupted job "
+                    "leaves the previous set (or none) visible; run it again (same job id) once the worker is back "
+                    "and its leftovers are removed.",
                 )
             delay = min(self.max_backoff_s, self.backoff_s * 2 ** (failures - 1)) * random.uniform(0.8, 1.2)
             self._sleep(delay, deadline, job)
