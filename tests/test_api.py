@@ -82,7 +82,9 @@ def test_upload_job_stems_and_catalog(server, tmp_path):
     ).json()
     assert forged["stems"] == job["stems"] and "evil.example" not in json.dumps(forged)
     for name, url in job["stems"].items():
-        assert url.startswith("/api/media/outputs/h4n/cafe_take/htdemucs/"), url  # root-relative: no Host header
+        assert url.startswith(f"/api/media/outputs/h4n/cafe_take-{digest}/htdemucs/"), (
+            url
+        )  # root-relative: no Host header
         url = server.url + url
         got = httpx.get(url, headers=server.headers(), timeout=10)
         assert got.status_code == 200 and got.content[:4] == b"fLaC", name

@@ -44,7 +44,19 @@ from .values import ValueReader
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
-TOP_LEVEL = ("storage", "gpu", "models", "sensors", "backfill", "api", "dagster", "profiles", "strategies")
+TOP_LEVEL = (
+    "storage",
+    "gpu",
+    "models",
+    "sensors",
+    "backfill",
+    "runs",
+    "budget",
+    "api",
+    "dagster",
+    "profiles",
+    "strategies",
+)
 
 _KEYS = {
     "storage": ("backend", "local", "s3"),

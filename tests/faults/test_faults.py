@@ -93,7 +93,12 @@ def restart(server: SeaweedServer) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            client.list_buckets()
+            # Up means serving reads, not only metadata: the volume server comes back after the
+            # master, so read one object of every bucket.
+            for bucket in client.list_buckets()["Buckets"]:
+                listed = client.list_objects_v2(Bucket=bucket["Name"], MaxKeys=1).get("Contents", [])
+                for obj in listed:
+                    client.get_object(Bucket=bucket["Name"], Key=obj["Key"])["Body"].read()
             return
         except Exception:  # noqa: BLE001 - not up yet
             time.sleep(0.2)
