@@ -26,6 +26,7 @@ from .schema import (
     ApiConfig,
     AutoReprocess,
     BackfillConfig,
+    CostConfig,
     DagsterConfig,
     GpuConfig,
     LocalStorage,
@@ -51,6 +52,15 @@ _KEYS = {
     "sensors": ("max_new_per_tick", "interval_s", "settle_s", "auto_reprocess"),
     "auto_reprocess": ("enabled", "max_per_tick", "daily_cost_ceiling_usd"),
     "backfill": ("billed_seconds_per_audio_second", "max_partitions_per_run"),
+    "cost": (
+        "prices_read",
+        "cpu_per_core_hour",
+        "memory_per_gib_hour",
+        "gpu_container_cpu",
+        "gpu_container_memory_gib",
+        "local_per_hour",
+        "local_cpu_per_core_hour",
+    ),
     "api": ("token", "auth", "max_upload_mb"),
     "dagster": ("webserver_url",),
     "profile": ("description", "strategies", "output"),
@@ -75,6 +85,7 @@ class SectionReader(ValueReader):
             api=self.read_api(data.get("api")),
             dagster=self.read_dagster(data.get("dagster")),
             backfill=self.read_backfill(data.get("backfill")),
+            cost=self.read_cost(data.get("cost")),
         )
 
     def read_storage(self, raw: Any) -> StorageConfig:
@@ -230,6 +241,23 @@ class SectionReader(ValueReader):
             max_partitions_per_run=self.integer(
                 self.get(sec, "max_partitions_per_run", "backfill", 10), "backfill.max_partitions_per_run", 1, 1000
             ),
+        )
+
+    def read_cost(self, raw: Any) -> CostConfig:
+        sec = self.section(raw, "cost", _KEYS["cost"])
+        d = CostConfig()
+
+        def num(key: str, what: str) -> float:
+            return self.number(self.get(sec, key, "cost", getattr(d, key)), f"cost.{key}", 0, what)
+
+        return CostConfig(
+            prices_read=str(self.get(sec, "prices_read", "cost", d.prices_read)),
+            cpu_per_core_hour=num("cpu_per_core_hour", "$ per core-hour"),
+            memory_per_gib_hour=num("memory_per_gib_hour", "$ per GiB-hour"),
+            gpu_container_cpu=num("gpu_container_cpu", "physical cores"),
+            gpu_container_memory_gib=num("gpu_container_memory_gib", "GiB"),
+            local_per_hour=num("local_per_hour", "$ per hour"),
+            local_cpu_per_core_hour=num("local_cpu_per_core_hour", "$ per core-hour"),
         )
 
     def read_api(self, raw: Any) -> ApiConfig:
