@@ -22,13 +22,13 @@ from typing import Any
 from gpu_worker.errors import ConfigError
 from gpu_worker.job import SeparationResult
 
-from ..config import CostConfig, GpuConfig
+from ..config import CostConfig, GpuConfig, StemsetConfig
 
 Result = SeparationResult | Mapping[str, Any]
 
 
 def _field(result: Result, name: str) -> Any:
-    return result.get(name) if isinstance(result, Mapping) else getattr(result, name)
+    return result.get(name) if isinstance(result, Mapping) else getattr(result, name, None)
 
 
 @dataclass(frozen=True)
@@ -145,3 +145,28 @@ def price_for(result: SeparationResult, gpu: GpuConfig) -> float:
             return gpu.price_per_hour()
         except ConfigError:
             return 0.0
+
+
+def config_prices(config: StemsetConfig) -> Prices:
+    return prices_from_config(config.cost, config.gpu)
+
+
+def total_cost_usd(result: Result, config: StemsetConfig) -> float:
+    """The whole cost of a result or manifest (GPU, CPU, memory) at ``config``'s prices; a
+    document without CPU timings is charged the container's reserved cores (what Modal bills)."""
+    return float(result_cost(result, config_prices(config))["total_usd"])
+
+
+def price_per_held_hour(config: StemsetConfig, backend: str | None = None, gpu_type: str | None = None) -> float:
+    """US$ per hour a job holds the configured separator: on Modal the GPU plus the cores and
+    memory reserved with it, on an HTTP host its GPU rate, locally the local rate (default 0).
+    The backfill estimate multiplies its held seconds by this."""
+    backend = backend or config.gpu.backend
+    hour = job_cost(
+        gpu_seconds=3600.0,
+        cpu_core_seconds=0.0,
+        gpu_type=gpu_type or config.gpu.type,
+        prices=config_prices(config),
+        backend=backend,
+    )
+    return float(hour["total_usd"])
