@@ -55,6 +55,10 @@ class SeparationJob:
     seed: int | None = None  # shift offsets; None = derived from input and fingerprint
     gpu_type: str | None = None  # what the caller asked for; the worker reports what it ran on
     metadata: dict[str, Any] = field(default_factory=dict)  # e.g. partition key, for the manifest
+    # Where the stems are measured, encoded and published: "worker" (beside the device, overlapped
+    # by the job pipeline: Option B) or "cpu_function" (handed on to a CPU-only function: Option A,
+    # Modal only; elsewhere it is the same as "worker").
+    finish_on: str = "worker"
     version: int = JOB_VERSION
 
     @property

@@ -54,6 +54,9 @@ CPU = float(os.environ.get("STEMSET_MODAL_CPU") or 8.0)  # physical cores
 MEMORY_MB = int(os.environ.get("STEMSET_MODAL_MEMORY_MB") or 16384)
 # Inputs one container takes at once: one on the GPU, the next decoding, the last ones encoding.
 CONCURRENT_INPUTS = int(os.environ.get("STEMSET_MODAL_CONCURRENT_INPUTS") or 4)
+# Option A (jobs with finish_on: cpu_function): the CPU-only function that finishes handed-off stems.
+FINISH_CPU = float(os.environ.get("STEMSET_MODAL_FINISH_CPU") or 4.0)
+FINISH_MEMORY_MB = int(os.environ.get("STEMSET_MODAL_FINISH_MEMORY_MB") or 4096)
 MAX_CONTAINERS = int(os.environ.get("STEMSET_MODAL_MAX_CONTAINERS") or 10)
 TIMEOUT_S = 1800
 CACHE_DIR = "/cache"  # the model volume: Demucs' downloads (torch hub, Hugging Face) land here
@@ -135,6 +138,7 @@ class Separator:
     def load_models(self) -> None:
         """Before the memory snapshot: load the preload models on the CPU (no GPU here yet)."""
         self.worker = WarmWorker.from_env(backend="modal", gpu_type=os.environ.get("STEMSET_GPU_TYPE") or GPU_TYPE)
+        self.worker.finish_remote = _finish_remote  # Option A: jobs that ask for it finish on the Finisher
         self.loaded_in_task = os.environ.get("MODAL_TASK_ID")
         before = _cache_listing()
         self.load_s = self.worker.preload()
@@ -155,6 +159,33 @@ class Separator:
     def separate(self, job_json: str) -> str:
         """Run one SeparationJob (JSON); the SeparationResult (JSON) or an error envelope."""
         return self.worker.handle_json(job_json)
+
+
+@app.cls(
+    cpu=FINISH_CPU,
+    memory=FINISH_MEMORY_MB,
+    timeout=TIMEOUT_S,
+    retries=modal.Retries(max_retries=2, backoff_coefficient=2.0, initial_delay=5.0),
+    scaledown_window=SCALEDOWN_S,
+    max_containers=MAX_CONTAINERS * 4,
+    secrets=[bucket_secret],
+    env=CONTAINER_ENV,
+)
+@modal.concurrent(max_inputs=2)
+class Finisher:
+    """Option A: a CPU-only container (no GPU) that measures, encodes and publishes the stems a
+    Separator handed off (gpu_worker/handoff.py), so the GPU is released once they are written."""
+
+    @modal.method()
+    def finish(self, handoff_json: str) -> str:
+        """A handoff document (JSON) -> the SeparationResult (JSON) or an error envelope."""
+        from gpu_worker.remote import finish_handoff_json
+
+        return finish_handoff_json(handoff_json)
+
+
+def _finish_remote(handoff_json: str) -> str:
+    return Finisher().finish.remote(handoff_json)
 
 
 # --------------------------------------------------------------------------------------

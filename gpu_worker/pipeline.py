@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import StemsetError
+from .handoff import write_handoff
 from .job import SeparationJob, SeparationResult
 from .stages import Encoder, JobState, Observer, Progress, cpu_seconds, fetch, finish, separate
 from .stores.base import ObjectStore
@@ -50,6 +51,7 @@ class _Request:
     job: SeparationJob
     kwargs: dict[str, Any]
     future: Future
+    handoff: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     cpu_submitted: float = field(default_factory=cpu_seconds)
 
@@ -145,8 +147,12 @@ class JobPipeline:
         progress: Progress | None = None,
         backend: str = "local",
         startup_s: float = 0.0,
+        handoff: bool = False,
     ) -> Future:
-        """Queue ``job``; a future of its :class:`SeparationResult` (or its exception)."""
+        """Queue ``job``; a future of its :class:`SeparationResult` (or its exception). With
+        ``handoff`` the last stage writes the stems for a CPU function instead
+        (:func:`gpu_worker.handoff.write_handoff`) and the future holds the handoff document
+        (a JSON string), except for a streamed input, which is finished here as usual."""
         if self._closed:
             raise RuntimeError("The job pipeline is closed.")
         future: Future = Future()
@@ -157,7 +163,7 @@ class JobPipeline:
             "backend": backend,
             "startup_s": startup_s,
         }
-        self._incoming.put(_Request(job, kwargs, future))
+        self._incoming.put(_Request(job, kwargs, future, handoff))
         return future
 
     def run_many(self, jobs: Sequence[SeparationJob], **kwargs: Any) -> list[SeparationResult | Exception]:
@@ -243,7 +249,10 @@ class JobPipeline:
                 return
             request, state = item
             try:
-                result = finish(state, pool=self._pool, encode=self.encode)
+                if request.handoff and state.stems is not None:  # a streamed input is already encoded
+                    result = write_handoff(state)
+                else:
+                    result = finish(state, pool=self._pool, encode=self.encode)
             except BaseException as err:  # noqa: BLE001 - the job's own failure
                 if state.released_at is None:
                     self.clock.release(state)

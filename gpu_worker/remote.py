@@ -141,6 +141,9 @@ class WarmWorker:
         self._pending_startup_s = 0.0
         self._lock = threading.Lock()
         self._pipeline = None
+        # Option A: a function that finishes a handoff document elsewhere (the Modal app sets it to
+        # the CPU-only Finisher) and answers the result JSON or an error envelope.
+        self.finish_remote: Callable[[str], str] | None = None
 
     @classmethod
     def from_env(cls, *, backend: str, gpu_type: str | None = None) -> WarmWorker:
@@ -219,10 +222,14 @@ class WarmWorker:
         with self._lock:
             startup, self._pending_startup_s = self._pending_startup_s, 0.0
         try:
+            handoff = job.finish_on == "cpu_function" and self.finish_remote is not None
             future = self.pipeline().submit(
-                self.prepare(job), progress=progress, backend=self.backend, startup_s=startup
+                self.prepare(job), progress=progress, backend=self.backend, startup_s=startup, handoff=handoff
             )
-            return future.result()
+            outcome = future.result()
+            if isinstance(outcome, str):  # a handoff document: the CPU function finishes it
+                return decode_response(self.finish_remote(outcome))
+            return outcome
         except BaseException:
             self.charge_startup(startup)  # nothing was billed: the next job carries it
             raise
@@ -240,6 +247,18 @@ class WarmWorker:
         except StemsetError as err:
             log.warning("job %s failed: %s", job.job_id, err)
             return error_envelope(err, job.job_id)
+
+
+def finish_handoff_json(handoff_json: str) -> str:
+    """The CPU function's side of Option A: finish a handoff document (gpu_worker.handoff); the
+    result JSON, or an error envelope for a Stemset error."""
+    from .handoff import finish_handoff  # lazy: the audio stack
+
+    try:
+        return finish_handoff(handoff_json).to_json()
+    except StemsetError as err:
+        log.warning("handoff failed: %s", err)
+        return error_envelope(err)
 
 
 # --------------------------------------------------------------------------------------

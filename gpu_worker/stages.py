@@ -286,7 +286,9 @@ def separate(state: JobState) -> JobState:
     return state
 
 
-def finish(state: JobState, *, pool: Executor | None = None, encode: Encoder | None = None) -> SeparationResult:
+def finish(
+    state: JobState, *, pool: Executor | None = None, encode: Encoder | None = None, residual_known: bool = False
+) -> SeparationResult:
     """Stage 3 (CPU): measure and encode every stem (in parallel on ``pool``, or on a pool of
     its own), stage the files, publish the set with the manifest last. Nothing is published
     unless every stem was encoded and staged."""
@@ -297,7 +299,7 @@ def finish(state: JobState, *, pool: Executor | None = None, encode: Encoder | N
         own_pool = pool = ThreadPoolExecutor(max_workers=max(1, min(len(state.files), os.cpu_count() or 1)))
     try:
         if state.stems is not None:
-            _analyse_and_encode(state, pool, encode or encode_audio)
+            _analyse_and_encode(state, pool, encode or encode_audio, residual_known)
         t0 = time.perf_counter()
         staged = {name: staging_key(stem_key(job, name), job.job_id) for name in state.files}
         final = {name: stem_key(job, name) for name in state.files}
@@ -357,14 +359,15 @@ def finish(state: JobState, *, pool: Executor | None = None, encode: Encoder | N
     return result
 
 
-def _analyse_and_encode(state: JobState, pool: Executor, encode: Encoder) -> None:
+def _analyse_and_encode(state: JobState, pool: Executor, encode: Encoder, residual_known: bool = False) -> None:
     """Every stem measured in one pass and encoded, stems in parallel; the first error raised
     once all have stopped (so no encoder still writes into the job's folder)."""
     job, stems = state.job, state.stems
     assert stems is not None
     state.mark("encode_start")
     t0 = time.perf_counter()
-    state.residual_db = _residual_db(state.wav, list(stems.values()))
+    if not residual_known:
+        state.residual_db = _residual_db(state.wav, list(stems.values()))
     state.wav = None  # the mix is not needed any more
 
     def one(name: str) -> float:
@@ -419,6 +422,8 @@ def _describe_stream(stats) -> dict:
 
 
 def _device_name(device) -> str:
+    if getattr(device, "label", None):  # a device named by the side that used it (gpu_worker.handoff)
+        return device.label
     from .inference import device_name  # lazy: torch
 
     return device_name(device)

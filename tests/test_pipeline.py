@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +183,32 @@ def test_local_store_only_sees_the_published_sets(root, repo):
     for r in results:
         assert not isinstance(r, Exception)
         assert store.head(r.manifest_key) is not None
+
+
+def test_handoff_to_a_cpu_function_equals_finishing_here(root, repo):
+    """Option A: the device side writes the float stems and lets go; a CPU function (here: a
+    WarmWorker's finish_remote, which the Modal app points at its Finisher) publishes the same
+    stems and manifest, billed the device seconds the device side held."""
+    from gpu_worker.remote import WarmWorker, finish_handoff_json
+
+    direct = run_job(job(root, repo, 0, "direct"))
+    worker = WarmWorker(backend="modal", model_repo=str(repo), preload_models=())
+    handed = []
+
+    def finish_remote(doc: str) -> str:
+        handed.append(json.loads(doc))
+        return finish_handoff_json(doc)
+
+    worker.finish_remote = finish_remote
+    result = worker.run(replace(job(root, repo, 0, "handoff"), finish_on="cpu_function"))
+    assert len(handed) == 1 and sorted(handed[0]["keys"]) == sorted(direct.stems)
+    for name, fa in direct.stems.items():
+        fb = result.stems[name]
+        assert (fa.lufs, fa.peak_dbfs, fa.rms_dbfs, fa.bytes) == (fb.lufs, fb.peak_dbfs, fb.rms_dbfs, fb.bytes)
+        np.testing.assert_array_equal(sf.read(str(root / fa.key))[0], sf.read(str(root / fb.key))[0])
+    assert result.residual_db == direct.residual_db
+    assert result.billed_seconds == pytest.approx(handed[0]["held_s"], abs=1e-3)
+    assert result.timings["cpu"] >= result.timings["cpu_function"] > 0
+    assert not any(p.suffix == ".f32" for p in root.rglob("*"))  # the handoff objects are gone
+    manifest = json.loads((root / result.manifest_key).read_text())
+    assert manifest["backend"] == "modal" and manifest["billed_seconds"] == result.billed_seconds

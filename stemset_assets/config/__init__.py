@@ -22,6 +22,7 @@ from .loading import (
 from .schema import (
     DEFAULT_PRICES,
     EMBEDDED_SOURCE,
+    FINISH_ON,
     GPU_BACKENDS,
     MODEL_REPO_ENV,
     NAME,
@@ -51,6 +52,7 @@ __all__ = [
     "DEFAULT_CONFIG_YAML",
     "DEFAULT_PRICES",
     "EMBEDDED_SOURCE",
+    "FINISH_ON",
     "GPU_BACKENDS",
     "MODEL_REPO_ENV",
     "NAME",

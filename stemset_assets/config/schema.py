@@ -21,6 +21,9 @@ EMBEDDED_SOURCE = "<embedded default config>"
 OUTPUT_FORMATS = ("wav", "flac", "opus", "m4a")
 STORAGE_BACKENDS = ("local", "s3")
 GPU_BACKENDS = ("local", "modal", "http")
+FINISH_ON = ("worker", "cpu_function")
+"""Where stems are encoded: beside the GPU, overlapped by the job pipeline (worker, Option B), or
+handed to a CPU-only Modal function (cpu_function, Option A). README "Cost" has the measurements."""
 DEFAULT_PRICES: dict[str, float] = {
     "T4": 0.59,
     "L4": 0.70,
@@ -104,6 +107,7 @@ class GpuConfig:
     token: str | None = field(default=None, repr=False)
     prices_per_hour: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_PRICES))
     timeout_s: float = 1800.0
+    finish_on: str = "worker"
 
     def price_per_hour(self, gpu_type: str | None = None) -> float:
         """US$ per hour of ``gpu_type`` (default: the configured type)."""

@@ -17,6 +17,7 @@ from gpu_worker.strategy import Strategy, parse_strategy
 
 from .schema import (
     DEFAULT_PRICES,
+    FINISH_ON,
     GPU_BACKENDS,
     MODEL_REPO_ENV,
     NAME,
@@ -47,7 +48,7 @@ _KEYS = {
     "storage": ("backend", "local", "s3"),
     "storage.local": ("root",),
     "storage.s3": ("endpoint_url", "bucket", "region", "access_key_id", "secret_access_key", "public_url"),
-    "gpu": ("backend", "type", "app", "url", "token", "prices_per_hour", "timeout_s"),
+    "gpu": ("backend", "type", "app", "url", "token", "prices_per_hour", "timeout_s", "finish_on"),
     "models": ("repo",),
     "sensors": ("max_new_per_tick", "interval_s", "settle_s", "auto_reprocess"),
     "auto_reprocess": ("enabled", "max_per_tick", "daily_cost_ceiling_usd"),
@@ -148,6 +149,7 @@ class SectionReader(ValueReader):
         for name, price in raw_prices.items():
             prices[str(name)] = self.number(price, f"gpu.prices_per_hour.{name}", 0, "a price in $ per hour")
         timeout = self.number(self.get(sec, "timeout_s", "gpu", 1800.0), "gpu.timeout_s", 1, "seconds")
+        finish_on = self.choice(self.get(sec, "finish_on", "gpu", "worker"), "gpu.finish_on", FINISH_ON)
         gpu = GpuConfig(
             backend=backend,
             type=gpu_type,
@@ -156,6 +158,7 @@ class SectionReader(ValueReader):
             token=token,
             prices_per_hour=prices,
             timeout_s=timeout,
+            finish_on=finish_on,
         )
         if backend != "local":  # remote runs are billed: their GPU type needs a price
             try:

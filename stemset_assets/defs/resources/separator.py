@@ -57,6 +57,7 @@ class SeparatorResource(ConfigurableResource):
     url: str | None = Field(default=None, description="http: the worker's base URL")
     token: str | None = Field(default=None, description="http: the worker's bearer token (an env var)")
     timeout_s: float = Field(default=1800.0, description="remote: the longest one job may take")
+    finish_on: str = Field(default="worker", description="modal: worker (Option B) | cpu_function (Option A)")
     cost_rates: dict[str, float] = Field(
         default_factory=lambda: _rates(CostConfig()), description="CPU, memory and local rates (config: cost)"
     )
@@ -114,7 +115,8 @@ class SeparatorResource(ConfigurableResource):
                 allow_retries=False,
             )
         # The worker loads models from its own folder or Demucs' download, not this machine's.
-        return replace(job, model_repo=None, gpu_type=job.gpu_type or self.gpu_type)
+        finish_on = self.finish_on if self.backend == "modal" else "worker"
+        return replace(job, model_repo=None, gpu_type=job.gpu_type or self.gpu_type, finish_on=finish_on)
 
     def price(self, result: SeparationResult) -> float:
         """US$ per hour of the GPU ``result`` ran on (the configured type's price if unknown)."""
@@ -146,6 +148,7 @@ class SeparatorResource(ConfigurableResource):
             url=gpu.url or None,
             token=env_or_value(raw_section(config, "gpu").get("token"), gpu.token),
             timeout_s=gpu.timeout_s,
+            finish_on=gpu.finish_on,
             cost_rates=_rates(config.cost),
             prices_read=config.cost.prices_read,
         )
