@@ -11,7 +11,12 @@ worker):
 * ``serial``: ``gpu_worker.worker.run_job`` one song after another (the path before the pipeline;
   it holds the device from a song's first byte to its manifest);
 * ``pipelined``: ``gpu_worker.pipeline.JobPipeline`` (the device separates song k+1 while song k
-  is finished on CPU threads).
+  is finished on CPU threads): Option B;
+* ``handoff``: Option A. The pipeline's device side writes each song's float32 stems to the store
+  and lets go (``held_s`` ends there); then ``gpu_worker.handoff.finish_handoff`` (the CPU
+  function's work) finishes each song, one after another. ``cpu_core_s`` counts both sides,
+  ``cpu_function_s`` the CPU function's; the store is a local folder, so the transfer over a
+  network is not in these seconds: ``handoff_mb`` says how much would cross it.
 
 Per song: ``held_s`` (seconds the separator device is reserved for the song: the GPU seconds it
 is billed in a backlog), ``separate_s``, ``decode_s``, ``analyse_s`` (summed over stems),
@@ -39,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-MODES = ("serial", "pipelined")
+MODES = ("serial", "pipelined", "handoff")
 SEED = 1234
 
 
@@ -66,6 +71,7 @@ def child(args) -> dict:
 
     import torch
 
+    from gpu_worker.handoff import finish_handoff
     from gpu_worker.job import SeparationJob, StorageRef
     from gpu_worker.pipeline import JobPipeline
     from gpu_worker.stores.local import LocalObjectStore
@@ -105,6 +111,11 @@ def child(args) -> dict:
     t0, cpu0 = time.perf_counter(), _cpu()
     if args.child == "serial":
         results = [run_job(j, store=store, backend="bench") for j in jobs]
+    elif args.child == "handoff":
+        with JobPipeline(prefetch=1, depth=1, finish_workers=args.finish_workers) as pipe:
+            futures = [pipe.submit(j, store=store, backend="bench", handoff=True) for j in jobs]
+            docs = [f.result() for f in futures]
+        results = [finish_handoff(doc, store=store) for doc in docs]
     else:
         with JobPipeline(prefetch=1, depth=1, finish_workers=args.finish_workers) as pipe:
             results = pipe.run_many(jobs, store=store, backend="bench")
@@ -135,6 +146,9 @@ def child(args) -> dict:
                 "publish_s": round(t["write"], 3),
                 "cpu_core_s": round(t["cpu"], 3),
                 "latency_s": round(t["total"], 3),
+                **({"cpu_function_s": round(t["cpu_function"], 3)} if "cpu_function" in t else {}),
+                **({"handoff_s": round(t["handoff"], 3)} if "handoff" in t else {}),
+                "handoff_mb": round(4 * 2 * 4 * r.input_duration_s * 44100 / 1e6, 1),
                 "peak_rss_mb": round(peak, 1),
                 "cost_usd": cost,
             }
