@@ -50,10 +50,14 @@ SCALEDOWN_S = int(os.environ.get("STEMSET_MODAL_SCALEDOWN_S") or 60)
 # Reserved with each GPU container (billed whether used or not; keep cost.gpu_container_cpu and
 # cost.gpu_container_memory_gib in config.yaml the same): the pipeline measures, encodes and
 # publishes song k on these cores while the GPU separates song k+1 (README, "Cost").
-CPU = float(os.environ.get("STEMSET_MODAL_CPU") or 8.0)  # physical cores
+# 24 cores keep up with an A100 on htdemucs to m4a: ~20 core-seconds of decode, analysis and AAC
+# encoding per 4-minute song against ~0.7 s of separation (README "Cost").
+CPU = float(os.environ.get("STEMSET_MODAL_CPU") or 24.0)  # physical cores
 MEMORY_MB = int(os.environ.get("STEMSET_MODAL_MEMORY_MB") or 16384)
-# Inputs one container takes at once: one on the GPU, the next decoding, the last ones encoding.
-CONCURRENT_INPUTS = int(os.environ.get("STEMSET_MODAL_CONCURRENT_INPUTS") or 4)
+# Songs finished at once (four stems each), and the inputs one container takes at once: one on
+# the GPU, one decoded and waiting, one queued, the others being finished.
+FINISH_WORKERS = int(os.environ.get("STEMSET_FINISH_WORKERS") or max(1, int(CPU) // 3))
+CONCURRENT_INPUTS = int(os.environ.get("STEMSET_MODAL_CONCURRENT_INPUTS") or FINISH_WORKERS + 3)
 # Option A (jobs with finish_on: cpu_function): the CPU-only function that finishes handed-off stems.
 FINISH_CPU = float(os.environ.get("STEMSET_MODAL_FINISH_CPU") or 4.0)
 FINISH_MEMORY_MB = int(os.environ.get("STEMSET_MODAL_FINISH_MEMORY_MB") or 4096)
@@ -99,6 +103,7 @@ CONTAINER_ENV = {
     "STEMSET_MODAL_APP": APP_NAME,
     "STEMSET_GPU_TYPE": GPU_TYPE,
     "STEMSET_PRELOAD_MODELS": PRELOAD_MODELS,
+    "STEMSET_FINISH_WORKERS": str(FINISH_WORKERS),
 }
 if CONTAINER_MODEL_REPO:
     CONTAINER_ENV["STEMSET_MODEL_REPO"] = CONTAINER_MODEL_REPO

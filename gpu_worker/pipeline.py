@@ -88,13 +88,30 @@ class DeviceClock:
         return max(0.0, end[0] - start[0]), max(0.0, end[1] - start[1])
 
 
+FINISH_WORKERS_ENV = "STEMSET_FINISH_WORKERS"
+
+
+def default_finish_workers(cores: float | None = None) -> int:
+    """Songs finished at once: ``STEMSET_FINISH_WORKERS``, else one per four cores (a song's four
+    stems encode in parallel, so fewer songs would leave cores idle while the device waits)."""
+    raw = os.environ.get(FINISH_WORKERS_ENV, "").strip()
+    if raw:
+        try:
+            return max(1, int(raw))
+        except ValueError:
+            raise ValueError(f"{FINISH_WORKERS_ENV}={raw!r} is not a whole number.") from None
+    return max(1, int((cores or os.cpu_count() or 1) // 4))
+
+
 class JobPipeline:
     """Runs jobs through fetch -> separate -> finish on their own threads (see the module doc).
 
     ``prefetch``: decoded inputs that may wait for the device (1: the next song is ready when
     the device frees up). ``depth``: separated songs that may wait for a finisher.
-    ``finish_workers``: songs finished at once. ``encode_threads``: the pool the stems of the
-    songs being finished are measured, encoded and uploaded on (default: the CPU count).
+    ``finish_workers``: songs finished at once (several when the cores outnumber one song's four
+    stems: :func:`default_finish_workers`). ``encode_threads``: the pool the stems of the songs
+    being finished are measured, encoded and uploaded on (default: the CPU count, at most four
+    per finishing song).
     ``encode`` replaces the encoder (tests: a slow or failing one); ``observer`` hears every
     stage mark ``(job_id, mark, time)``.
     """
@@ -104,21 +121,21 @@ class JobPipeline:
         *,
         prefetch: int = 1,
         depth: int = 1,
-        finish_workers: int = 1,
+        finish_workers: int | None = None,
         encode_threads: int | None = None,
         encode: Encoder | None = None,
         observer: Observer | None = None,
     ):
-        self.prefetch, self.depth, self.finish_workers = max(1, prefetch), max(1, depth), max(1, finish_workers)
+        self.prefetch, self.depth = max(1, prefetch), max(1, depth)
+        self.finish_workers = max(1, finish_workers or default_finish_workers())
         self.encode, self.observer = encode, observer
         self.clock = DeviceClock()
         self._incoming: queue.Queue = queue.Queue()
         self._slots = threading.Semaphore(self.prefetch)
         self._decoded: queue.Queue = queue.Queue()
         self._separated: queue.Queue = queue.Queue(maxsize=self.depth)
-        self._pool = ThreadPoolExecutor(
-            max_workers=max(1, encode_threads or os.cpu_count() or 1), thread_name_prefix="stemset-encode"
-        )
+        threads = encode_threads or min(os.cpu_count() or 1, 4 * self.finish_workers)  # 4 stems a song
+        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="stemset-encode")
         self._live = 0
         self.max_live = 0  # the most jobs held in memory at once (tests check it against bound)
         self._live_lock = threading.Lock()

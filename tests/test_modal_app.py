@@ -435,7 +435,11 @@ def test_gpu_class_reserves_cpu_and_memory_and_takes_concurrent_inputs():
     """Issue 12: cpu= and memory= set explicitly, several inputs per warm container."""
     import gpu_worker.modal_app as app_module
 
-    assert app_module.CPU >= 4 and app_module.MEMORY_MB >= 8192 and app_module.CONCURRENT_INPUTS >= 2
+    assert app_module.CPU >= 4 and app_module.MEMORY_MB >= 8192
+    # Enough inputs at once to keep the GPU busy while the finishing songs use the cores.
+    assert app_module.CONCURRENT_INPUTS >= app_module.FINISH_WORKERS + 3
+    assert app_module.CONTAINER_ENV["STEMSET_FINISH_WORKERS"] == str(app_module.FINISH_WORKERS)
+    assert app_module.FINISH_CPU > 0 and app_module.FINISH_MEMORY_MB > 0  # Option A's CPU-only Finisher
     source = Path(app_module.__file__).read_text()
     assert "cpu=CPU" in source and "memory=MEMORY_MB" in source
     assert "@modal.concurrent(max_inputs=CONCURRENT_INPUTS)" in source

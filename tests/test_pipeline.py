@@ -212,3 +212,12 @@ def test_handoff_to_a_cpu_function_equals_finishing_here(root, repo):
     assert not any(p.suffix == ".f32" for p in root.rglob("*"))  # the handoff objects are gone
     manifest = json.loads((root / result.manifest_key).read_text())
     assert manifest["backend"] == "modal" and manifest["billed_seconds"] == result.billed_seconds
+
+
+def test_finish_workers_follow_the_cores_or_the_environment(monkeypatch):
+    from gpu_worker.pipeline import default_finish_workers
+
+    monkeypatch.delenv("STEMSET_FINISH_WORKERS", raising=False)
+    assert default_finish_workers(2) == 1 and default_finish_workers(48) == 12
+    monkeypatch.setenv("STEMSET_FINISH_WORKERS", "3")
+    assert default_finish_workers(48) == 3

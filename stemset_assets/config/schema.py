@@ -162,7 +162,7 @@ class CostConfig:
     prices_read: str = "2026-06-27"
     cpu_per_core_hour: float = 0.0472  # Modal: $0.0000131 per physical core per second
     memory_per_gib_hour: float = 0.0080  # Modal: $0.00000222 per GiB per second
-    gpu_container_cpu: float = 8.0  # physical cores reserved with a GPU container (Modal cpu=)
+    gpu_container_cpu: float = 24.0  # physical cores reserved with a GPU container (Modal cpu=)
     gpu_container_memory_gib: float = 16.0  # memory reserved with it (Modal memory=)
     local_per_hour: float = 0.0  # a local run's device-hour
     local_cpu_per_core_hour: float = 0.0  # a local run's CPU core-hour
