@@ -2,6 +2,8 @@
 
     python benchmarks/job.py --json --seconds 240 --jobs 4 --format m4a --model tiny --device cpu
 
+``baseline`` runs the worker as it was before issue 12 (``git archive --baseline-ref``, default
+8ce9797: run_job with pyloudnorm and one stem after another), in its own subprocess.
 Each song is read from a local object store (the canonical 16-bit FLAC a recording asset writes),
 decoded, separated, measured, encoded and published (stems to staging keys, then the manifest),
 exactly as a worker does it. Two modes run in the same invocation, each in a fresh subprocess
@@ -44,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-MODES = ("serial", "pipelined", "handoff")
+MODES = ("baseline", "serial", "pipelined", "handoff")
 SEED = 1234
 
 
@@ -67,18 +69,19 @@ def write_inputs(root: Path, n: int, seconds: float) -> list[str]:
 
 
 def child(args) -> dict:
+    """One mode in this process; per-song figures without prices (the parent prices them)."""
     import resource
 
+    if args.child == "baseline":  # the code of --baseline-ref, unpacked by the parent
+        sys.path.insert(0, args.baseline_root)
+        for name in [m for m in sys.modules if m == "gpu_worker" or m.startswith("gpu_worker.")]:
+            del sys.modules[name]
     import torch
 
-    from gpu_worker.handoff import finish_handoff
     from gpu_worker.job import SeparationJob, StorageRef
-    from gpu_worker.pipeline import JobPipeline
     from gpu_worker.stores.local import LocalObjectStore
     from gpu_worker.strategy import parse_strategy
     from gpu_worker.worker import run_job
-    from stemset_assets.config import load_config
-    from stemset_assets.core.cost import job_cost, prices_from_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,68 +112,91 @@ def child(args) -> dict:
     run_job(job(0), store=store, backend="bench")  # warm-up: models, codecs, scipy
     jobs = [job(k) for k in range(1, args.jobs + 1)]
     t0, cpu0 = time.perf_counter(), _cpu()
-    if args.child == "serial":
-        results = [run_job(j, store=store, backend="bench") for j in jobs]
+    cpu_each = []
+    if args.child in ("serial", "baseline"):
+        results = []
+        for j in jobs:
+            c0 = _cpu()
+            results.append(run_job(j, store=store, backend="bench"))
+            cpu_each.append(_cpu() - c0)
     elif args.child == "handoff":
+        from gpu_worker.handoff import finish_handoff
+        from gpu_worker.pipeline import JobPipeline
+
         with JobPipeline(prefetch=1, depth=1, finish_workers=args.finish_workers) as pipe:
             futures = [pipe.submit(j, store=store, backend="bench", handoff=True) for j in jobs]
             docs = [f.result() for f in futures]
         results = [finish_handoff(doc, store=store) for doc in docs]
     else:
+        from gpu_worker.pipeline import JobPipeline
+
         with JobPipeline(prefetch=1, depth=1, finish_workers=args.finish_workers) as pipe:
             results = pipe.run_many(jobs, store=store, backend="bench")
     wall, cpu = time.perf_counter() - t0, _cpu() - cpu0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    config = load_config(None)
-    prices = prices_from_config(config.cost, config.gpu)
     songs = []
-    for r in results:
+    for k, r in enumerate(results):
         if isinstance(r, Exception):
             raise r
         t = r.timings
-        cost = job_cost(
-            gpu_seconds=t["held"],
-            cpu_core_seconds=t["cpu"],
-            memory_gib=peak / 1024,
-            backend="bench",
-            gpu_type=args.gpu_type,
-            prices=prices,
-        )
         songs.append(
             {
-                "held_s": round(t["held"], 3),
+                # Before the pipeline a job held the device for its whole wall time, and its CPU
+                # seconds were the process's during it (what "cpu" records now when run alone).
+                "held_s": round(t.get("held", t["total"]), 3),
                 "separate_s": round(t["separate"], 3),
                 "decode_s": round(t["decode"], 3),
-                "analyse_s": round(t["analyse"], 3),
+                "analyse_s": round(t["analyse"], 3) if "analyse" in t else None,  # baseline: inside encode_s
                 "encode_s": round(t["encode"], 3),
                 "publish_s": round(t["write"], 3),
-                "cpu_core_s": round(t["cpu"], 3),
+                "cpu_core_s": round(t["cpu"] if "cpu" in t else cpu_each[k], 3),
                 "latency_s": round(t["total"], 3),
                 **({"cpu_function_s": round(t["cpu_function"], 3)} if "cpu_function" in t else {}),
                 **({"handoff_s": round(t["handoff"], 3)} if "handoff" in t else {}),
                 "handoff_mb": round(4 * 2 * 4 * r.input_duration_s * 44100 / 1e6, 1),
                 "peak_rss_mb": round(peak, 1),
-                "cost_usd": cost,
             }
+        )
+    return {
+        "mode": args.child,
+        "songs": songs,
+        "wall_s": round(wall, 2),
+        "process_cpu_s": round(cpu, 2),
+        "peak_rss_mb": round(peak, 1),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def price(mode: dict, gpu_type: str) -> dict:
+    """Each song's cost and the mode's means, at the config's list prices."""
+    from stemset_assets.config import load_config
+    from stemset_assets.core.cost import job_cost, prices_from_config
+
+    config = load_config(None)
+    prices = prices_from_config(config.cost, config.gpu)
+    songs = mode["songs"]
+    for song in songs:
+        song["cost_usd"] = job_cost(
+            gpu_seconds=song["held_s"],
+            cpu_core_seconds=song["cpu_core_s"],
+            memory_gib=song["peak_rss_mb"] / 1024,
+            backend="bench",
+            gpu_type=gpu_type,
+            prices=prices,
         )
     n = len(songs)
 
     def mean(key):
         return round(sum(s[key] for s in songs) / n, 3)
 
-    return {
-        "mode": args.child,
-        "songs": songs,
-        "wall_s": round(wall, 2),
-        "process_cpu_s": round(cpu, 2),
-        "held_s": mean("held_s"),
-        "separate_s": mean("separate_s"),
-        "held_over_separate": round(sum(s["held_s"] for s in songs) / sum(s["separate_s"] for s in songs), 3),
-        "cpu_core_s": mean("cpu_core_s"),
-        "peak_rss_mb": round(peak, 1),
-        "cost_usd": round(sum(s["cost_usd"]["total_usd"] for s in songs) / n, 7),
-        "threads": torch.get_num_threads(),
-    }
+    mode.update(
+        held_s=mean("held_s"),
+        separate_s=mean("separate_s"),
+        held_over_separate=round(sum(s["held_s"] for s in songs) / sum(s["separate_s"] for s in songs), 3),
+        cpu_core_s=mean("cpu_core_s"),
+        cost_usd=round(sum(s["cost_usd"]["total_usd"] for s in songs) / n, 7),
+    )
+    return mode
 
 
 def _cpu() -> float:
@@ -196,6 +222,10 @@ def main(argv=None) -> int:
     ap.add_argument("--root", help=argparse.SUPPRESS)
     ap.add_argument("--repo", help=argparse.SUPPRESS)
     ap.add_argument("--model-name", help=argparse.SUPPRESS)
+    ap.add_argument("--baseline-root", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--baseline-ref", default="8ce9797", help="git revision whose worker is the baseline (before issue 12)"
+    )
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(args)))
@@ -208,17 +238,25 @@ def main(argv=None) -> int:
     try:
         repo, model_name = write_repo(args.model, work / "models")
         write_inputs(work / "store", args.jobs, args.seconds)
+        baseline = work / "baseline"
+        if "baseline" in args.modes.split(","):
+            baseline.mkdir()
+            archive = subprocess.run(
+                ["git", "-C", str(ROOT), "archive", args.baseline_ref], capture_output=True, check=True
+            )
+            subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive.stdout, check=True)
         modes = {}
         for mode in args.modes.split(","):
             cmd = [sys.executable, __file__, "--child", mode, "--root", str(work / "store"), "--repo", str(repo)]
             cmd += ["--model-name", model_name, "--jobs", str(args.jobs), "--format", args.format]
             cmd += ["--device", args.device, "--gpu-type", args.gpu_type, "--threads", str(args.threads)]
             cmd += ["--finish-workers", str(args.finish_workers), "--seconds", str(args.seconds)]
+            cmd += ["--baseline-root", str(baseline)]
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
             if out.returncode:
                 sys.stderr.write(out.stderr)
                 return out.returncode
-            modes[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+            modes[mode] = price(json.loads(out.stdout.strip().splitlines()[-1]), args.gpu_type)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {
@@ -232,10 +270,15 @@ def main(argv=None) -> int:
         "machine": {**machine(), "cores": os.cpu_count()},
         "modes": modes,
     }
-    if "serial" in modes and "pipelined" in modes:
-        s, p = modes["serial"], modes["pipelined"]
-        result["cpu_core_s_ratio_serial_over_pipelined"] = round(s["cpu_core_s"] / max(p["cpu_core_s"], 1e-9), 2)
-        result["held_ratio_serial_over_pipelined"] = round(s["held_s"] / max(p["held_s"], 1e-9), 2)
+    base = modes.get("baseline") or modes.get("serial")
+    for mode in ("pipelined", "handoff"):
+        if base and mode in modes:
+            m = modes[mode]
+            result[f"cpu_core_s_ratio_{base['mode']}_over_{mode}"] = round(
+                base["cpu_core_s"] / max(m["cpu_core_s"], 1e-9), 2
+            )
+            result[f"held_ratio_{base['mode']}_over_{mode}"] = round(base["held_s"] / max(m["held_s"], 1e-9), 2)
+            result[f"cost_ratio_{base['mode']}_over_{mode}"] = round(base["cost_usd"] / max(m["cost_usd"], 1e-12), 2)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
