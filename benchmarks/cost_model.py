@@ -2,7 +2,7 @@
 CPU-only function) on Modal, from measured CPU seconds and a GPU separation time.
 
     python benchmarks/cost_model.py --json
-    python benchmarks/cost_model.py --separate-s 0.71 --cpu-core-s 19.5 --stem-encode-s 4.4
+    python benchmarks/cost_model.py --separate-s 0.71 --cpu-core-s 18.2 --stem-encode-s 4.25
 
 Defaults: a 4-minute song, htdemucs to m4a. ``--cpu-core-s`` (decode, one-pass analysis, AAC
 encoding, publishing) and ``--stem-encode-s`` (one stem's AAC encode, the longest serial piece)
@@ -67,10 +67,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=240.0)
     ap.add_argument("--gpu-type", default="A100-40GB")
     ap.add_argument("--separate-s", type=float, default=0.71)
-    ap.add_argument("--cpu-core-s", type=float, default=19.5)
-    ap.add_argument("--stem-encode-s", type=float, default=4.4)
+    ap.add_argument("--cpu-core-s", type=float, default=18.2)
+    ap.add_argument("--stem-encode-s", type=float, default=4.25)
     ap.add_argument("--decode-s", type=float, default=0.5)
-    ap.add_argument("--loudness-before-s", type=float, default=1.2, help="pyloudnorm, per stem (issue 12)")
+    ap.add_argument("--loudness-before-s", type=float, default=0.93, help="pyloudnorm and peaks, per stem")
     ap.add_argument("--memory-gib", type=float, default=16.0)
     ap.add_argument("--cores", type=int, nargs="+", default=[8, 16, 24, 32])
     ap.add_argument("--bandwidth-mb-s", type=float, nargs="+", default=[100, 300, 1000])
