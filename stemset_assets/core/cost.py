@@ -103,14 +103,16 @@ def job_cost(
     }
 
 
-def result_cost(result: Result, prices: Prices) -> dict[str, float | str]:
-    """:func:`job_cost` of a stored result (its backend, GPU type, billed and CPU seconds)."""
+def result_cost(result: Result, prices: Prices, default_gpu_type: str | None = None) -> dict[str, float | str]:
+    """:func:`job_cost` of a stored result (its backend, GPU type, billed and CPU seconds); a result
+    that names no GPU type (a worker without CUDA) is priced as ``default_gpu_type``, the
+    configured one, as before."""
     timings = _field(result, "timings") or {}
     backend = _field(result, "backend") or "local"
     return job_cost(
         gpu_seconds=float(_field(result, "billed_seconds") or 0.0),
         cpu_core_seconds=float(timings.get("cpu", 0.0) or 0.0),
-        gpu_type=_field(result, "gpu_type"),
+        gpu_type=_field(result, "gpu_type") or default_gpu_type,
         prices=prices,
         backend=backend if backend in ("local", "http", "modal") else "modal",
     )
@@ -154,7 +156,7 @@ def config_prices(config: StemsetConfig) -> Prices:
 def total_cost_usd(result: Result, config: StemsetConfig) -> float:
     """The whole cost of a result or manifest (GPU, CPU, memory) at ``config``'s prices; a
     document without CPU timings is charged the container's reserved cores (what Modal bills)."""
-    return float(result_cost(result, config_prices(config))["total_usd"])
+    return float(result_cost(result, config_prices(config), config.gpu.type)["total_usd"])
 
 
 def price_per_held_hour(config: StemsetConfig, backend: str | None = None, gpu_type: str | None = None) -> float:

@@ -130,7 +130,8 @@ class SeparatorResource(ConfigurableResource):
     def cost(self, result: SeparationResult) -> dict:
         """:func:`~stemset_assets.core.cost.result_cost`: the cost split by what was used."""
         table = {**self.prices_per_hour, self.gpu_type: self.price_per_hour}
-        return result_cost(result, Prices(gpu_per_hour=table, prices_read=self.prices_read, **self.cost_rates))
+        prices = Prices(gpu_per_hour=table, prices_read=self.prices_read, **self.cost_rates)
+        return result_cost(result, prices, self.gpu_type)
 
     @classmethod
     def from_config(cls, config: StemsetConfig) -> SeparatorResource:
