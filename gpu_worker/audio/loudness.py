@@ -5,8 +5,8 @@ The K-weighting is pyloudnorm's (RBJ high shelf +4 dB at 1500 Hz, Q 1/sqrt 2, th
 high-pass at 38 Hz, Q 0.5, both designed for the actual sample rate), run as one 4th-order IIR.
 The filter is two second-order sections (scipy's C ``sosfilt``, float64, see :class:`KWeighting`);
 block sums and gating are vectorised numpy (pyloudnorm loops over blocks in Python), and
-pyloudnorm itself is no longer needed at run time (the tests compare against it: within 0.05 LU,
-in fact within 1e-6). Block edges and gating follow pyloudnorm exactly.
+pyloudnorm itself is no longer needed at run time (the tests compare against it: within 1e-3 LU,
+3e-7 on music and noise; the issue asks 0.05). Block edges and gating follow pyloudnorm exactly.
 
 :class:`Bs1770Meter` takes audio block by block (any block sizes, state carried), so the same
 code measures a stem held in memory and a stream decoded window by window.
