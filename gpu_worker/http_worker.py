@@ -283,7 +283,7 @@ def build_app(
     model_repo: str | None = None,
     *,
     preload: Sequence[str] = (),
-    max_concurrent: int = 1,
+    max_concurrent: int = 4,
     gpu_type: str | None = None,
     device: str = "auto",
     local_roots: Sequence[Path] = (),
@@ -307,7 +307,7 @@ def serve(
     model_repo: str | None = None,
     *,
     preload: Sequence[str] = (),
-    max_concurrent: int = 1,
+    max_concurrent: int = 4,
     gpu_type: str | None = None,
     device: str = "auto",
     log_level: str = "info",
@@ -349,7 +349,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated models to load at start (default $STEMSET_PRELOAD_MODELS, else none)",
     )
-    p.add_argument("--max-concurrent", type=int, default=1, help="jobs run at once (default 1: one GPU, one job)")
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=4,
+        help="jobs in flight (default 4: the pipeline overlaps them on one GPU)",
+    )
     p.add_argument(
         "--gpu-type",
         default=None,

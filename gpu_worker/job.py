@@ -58,6 +58,10 @@ class SeparationJob:
     # True: stems go to a fresh set folder <output_prefix>/v-<attempt>/ and the manifest switches
     # to it atomically (stores.publish); False: <output_prefix>/<stem>.<ext> (a plain folder).
     set_folder: bool = True
+    # Where the stems are measured, encoded and published: "worker" (beside the device, overlapped
+    # by the job pipeline: Option B) or "cpu_function" (handed on to a CPU-only function: Option A,
+    # Modal only; elsewhere it is the same as "worker").
+    finish_on: str = "worker"
     version: int = JOB_VERSION
 
     @property

@@ -12,7 +12,10 @@ Settings, read when the app is deployed (and passed on to the containers):
 - ``STEMSET_PRELOAD_MODELS``: models loaded when a container starts (default ``htdemucs``);
 - ``STEMSET_MODAL_MODEL_REPO``: a Demucs repo folder inside the container, e.g. on the model
   volume (default: none, Demucs downloads weights once into the volume);
-- ``STEMSET_MODAL_SCALEDOWN_S`` (default 60) and ``STEMSET_MODAL_MAX_CONTAINERS`` (default 10).
+- ``STEMSET_MODAL_SCALEDOWN_S`` (default 60) and ``STEMSET_MODAL_MAX_CONTAINERS`` (default 10);
+- ``STEMSET_MODAL_CPU`` (default 8 physical cores), ``STEMSET_MODAL_MEMORY_MB`` (default 16384)
+  and ``STEMSET_MODAL_CONCURRENT_INPUTS`` (default 4): the container's reservation and the inputs
+  it takes at once (``@modal.concurrent``); the job pipeline overlaps them on the one GPU.
 
 Bucket credentials come from the Modal secret ``r2-secret`` (``scripts/setup_modal_secret.sh``):
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``STEMSET_S3_ENDPOINT_URL`` (used when a job's
@@ -44,6 +47,20 @@ VOLUME_NAME = os.environ.get("STEMSET_MODAL_VOLUME") or "stemset-model-cache"
 PRELOAD_MODELS = os.environ.get("STEMSET_PRELOAD_MODELS", "htdemucs")
 CONTAINER_MODEL_REPO = os.environ.get("STEMSET_MODAL_MODEL_REPO", "")
 SCALEDOWN_S = int(os.environ.get("STEMSET_MODAL_SCALEDOWN_S") or 60)
+# Reserved with each GPU container (billed whether used or not; keep cost.gpu_container_cpu and
+# cost.gpu_container_memory_gib in config.yaml the same): the pipeline measures, encodes and
+# publishes song k on these cores while the GPU separates song k+1 (README, "Cost").
+# 24 cores keep up with an A100 on htdemucs to m4a: ~20 core-seconds of decode, analysis and AAC
+# encoding per 4-minute song against ~0.7 s of separation (README "Cost").
+CPU = float(os.environ.get("STEMSET_MODAL_CPU") or 24.0)  # physical cores
+MEMORY_MB = int(os.environ.get("STEMSET_MODAL_MEMORY_MB") or 16384)
+# Songs finished at once (four stems each), and the inputs one container takes at once: one on
+# the GPU, one decoded and waiting, one queued, the others being finished.
+FINISH_WORKERS = int(os.environ.get("STEMSET_FINISH_WORKERS") or max(1, int(CPU) // 3))
+CONCURRENT_INPUTS = int(os.environ.get("STEMSET_MODAL_CONCURRENT_INPUTS") or FINISH_WORKERS + 3)
+# Option A (jobs with finish_on: cpu_function): the CPU-only function that finishes handed-off stems.
+FINISH_CPU = float(os.environ.get("STEMSET_MODAL_FINISH_CPU") or 4.0)
+FINISH_MEMORY_MB = int(os.environ.get("STEMSET_MODAL_FINISH_MEMORY_MB") or 4096)
 MAX_CONTAINERS = int(os.environ.get("STEMSET_MODAL_MAX_CONTAINERS") or 10)
 TIMEOUT_S = 1800
 CACHE_DIR = "/cache"  # the model volume: Demucs' downloads (torch hub, Hugging Face) land here
@@ -56,7 +73,7 @@ ENGINE_REQUIREMENTS = [
     "soundfile==0.14.0",
     "av==18.1.0",
     "soxr==1.1.0",
-    "pyloudnorm==0.2.0",
+    "scipy==1.17.1",  # the K-weighting filter of the loudness meter (pyloudnorm is not needed)
     "numpy==2.4.6",
     "pyyaml==6.0.4",
     "boto3==1.44.8",
@@ -86,6 +103,7 @@ CONTAINER_ENV = {
     "STEMSET_MODAL_APP": APP_NAME,
     "STEMSET_GPU_TYPE": GPU_TYPE,
     "STEMSET_PRELOAD_MODELS": PRELOAD_MODELS,
+    "STEMSET_FINISH_WORKERS": str(FINISH_WORKERS),
 }
 if CONTAINER_MODEL_REPO:
     CONTAINER_ENV["STEMSET_MODEL_REPO"] = CONTAINER_MODEL_REPO
@@ -100,6 +118,8 @@ def _cache_listing() -> set[str]:
 
 @app.cls(
     gpu=GPU_TYPE,
+    cpu=CPU,
+    memory=MEMORY_MB,
     timeout=TIMEOUT_S,
     retries=modal.Retries(max_retries=2, backoff_coefficient=2.0, initial_delay=5.0),
     scaledown_window=SCALEDOWN_S,
@@ -109,8 +129,11 @@ def _cache_listing() -> set[str]:
     secrets=[bucket_secret],
     env=CONTAINER_ENV,
 )
+@modal.concurrent(max_inputs=CONCURRENT_INPUTS)
 class Separator:
-    """One GPU container: models loaded once, jobs run one at a time.
+    """One GPU container: models loaded once; up to ``CONCURRENT_INPUTS`` jobs at once on
+    threads that share the worker's job pipeline, so while work is queued the GPU separates one
+    song as the previous ones are encoded and published on the container's ``CPU`` cores.
 
     A job that fails for its own reasons (unreadable input, unknown model, bucket refused) is
     answered with an error envelope rather than raised, so Modal does not retry what cannot
@@ -120,6 +143,7 @@ class Separator:
     def load_models(self) -> None:
         """Before the memory snapshot: load the preload models on the CPU (no GPU here yet)."""
         self.worker = WarmWorker.from_env(backend="modal", gpu_type=os.environ.get("STEMSET_GPU_TYPE") or GPU_TYPE)
+        self.worker.finish_remote = _finish_remote  # Option A: jobs that ask for it finish on the Finisher
         self.loaded_in_task = os.environ.get("MODAL_TASK_ID")
         before = _cache_listing()
         self.load_s = self.worker.preload()
@@ -140,6 +164,33 @@ class Separator:
     def separate(self, job_json: str) -> str:
         """Run one SeparationJob (JSON); the SeparationResult (JSON) or an error envelope."""
         return self.worker.handle_json(job_json)
+
+
+@app.cls(
+    cpu=FINISH_CPU,
+    memory=FINISH_MEMORY_MB,
+    timeout=TIMEOUT_S,
+    retries=modal.Retries(max_retries=2, backoff_coefficient=2.0, initial_delay=5.0),
+    scaledown_window=SCALEDOWN_S,
+    max_containers=MAX_CONTAINERS * 4,
+    secrets=[bucket_secret],
+    env=CONTAINER_ENV,
+)
+@modal.concurrent(max_inputs=2)
+class Finisher:
+    """Option A: a CPU-only container (no GPU) that measures, encodes and publishes the stems a
+    Separator handed off (gpu_worker/handoff.py), so the GPU is released once they are written."""
+
+    @modal.method()
+    def finish(self, handoff_json: str) -> str:
+        """A handoff document (JSON) -> the SeparationResult (JSON) or an error envelope."""
+        from gpu_worker.remote import finish_handoff_json
+
+        return finish_handoff_json(handoff_json)
+
+
+def _finish_remote(handoff_json: str) -> str:
+    return Finisher().finish.remote(handoff_json)
 
 
 # --------------------------------------------------------------------------------------

@@ -140,6 +140,10 @@ class WarmWorker:
         self.device = device
         self._pending_startup_s = 0.0
         self._lock = threading.Lock()
+        self._pipeline = None
+        # Option A: a function that finishes a handoff document elsewhere (the Modal app sets it to
+        # the CPU-only Finisher) and answers the result JSON or an error envelope.
+        self.finish_remote: Callable[[str], str] | None = None
 
     @classmethod
     def from_env(cls, *, backend: str, gpu_type: str | None = None) -> WarmWorker:
@@ -203,13 +207,29 @@ class WarmWorker:
                     changes[name] = replace(ref, endpoint_url=endpoint)
         return replace(job, **changes) if changes else job
 
-    def run(self, job: SeparationJob, progress: Callable[[float], None] | None = None) -> SeparationResult:
-        from .worker import run_job  # lazy: the audio stack is not needed to serve routes or deploy
+    def pipeline(self):
+        """This worker's :class:`~gpu_worker.pipeline.JobPipeline`, made on first use: jobs that
+        arrive together (HTTP runner threads, Modal inputs of a concurrent container) share one
+        device stage, so the device separates the next song while the last is encoded."""
+        from .pipeline import JobPipeline  # lazy: the audio stack is not needed to serve routes or deploy
 
+        with self._lock:
+            if self._pipeline is None:
+                self._pipeline = JobPipeline()
+            return self._pipeline
+
+    def run(self, job: SeparationJob, progress: Callable[[float], None] | None = None) -> SeparationResult:
         with self._lock:
             startup, self._pending_startup_s = self._pending_startup_s, 0.0
         try:
-            return run_job(self.prepare(job), progress=progress, backend=self.backend, startup_s=startup)
+            handoff = job.finish_on == "cpu_function" and self.finish_remote is not None
+            future = self.pipeline().submit(
+                self.prepare(job), progress=progress, backend=self.backend, startup_s=startup, handoff=handoff
+            )
+            outcome = future.result()
+            if isinstance(outcome, str):  # a handoff document: the CPU function finishes it
+                return decode_response(self.finish_remote(outcome))
+            return outcome
         except BaseException:
             self.charge_startup(startup)  # nothing was billed: the next job carries it
             raise
@@ -227,6 +247,18 @@ class WarmWorker:
         except StemsetError as err:
             log.warning("job %s failed: %s", job.job_id, err)
             return error_envelope(err, job.job_id)
+
+
+def finish_handoff_json(handoff_json: str) -> str:
+    """The CPU function's side of Option A: finish a handoff document (gpu_worker.handoff); the
+    result JSON, or an error envelope for a Stemset error."""
+    from .handoff import finish_handoff  # lazy: the audio stack
+
+    try:
+        return finish_handoff(handoff_json).to_json()
+    except StemsetError as err:
+        log.warning("handoff failed: %s", err)
+        return error_envelope(err)
 
 
 # --------------------------------------------------------------------------------------
@@ -262,11 +294,12 @@ class JobRecord:
 
 
 class ThreadJobRunner:
-    """Runs jobs in this process, ``max_concurrent`` at a time (1 by default: a GPU runs one job
-    best), in submission order. State lives in memory: a restarted worker forgets its jobs, and a
+    """Runs jobs in this process, ``max_concurrent`` at a time, in submission order; the worker's
+    pipeline overlaps them (one on the device, the others decoding or being encoded), so 4 in
+    flight keep one GPU busy while its memory stays bounded by the pipeline's queues. State lives in memory: a restarted worker forgets its jobs, and a
     client that resubmits the same job id gets it run anew (its output is published only whole)."""
 
-    def __init__(self, worker: WarmWorker, max_concurrent: int = 1, keep: int = 1000):
+    def __init__(self, worker: WarmWorker, max_concurrent: int = 4, keep: int = 1000):
         self.worker = worker
         self.keep = max(1, int(keep))
         self._pool = ThreadPoolExecutor(max_workers=max(1, int(max_concurrent)), thread_name_prefix="stemset-job")

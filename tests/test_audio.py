@@ -481,7 +481,7 @@ def test_loudness_of_full_scale_sine_matches_bs1770():
     got = integrated_loudness(mono)
     assert got == pytest.approx(MONO_FULL_SCALE_LUFS, abs=0.05)
     reference = pyloudnorm.Meter(SR).integrated_loudness(mono[0].astype(np.float64))
-    assert got == pytest.approx(reference, abs=1e-9)
+    assert got == pytest.approx(reference, abs=1e-3)  # float32 K-weighting: well inside 0.05 LU
     assert integrated_loudness(mono[0]) == pytest.approx(got, abs=1e-9)  # 1-D is mono too
 
     stereo = tone(997, 5.0, channels=2, amp=1.0)
@@ -490,6 +490,50 @@ def test_loudness_of_full_scale_sine_matches_bs1770():
     assert integrated_loudness(quiet) == pytest.approx(MONO_FULL_SCALE_LUFS + 3.0103 - 20, abs=0.05)
     at48 = tone(997, 5.0, sr=48000, channels=1, amp=1.0)
     assert integrated_loudness(at48, sample_rate=48000) == pytest.approx(MONO_FULL_SCALE_LUFS, abs=0.05)
+
+
+@pytest.mark.parametrize("kind", ["bass", "noise", "music", "quiet", "surround", "gated"])
+def test_numpy_loudness_matches_pyloudnorm(kind):
+    """The numpy BS.1770 meter (no pyloudnorm at run time) against pyloudnorm, within 1e-3 LU
+    (the issue asks 0.05), on the signals that stress it: 30-60 Hz content near the 38 Hz
+    high-pass, broadband noise, quiet passages under the relative gate, five channels."""
+    rng = np.random.default_rng(3)
+    if kind == "bass":
+        x = tone(41.0, 6.0, amp=0.7) + tone(60.0, 6.0, amp=0.2)
+    elif kind == "noise":
+        x = (0.2 * rng.standard_normal((2, 6 * SR))).astype(np.float32)
+    elif kind == "music":
+        x = music_like(8.0)
+    elif kind == "quiet":
+        x = music_like(6.0) * 1e-2  # about -50 LUFS
+    elif kind == "surround":
+        x = np.concatenate([music_like(5.0, channels=5)])
+    else:  # loud then very quiet: the relative gate drops the quiet half
+        x = np.concatenate([music_like(4.0), music_like(4.0, seed=2) * 1e-3], axis=1)
+    reference = pyloudnorm.Meter(SR).integrated_loudness(x.T.astype(np.float64))
+    assert integrated_loudness(x) == pytest.approx(reference, abs=1e-3)
+    from gpu_worker.audio.analyse import analyse_stem
+
+    if x.shape[0] == 2:
+        a = analyse_stem(x, waveform_bins=100)
+        assert a.lufs == pytest.approx(reference, abs=1e-3)
+        assert a.sample_peak == sample_peak(x)
+        assert a.rms == pytest.approx(float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))), rel=1e-5)
+        np.testing.assert_allclose(a.waveform, waveform_peaks(x, 100), atol=1e-6)
+
+
+def test_analyse_stem_counts_and_zeroes_nonfinite():
+    from gpu_worker.audio.analyse import analyse_stem
+
+    x = music_like(3.0)
+    y = x.copy()
+    y[0, 1000:1010] = np.nan
+    y[1, 5] = np.inf
+    a = analyse_stem(y)
+    clean = np.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0)
+    assert a.nonfinite == 11
+    assert a.sample_peak == sample_peak(clean)
+    assert a.lufs == pytest.approx(integrated_loudness(clean), abs=1e-9)
 
 
 def test_loudness_none_for_silence_short_or_below_gate():

@@ -145,7 +145,10 @@ def test_staleness_dry_run_backfill_and_auto_reprocess(
     billed = type(billed)(**{**billed.__dict__, "gpu": type(billed.gpu)(backend="modal", type="H100")})
     p = plan_backfill(world.instance, billed, "htdemucs", "stale", store=store)
     assert p.count == 2 and p.estimate.source.startswith("config default")
-    assert p.cost_usd == pytest.approx(2.0 * 30 * 4.00 / 3600, rel=1e-2)
+    # Modal bills the GPU and the cores and memory reserved with it (config: cost) over the held seconds.
+    per_hour = 4.00 + billed.cost.gpu_container_cpu * billed.cost.cpu_per_core_hour
+    per_hour += billed.cost.gpu_container_memory_gib * billed.cost.memory_per_gib_hour
+    assert p.cost_usd == pytest.approx(2.0 * 30 * per_hour / 3600, rel=1e-2)
     assert main(["--config", cfg2, "backfill", "-s", "nope", "--dry-run"]) == 1
     assert "Use one of: htdemucs, htdemucs_ft" in capsys.readouterr().err
     assert main(["--config", cfg2, "status", "--profile", "nope"]) == 1

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from gpu_worker.errors import StemsetError
 
 from ..config import load_config
-from ..core.cost import cost_usd, price_for
+from ..core.cost import total_cost_usd
 from ..core.layout import download_stems, read_manifest
 from ..core.partition_keys import assign_partition_keys, list_inputs
 from ..core.state import TO_REDO
@@ -265,7 +265,7 @@ def _collect(
         True,
         stems=", ".join(manifest.stems),
         seconds=seconds,
-        cost=cost_usd(manifest, price_for(manifest, config.gpu)),
+        cost=total_cost_usd(manifest, config),
         folder=folder,
     )
 

@@ -21,6 +21,9 @@ EMBEDDED_SOURCE = "<embedded default config>"
 OUTPUT_FORMATS = ("wav", "flac", "opus", "m4a")
 STORAGE_BACKENDS = ("local", "s3")
 GPU_BACKENDS = ("local", "modal", "http")
+FINISH_ON = ("worker", "cpu_function")
+"""Where stems are encoded: beside the GPU, overlapped by the job pipeline (worker, Option B), or
+handed to a CPU-only Modal function (cpu_function, Option A). README "Cost" has the measurements."""
 DEFAULT_PRICES: dict[str, float] = {
     "T4": 0.59,
     "L4": 0.70,
@@ -104,6 +107,7 @@ class GpuConfig:
     token: str | None = field(default=None, repr=False)
     prices_per_hour: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_PRICES))
     timeout_s: float = 1800.0
+    finish_on: str = "worker"
 
     def price_per_hour(self, gpu_type: str | None = None) -> float:
         """US$ per hour of ``gpu_type`` (default: the configured type)."""
@@ -174,6 +178,21 @@ class BudgetConfig:
 
 
 @dataclass(frozen=True)
+class CostConfig:
+    """Prices of what a job uses besides the GPU (list prices, with the date they were read), the
+    cores and memory reserved with each GPU container (billed whether used or not), and the rate
+    at which a local run's seconds are counted (default 0: the machine is already paid for)."""
+
+    prices_read: str = "2026-06-27"
+    cpu_per_core_hour: float = 0.0472  # Modal: $0.0000131 per physical core per second
+    memory_per_gib_hour: float = 0.0080  # Modal: $0.00000222 per GiB per second
+    gpu_container_cpu: float = 24.0  # physical cores reserved with a GPU container (Modal cpu=)
+    gpu_container_memory_gib: float = 16.0  # memory reserved with it (Modal memory=)
+    local_per_hour: float = 0.0  # a local run's device-hour
+    local_cpu_per_core_hour: float = 0.0  # a local run's CPU core-hour
+
+
+@dataclass(frozen=True)
 class ApiConfig:
     """The web API (`stemset api serve`): bearer ``token``; ``auth: false`` turns auth off
     (local use only: the server then binds only to loopback); uploads up to ``max_upload_mb``;
@@ -203,6 +222,7 @@ class StemsetConfig:
     strategies: dict[str, Strategy]
     strategy_trees: dict[str, dict]  # each strategy as written (after ${VAR} substitution)
     backfill: BackfillConfig = field(default_factory=BackfillConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     dagster: DagsterConfig = field(default_factory=DagsterConfig)
     runs: RunsConfig = field(default_factory=RunsConfig)

@@ -17,6 +17,7 @@ from gpu_worker.strategy import Strategy, parse_strategy
 
 from .schema import (
     DEFAULT_PRICES,
+    FINISH_ON,
     GPU_BACKENDS,
     MODEL_REPO_ENV,
     NAME,
@@ -27,6 +28,7 @@ from .schema import (
     AutoReprocess,
     BackfillConfig,
     BudgetConfig,
+    CostConfig,
     DagsterConfig,
     GpuConfig,
     LocalStorage,
@@ -52,6 +54,7 @@ TOP_LEVEL = (
     "backfill",
     "runs",
     "budget",
+    "cost",
     "api",
     "dagster",
     "profiles",
@@ -62,11 +65,20 @@ _KEYS = {
     "storage": ("backend", "local", "s3"),
     "storage.local": ("root",),
     "storage.s3": ("endpoint_url", "bucket", "region", "access_key_id", "secret_access_key", "public_url"),
-    "gpu": ("backend", "type", "app", "url", "token", "prices_per_hour", "timeout_s"),
+    "gpu": ("backend", "type", "app", "url", "token", "prices_per_hour", "timeout_s", "finish_on"),
     "models": ("repo",),
     "sensors": ("max_new_per_tick", "interval_s", "settle_s", "auto_reprocess"),
     "auto_reprocess": ("enabled", "max_per_tick", "daily_cost_ceiling_usd"),
     "backfill": ("billed_seconds_per_audio_second", "max_partitions_per_run"),
+    "cost": (
+        "prices_read",
+        "cpu_per_core_hour",
+        "memory_per_gib_hour",
+        "gpu_container_cpu",
+        "gpu_container_memory_gib",
+        "local_per_hour",
+        "local_cpu_per_core_hour",
+    ),
     "api": ("token", "auth", "max_upload_mb", "public_url"),
     "dagster": ("webserver_url",),
     "runs": (
@@ -105,6 +117,7 @@ class SectionReader(ValueReader):
             backfill=self.read_backfill(data.get("backfill")),
             runs=self.read_runs(data.get("runs")),
             budget=self.read_budget(data.get("budget")),
+            cost=self.read_cost(data.get("cost")),
         )
 
     def read_storage(self, raw: Any) -> StorageConfig:
@@ -167,6 +180,7 @@ class SectionReader(ValueReader):
         for name, price in raw_prices.items():
             prices[str(name)] = self.number(price, f"gpu.prices_per_hour.{name}", 0, "a price in $ per hour")
         timeout = self.number(self.get(sec, "timeout_s", "gpu", 1800.0), "gpu.timeout_s", 1, "seconds")
+        finish_on = self.choice(self.get(sec, "finish_on", "gpu", "worker"), "gpu.finish_on", FINISH_ON)
         gpu = GpuConfig(
             backend=backend,
             type=gpu_type,
@@ -175,6 +189,7 @@ class SectionReader(ValueReader):
             token=token,
             prices_per_hour=prices,
             timeout_s=timeout,
+            finish_on=finish_on,
         )
         if backend != "local":  # remote runs are billed: their GPU type needs a price
             try:
@@ -288,6 +303,23 @@ class SectionReader(ValueReader):
             return self.number(value, f"budget.{key}", 0, "an amount in US$ (empty for no limit)")
 
         return BudgetConfig(gpu_usd_per_day=amount("gpu_usd_per_day"), gpu_usd_per_month=amount("gpu_usd_per_month"))
+
+    def read_cost(self, raw: Any) -> CostConfig:
+        sec = self.section(raw, "cost", _KEYS["cost"])
+        d = CostConfig()
+
+        def num(key: str, what: str) -> float:
+            return self.number(self.get(sec, key, "cost", getattr(d, key)), f"cost.{key}", 0, what)
+
+        return CostConfig(
+            prices_read=str(self.get(sec, "prices_read", "cost", d.prices_read)),
+            cpu_per_core_hour=num("cpu_per_core_hour", "$ per core-hour"),
+            memory_per_gib_hour=num("memory_per_gib_hour", "$ per GiB-hour"),
+            gpu_container_cpu=num("gpu_container_cpu", "physical cores"),
+            gpu_container_memory_gib=num("gpu_container_memory_gib", "GiB"),
+            local_per_hour=num("local_per_hour", "$ per hour"),
+            local_cpu_per_core_hour=num("local_cpu_per_core_hour", "$ per core-hour"),
+        )
 
     def read_api(self, raw: Any) -> ApiConfig:
         sec = self.section(raw, "api", _KEYS["api"])

@@ -20,6 +20,7 @@ from typing import Any
 from gpu_worker.errors import StemsetError
 
 from ..config import StemsetConfig
+from .cost import price_per_held_hour
 from .selection import check_profile, check_strategies
 from .spend_guard import Admission, Spending, admit
 from .state import BROKEN, CURRENT, FAILED, INPUT_CHANGED, MISSING, NOT_RECORDED, STALE, TO_REDO
@@ -55,7 +56,7 @@ class CostModel:
 
 def cost_model(config: StemsetConfig, history: StrategyHistory | None) -> CostModel:
     backend = config.gpu.backend
-    price = 0.0 if backend == "local" else config.gpu.price_per_hour()
+    price = price_per_held_hour(config, backend)  # GPU + reserved CPU and memory; local: the local rate
     recorded = history.billed_per_audio_second(backend) if history is not None else None
     if recorded is not None:
         return CostModel(

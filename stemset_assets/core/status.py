@@ -20,7 +20,7 @@ import pandas as pd
 from gpu_worker.stores.base import ObjectStore
 
 from ..config import StemsetConfig
-from .cost import cost_usd, price_for
+from .cost import total_cost_usd
 from .selection import check_profile, check_strategies
 from .set_facts import FactCache, PairFacts, collect_states
 from .state import STATES, Target
@@ -141,7 +141,7 @@ def _row(config: StemsetConfig, pair: PairFacts, current_fp: str) -> SetStatus:
     cost = None
     if manifest is not None:
         doc = {"backend": manifest.backend, "billed_seconds": manifest.billed_seconds, "gpu_type": manifest.gpu_type}
-        cost = cost_usd(doc, price_for(doc, config.gpu))
+        cost = total_cost_usd(doc, config)
     return SetStatus(
         partition=pair.partition,
         profile=profile,

@@ -19,7 +19,10 @@ Each stem's metadata: ``uri``, ``url`` (playback), ``bytes``, ``duration_s``, ``
 ``peak_dbfs``, ``suggested_gain_db`` (to -14 LUFS, peak kept under -1 dBFS), strategy,
 fingerprint, ``input_sha256`` (the recording's data version), backend, device, GPU type,
 ``timings``, and for the whole set (one separation makes every stem): ``billed_seconds``,
-``price_per_hour``, ``cost_usd`` (0 for local runs) and ``run_cost_usd`` (0 when reused).
+``gpu_seconds``, ``cpu_core_seconds``, ``price_per_hour``, ``gpu_cost_usd``, ``cpu_cost_usd``,
+``memory_cost_usd`` (each at its own price, ``prices_read`` the date of the list prices; local
+runs at the configured local rates, default 0), ``cost_usd`` (their sum) and ``run_cost_usd``
+(0 when reused).
 Data version: a hash of the recording's sha256 and the fingerprint.
 """
 
@@ -47,8 +50,8 @@ from dagster import (
 
 from gpu_worker.errors import StemsetError
 from gpu_worker.job import SeparationJob, SeparationResult
+from gpu_worker.manifests import read_manifest
 from gpu_worker.stores.base import ObjectStore
-from gpu_worker.worker import read_manifest
 
 from ...config import StemsetConfig
 from ...core.layout import RecordingRecord, failure_key, manifest_key, read_record, stems_prefix
@@ -331,7 +334,8 @@ def _stem_events(
     record, pk, reused = plan.record, plan.pk, plan.reused
     mkey = manifest_key(pk, name)
     price = separator.price(stored)
-    cost = separator.cost_usd(stored)
+    split = separator.cost(stored)
+    cost = float(split["total_usd"])
     for stem in config.strategy(name).stems:
         f = stored.stems.get(stem)
         if f is None:
@@ -360,7 +364,14 @@ def _stem_events(
                 "timings": MetadataValue.json(stored.timings),
                 "total_s": float(stored.timings.get("total", 0.0)),
                 "billed_seconds": float(stored.billed_seconds),
+                "gpu_seconds": float(split["gpu_seconds"]),
+                "cpu_core_seconds": float(split["cpu_core_seconds"]),
                 "price_per_hour": price,
+                "gpu_price_per_hour": float(split["gpu_price_per_hour"]),
+                "gpu_cost_usd": float(split["gpu_usd"]),
+                "cpu_cost_usd": float(split["cpu_usd"]),
+                "memory_cost_usd": float(split["memory_usd"]),
+                "prices_read": str(split["prices_read"]),
                 "cost_usd": cost,
                 "run_cost_usd": 0.0 if reused else cost,
                 "residual_db": _num(stored.residual_db),
