@@ -34,12 +34,14 @@ VARIANTS = [
     "threads1",  # the same, one intra-op thread
     "sdpa",  # gpu_worker.cpu_inference.prepare_for_cpu: attention on scaled_dot_product_attention
     "sdpa_threads1",
+    "sdpa_passive",  # + OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep instead of spinning)
     "sdpa_channels_last",  # + 4-D weights in channels-last memory format (oneDNN's preferred)
     "sdpa_mkldnn_off",  # + torch.backends.mkldnn disabled (native convolutions)
     "sdpa_bf16",  # + autocast to bfloat16 (the CPU has AVX512-BF16 / AMX); STFT parts in fp32
     "sdpa_compile",  # + torch.compile (inductor), compile time counted in setup
     "onnxruntime",  # exported core graph (STFT and iSTFT stay in torch) on ONNX Runtime
     "openvino",  # the same graph on OpenVINO
+    "openvino_threads1",
 ]
 
 
@@ -145,7 +147,7 @@ def build(variant: str, repo: Path, mix: torch.Tensor, tmp: Path):
     if "mkldnn_off" in variant:
         torch.backends.mkldnn.enabled = False
     model = load_model(repo)
-    if variant == "onnxruntime":
+    if variant.startswith("onnxruntime"):
         import onnxruntime as ort
 
         path = export_onnx(model, mix, tmp)
@@ -159,12 +161,14 @@ def build(variant: str, repo: Path, mix: torch.Tensor, tmp: Path):
             return torch.from_numpy(x), torch.from_numpy(xt)
 
         forward = graph_forward(model, run_core)
-    elif variant == "openvino":
+    elif variant.startswith("openvino"):
         import openvino as ov
 
         path = export_onnx(model, mix, tmp)
         compiled = ov.Core().compile_model(
-            ov.Core().read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+            ov.Core().read_model(str(path)),
+            "CPU",
+            {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()},
         )
 
         def run_core(m, g):
@@ -249,6 +253,8 @@ def main(argv=None) -> int:
             cmd, run_env = me + ["--one", variant, "--ref", str(ref)], env
             if variant == "reference":
                 cmd, run_env = me + ["--one", variant], {**env, "STEMSET_REF_OUT": str(ref)}
+            if "passive" in variant:
+                run_env = {**run_env, "OMP_WAIT_POLICY": "PASSIVE"}
             proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True)
             if proc.returncode:
                 rows.append({"variant": variant, "failed": proc.stderr.strip().splitlines()[-1][:300]})
