@@ -132,7 +132,9 @@ def export_onnx(model, mix: torch.Tensor, folder: Path) -> Path:
     mag = model._magnitude(model._spec(mix))
     path = folder / "htdemucs_core.onnx"
     with torch.no_grad():
-        torch.onnx.export(core, (mix, mag), str(path), input_names=["mix", "mag"], output_names=["x", "xt"], dynamo=True)
+        torch.onnx.export(
+            core, (mix, mag), str(path), input_names=["mix", "mag"], output_names=["x", "xt"], dynamo=True
+        )
     return path
 
 
@@ -244,7 +246,10 @@ def main(argv=None) -> int:
             res["max_rel_err"] = 0.0
         print(json.dumps(res))
         return 0
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
     rows = []
     with tempfile.TemporaryDirectory(prefix="stemset-cpu-inf-") as tmp:
         ref = Path(tmp) / "ref.pt"
@@ -261,7 +266,16 @@ def main(argv=None) -> int:
             else:
                 rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), file=sys.stderr)
-    emit({"segment_s": 7.8, "repeats": args.repeats, "variants": rows, "load_average_1m": os.getloadavg()[0], **machine()}, args.json)
+    emit(
+        {
+            "segment_s": 7.8,
+            "repeats": args.repeats,
+            "variants": rows,
+            "load_average_1m": os.getloadavg()[0],
+            **machine(),
+        },
+        args.json,
+    )
     return 0
 
 
