@@ -233,6 +233,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
     ap.add_argument("--repeats", type=int, default=3, help="timed forwards per variant (median kept)")
     ap.add_argument("--repo", type=Path, default=Path(tempfile.gettempdir()) / "stemset-release-repo")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds a variant may take in all (setup included)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one variant here
     ap.add_argument("--ref", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
@@ -260,7 +261,12 @@ def main(argv=None) -> int:
                 cmd, run_env = me + ["--one", variant], {**env, "STEMSET_REF_OUT": str(ref)}
             if "passive" in variant:
                 run_env = {**run_env, "OMP_WAIT_POLICY": "PASSIVE"}
-            proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True)
+            try:
+                proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                rows.append({"variant": variant, "timed_out_after_s": args.timeout})
+                print(json.dumps(rows[-1]), file=sys.stderr)
+                continue
             if proc.returncode:
                 rows.append({"variant": variant, "failed": proc.stderr.strip().splitlines()[-1][:300]})
             else:
