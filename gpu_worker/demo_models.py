@@ -24,15 +24,16 @@ SOURCES4 = ["drums", "bass", "other", "vocals"]
 SOURCES6 = ["drums", "bass", "other", "vocals", "guitar", "piano"]
 
 
-def tiny_htdemucs(sources=SOURCES4, seed=0, segment=Fraction(1, 1)):
+def tiny_htdemucs(sources=SOURCES4, seed=0, segment=Fraction(1, 1), t_layers=1, t_heads=1):
+    """``t_layers=2`` adds a cross-attention layer after the first self-attention one."""
     torch.manual_seed(seed)
     return HTDemucs(
         sources=list(sources),
         channels=4,
         depth=2,
         nfft=512,
-        t_layers=1,
-        t_heads=1,
+        t_layers=t_layers,
+        t_heads=t_heads,
         t_hidden_scale=1.0,
         dconv_depth=1,
         dconv_comp=2,

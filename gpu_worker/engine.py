@@ -56,7 +56,7 @@ def separate(
     std = ref.std() + 1e-8
     mix = ((wav - mean) / std)[None]
     out = _apply(model, mix, params, device, needed_sources, rng, progress, stats)
-    out = out * std + mean
+    out = out.mul_(std).add_(mean)  # in place: no second copy of every stem
     target = home if output_device is None else torch.device(output_device)
     return {name: to_device(stem, target) for name, stem in zip(model.sources, out[0], strict=True)}
 
@@ -72,7 +72,7 @@ def _apply(model, mix, params, device, needed_sources, rng, progress, stats) -> 
         for k, w in enumerate(weights):
             res[:, k] *= w
             totals[k] += w
-        estimates = res if estimates is None else estimates + res
+        estimates = res if estimates is None else estimates.add_(res)
     assert estimates is not None, "a bag keeps at least one source"
     for k, total in enumerate(totals):
         if total:
@@ -87,8 +87,11 @@ def _apply_single(model, mix, params, device, rng, progress, stats) -> torch.Ten
     plan = plan_segments(model, params, length, rng)
     weight = transition_weight(plan.seg_len).to(device)
 
-    outs = [torch.zeros(len(model.sources), channels, view.length, device=device) for view in plan.views]
-    sums = [torch.zeros(view.length, device=device) for view in plan.views]
+    # One buffer per view over the mix's own samples: a shifted view's first ``trim`` positions
+    # fall before the mix and are dropped (as Demucs drops them after summing), so they are
+    # never summed, and the first view's buffer is the result, with no copy.
+    outs = [torch.zeros(len(model.sources), channels, length, device=device) for _ in plan.views]
+    sums = [torch.zeros(length, device=device) for _ in plan.views]
     batch_size = params.batch_size or auto_batch_size(device, params.precision)
 
     # Segments of equal padded length share a batch (all of them for HTDemucs).
@@ -108,20 +111,25 @@ def _apply_single(model, mix, params, device, rng, progress, stats) -> torch.Ten
             stats.batches += 1
             stats.segments += len(batch)
             for s, y_s in zip(batch, y, strict=True):
-                y_s = center_trim(y_s, s.length)
-                w = weight[: s.length]
-                outs[s.view][..., s.offset : s.offset + s.length] += w * y_s
-                sums[s.view][s.offset : s.offset + s.length] += w
+                trim = plan.views[s.view].trim
+                skip = max(0, trim - s.offset)  # output samples that land before the mix
+                if skip >= s.length:
+                    continue
+                y_s = center_trim(y_s, s.length)[..., skip:]
+                w = weight[skip : s.length]
+                start = s.offset + skip - trim
+                outs[s.view][..., start : start + s.length - skip] += w * y_s
+                sums[s.view][start : start + s.length - skip] += w
             if progress:
                 progress(len(batch))
 
-    result = torch.zeros(1, len(model.sources), channels, length, device=device)
-    for view, out, total in zip(plan.views, outs, sums, strict=True):
-        out /= total
-        result[0] += out[..., view.trim :]
+    # Sum the views into the first one's buffer (the same sums as into zeros, without a copy).
+    result = outs[0].div_(sums[0])
+    for out, total in zip(outs[1:], sums[1:], strict=True):
+        result += out.div_(total)
     if params.shifts:
         result /= params.shifts
-    return result
+    return result[None]
 
 
 def _padded(t: torch.Tensor, start: int, length: int) -> torch.Tensor:

@@ -50,12 +50,11 @@ from . import ENGINE_VERSION
 from .errors import StemsetError
 from .job import JOB_VERSION, SeparationJob, StorageRef
 from .remote import JobConflictError, ThreadJobRunner, WarmWorker, error_info
+from .worker_args import LOCAL_ROOTS_ENV, TOKEN_ENV, add_serve_args, add_worker_args  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20  # a job is a few kB; anything this big is not one
-TOKEN_ENV = "GPU_WORKER_TOKEN"
-LOCAL_ROOTS_ENV = "STEMSET_WORKER_LOCAL_ROOTS"  # os.pathsep-separated folders jobs may use as local storage
 
 
 class WorkerConfigError(StemsetError):
@@ -334,43 +333,6 @@ def serve(
 # --------------------------------------------------------------------------------------
 
 
-def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--host", default="127.0.0.1", help=f"address to bind (default 127.0.0.1; any other needs {TOKEN_ENV})"
-    )
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument(
-        "--model-repo",
-        default=None,
-        help="Demucs model folder on this machine (default $STEMSET_MODEL_REPO, else Demucs' download)",
-    )
-    p.add_argument(
-        "--preload",
-        default=None,
-        help="comma-separated models to load at start (default $STEMSET_PRELOAD_MODELS, else none)",
-    )
-    p.add_argument(
-        "--max-concurrent",
-        type=int,
-        default=4,
-        help="jobs in flight (default 4: the pipeline overlaps them on one GPU)",
-    )
-    p.add_argument(
-        "--gpu-type",
-        default=None,
-        help="this machine's GPU type as priced in gpu.prices_per_hour (default $STEMSET_GPU_TYPE)",
-    )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument(
-        "--allow-local-root",
-        action="append",
-        default=None,
-        metavar="DIR",
-        help=f"a folder jobs may use as local storage (repeatable; default ${LOCAL_ROOTS_ENV}, else none: s3 only)",
-    )
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-
-
 def run_serve(args: argparse.Namespace) -> int:
     """Serve the separation worker over HTTP (token from $GPU_WORKER_TOKEN)."""
     preload = args.preload if args.preload is not None else os.environ.get("STEMSET_PRELOAD_MODELS", "")
@@ -387,13 +349,6 @@ def run_serve(args: argparse.Namespace) -> int:
         local_roots=[Path(p) for p in args.allow_local_root] if args.allow_local_root else local_roots_from_env(),
     )
     return 0
-
-
-def add_worker_args(p: argparse.ArgumentParser) -> None:
-    """For `stemset worker ...`: a `serve` subcommand with :func:`add_serve_args`."""
-    subs = p.add_subparsers(dest="worker_command", metavar="WORKER_COMMAND", required=True)
-    serve_parser = subs.add_parser("serve", help="serve the separation worker over HTTP", description=run_serve.__doc__)
-    add_serve_args(serve_parser)
 
 
 def run_worker(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .cpu_inference import prepare_for_cpu
 from .errors import ModelError
 
 Progress = Callable[[int], None]  # called with the number of segments just finished
@@ -64,6 +65,8 @@ def auto_batch_size(device: torch.device, precision: str) -> int:
 def prepare_model(model: Any, device: torch.device, precision: str, stats: EngineStats) -> None:
     """Move ``model`` to ``device`` and set it up for ``precision``; counts it in ``stats``."""
     model.to(device)
+    if device.type == "cpu":
+        prepare_for_cpu(model)  # same outputs, faster kernels (gpu_worker.cpu_inference)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # few distinct shapes: autotuning pays off at once
     if precision != "fp32":

@@ -13,7 +13,6 @@ import sys
 from tqdm import tqdm
 
 from ..config import load_config
-from ..core.status import status_frame, summary
 
 
 def add_status_args(p: argparse.ArgumentParser) -> None:
@@ -25,7 +24,8 @@ def add_status_args(p: argparse.ArgumentParser) -> None:
 
 def run_status(args: argparse.Namespace) -> int:
     """Per profile x strategy: how many stem sets are in each state (the one state rule, over the bucket)."""
-    # Dagster loads only when a command runs, so `stemset --help` stays fast.
+    # Dagster and pandas load only when a command runs, so `stemset --help` stays fast.
+    from ..core.status import status_frame, summary
     from ..defs.runs import dagster_instance
     from ..defs.status import read_status
 

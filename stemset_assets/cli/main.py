@@ -10,9 +10,17 @@ import sys
 from collections.abc import Callable
 
 from gpu_worker.errors import StemsetError
-from gpu_worker.http_worker import add_worker_args, run_worker
+from gpu_worker.worker_args import add_worker_args
 
 from . import api, automation, catalog, deploy, dev, process, separate
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Run a separation worker on this machine (`stemset worker serve`)."""
+    from gpu_worker.http_worker import run_worker as run  # lazy: Starlette loads only to serve
+
+    return run(args)
+
 
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from gpu_worker.audio.source import MIN_FRACTION_ENV
+from gpu_worker.cpu_threads import prefer_passive_openmp
 from gpu_worker.errors import StemsetError
 from gpu_worker.job import SeparationJob, StorageRef
-from gpu_worker.worker import run_job
 
 from ..config import StemsetConfig, load_config
 from ..core.stemsets import model_repo, strategy_fingerprint
@@ -41,6 +41,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Separate local files into DIR/<file stem>/<stem>.<ext> plus manifest.json. No Dagster involved."""
+    prefer_passive_openmp()  # before torch loads (in run_job): no spinning threads on shared cores
+    from gpu_worker.worker import run_job  # lazy: numpy, the audio stack and torch come with it
+
     config = load_config(args.config)
     if args.accept_truncated:
         os.environ[MIN_FRACTION_ENV] = "0"  # this process only: decoding reads it

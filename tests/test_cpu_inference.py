@@ -1,0 +1,103 @@
+"""The CPU inference path (gpu_worker.cpu_inference) gives Demucs' stems within 1e-4."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from gpu_worker import models
+from gpu_worker.cpu_inference import SDPAttention, prepare_for_cpu, use_sdpa_attention
+from gpu_worker.cpu_threads import WAIT_POLICY_ENV, prefer_passive_openmp
+from gpu_worker.engine import separate
+from gpu_worker.strategy import SeparationParams
+from tests.model_fixtures import save_model, tiny_htdemucs
+from tests.test_engine_equivalence import assert_equal_to_demucs, demucs_reference, mix
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def cross_repo(tmp_path_factory):
+    """HTDemucs with a cross-transformer of a self-attention and a cross-attention layer, two heads."""
+    folder = tmp_path_factory.mktemp("cross_models")
+    save_model(tiny_htdemucs(seed=5, t_layers=2, t_heads=2), folder, "c0c0a7e2")
+    (folder / "htdemucs_cross.yaml").write_text(yaml.safe_dump({"models": ["c0c0a7e2"]}))
+    return folder
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("kind", ["self", "cross", "distinct"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_sdpa_attention_equals_multihead_attention(kind, masked):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    q = torch.randn(2, 11, 16)
+    k = q if kind == "self" else torch.randn(2, 7, 16)
+    v = k if kind != "distinct" else torch.randn(2, 7, 16)
+    mask = torch.randn(11, k.shape[1]) if masked else None
+    with torch.inference_mode():
+        ref = mha(q, k, v, attn_mask=mask, need_weights=False)[0]
+        ours, weights = SDPAttention(mha)(q, k, v, attn_mask=mask, need_weights=False)
+    assert weights is None
+    assert rel_err(ours, ref) < 1e-6
+
+
+def test_swap_covers_self_and_cross_attention_and_shares_weights():
+    model = tiny_htdemucs(seed=5, t_layers=2, t_heads=2)
+    ref = copy.deepcopy(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert use_sdpa_attention(model) == 4  # a self and a cross layer in each of the two branches
+    assert not any(type(m) is nn.MultiheadAttention for m in model.modules())
+    assert sum(p.numel() for p in model.parameters()) == n_params  # the same weights, not copies
+    x = torch.randn(1, 2, 44100)
+    with torch.inference_mode():
+        random.seed(3)
+        expected = ref(x)
+        random.seed(3)
+        got = model(x)
+    assert rel_err(got, expected) < TOL
+
+
+def test_prepare_for_cpu_once_per_model():
+    model = tiny_htdemucs(seed=5, t_layers=2, t_heads=2)
+    prepare_for_cpu(model)
+    swapped = [m for m in model.modules() if isinstance(m, SDPAttention)]
+    prepare_for_cpu(model)
+    assert [m for m in model.modules() if isinstance(m, SDPAttention)] == swapped
+
+
+@pytest.mark.parametrize("shifts", [0, 2])
+def test_cpu_path_with_cross_attention_matches_demucs(cross_repo, shifts):
+    wav = mix(3.1, seed=8)
+    model = models.load_model("htdemucs_cross", cross_repo)
+    ref = demucs_reference("htdemucs_cross", cross_repo, wav, shifts=shifts, seed=77)
+    params = SeparationParams(shifts=shifts, batch_size=3)
+    ours = separate(model, wav, params, torch.device("cpu"), rng=random.Random(77))
+    assert_equal_to_demucs(ours, ref)
+    # The path that gave these stems is the CPU one: every attention runs on SDPA.
+    assert any(isinstance(m, SDPAttention) for m in model.modules())
+    assert not any(type(m) is nn.MultiheadAttention for m in model.modules())
+
+
+def test_passive_openmp_is_a_default_the_user_can_override(monkeypatch):
+    monkeypatch.delitem(__import__("sys").modules, "torch", raising=False)  # as before torch loads
+    env: dict[str, str] = {}
+    assert prefer_passive_openmp(env)
+    assert env == {WAIT_POLICY_ENV: "PASSIVE"}
+    env = {WAIT_POLICY_ENV: "ACTIVE"}
+    prefer_passive_openmp(env)
+    assert env[WAIT_POLICY_ENV] == "ACTIVE"
+
+
+def test_passive_openmp_reports_too_late_once_torch_is_loaded():
+    env: dict[str, str] = {}
+    assert not prefer_passive_openmp(env)
+    assert env == {}
