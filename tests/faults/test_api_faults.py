@@ -1,4 +1,4 @@
-"""The web API's jobs are durable Dagster runs, and every error is JSON (issue 14, items 1 and 5).
+"""Fault injection at the API: its jobs are durable Dagster runs, and every error is JSON (issue 14, items 1 and 5).
 
 Against real `stemset api serve` processes on loopback: an API killed or stopped mid-job keeps
 its jobs, which end complete after a restart; a killed job worker fails its run (never STARTED
@@ -26,6 +26,7 @@ from tests.model_fixtures import make_model_repo
 
 STEMS = {"drums", "bass", "other", "vocals"}
 EXIT_TIMEOUT_S = 30.0
+pytestmark = pytest.mark.faults
 
 
 @pytest.fixture(scope="module")
