@@ -518,4 +518,13 @@ def _round(value: float | None, digits: int = 2) -> float | None:
 
 
 def _peak_rss_mb() -> float:
+    # VmHWM is this process's own high-water mark; ru_maxrss survives exec, so a worker started by
+    # a large parent (pytest, the API) would report the parent's size.
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -102,7 +102,7 @@ def test_api_uploads_at_once_each_job_returns_its_own_stems(tmp_path_factory):
             assert record["original_key"] == body["object_key"]
             for url in job["stems"].values():  # ...and its stems are that partition's
                 assert f"/api/media/outputs/{body['partition']}/" in url
-                assert httpx.get(url, headers=server.headers(), timeout=10).status_code == 200
+                assert httpx.get(server.url + url, headers=server.headers(), timeout=10).status_code == 200
         # staging objects are never served (issue 14, deliver 3)
         staged = server.media / "outputs" / bodies[0]["partition"] / "htdemucs" / ".staging" / "j.0" / "vocals.flac"
         staged.parent.mkdir(parents=True)
