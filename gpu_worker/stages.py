@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from . import ENGINE_VERSION, models
-from .audio.analyse import StemAnalysis, analyse_stem
+from .audio.analyse import analyse_stem
 from .audio.decode import decode_audio
 from .audio.encode import StemWriter, encode_audio
 from .audio.info import SAMPLE_RATE, AudioWarning
@@ -277,7 +277,7 @@ def separate(state: JobState) -> JobState:
         state.timings["analyse"] = 0.0  # measured on the fly, inside the encode loop
         state.residual_db = streamed.residual_db
         for name, stem_stats in streamed.stems.items():
-            state.described[name] = _describe_stream(stem_stats)
+            state.described[name] = _describe(stem_stats.lufs, stem_stats.peak, stem_stats.rms, stem_stats.nonfinite)
             state.durations[name] = stem_stats.frames / SAMPLE_RATE
     else:
         stems = run_strategy(
@@ -394,7 +394,7 @@ def _analyse_and_encode(state: JobState, pool: Executor, encode: Encoder, residu
         if analysis.nonfinite:
             stem = np.nan_to_num(stem, nan=0.0, posinf=0.0, neginf=0.0)
         encode(stem, state.files[name], job.output_format, job.bitrate_kbps)
-        state.described[name] = _describe(analysis)
+        state.described[name] = _describe(analysis.lufs, analysis.sample_peak, analysis.rms, analysis.nonfinite)
         state.durations[name] = stem.shape[-1] / SAMPLE_RATE
         return analyse_s
 
@@ -414,26 +414,14 @@ def _analyse_and_encode(state: JobState, pool: Executor, encode: Encoder, residu
     state.mark("encode_end")
 
 
-def _describe(a: StemAnalysis) -> dict:
-    rms = a.rms
+def _describe(lufs: float | None, peak: float, rms: float, nonfinite: int) -> dict:
+    """A stem's figures for its manifest entry, the same whether measured whole or streamed."""
     return {
-        "lufs": _round(a.lufs),
-        "peak_dbfs": _round(20 * np.log10(a.sample_peak)) if a.sample_peak > 0 else None,
-        "sample_peak": round(float(a.sample_peak), 6),
+        "lufs": _round(lufs),
+        "peak_dbfs": _round(20 * np.log10(peak)) if peak > 0 else None,
+        "sample_peak": round(float(peak), 6),
         "rms_dbfs": _round(20 * np.log10(rms)) if rms > 0 else None,
-        "nonfinite_samples": a.nonfinite,
-    }
-
-
-def _describe_stream(stats) -> dict:
-    """``_describe`` from a ``StreamStats`` (same fields, same rounding)."""
-    rms = stats.rms
-    return {
-        "lufs": _round(stats.lufs),
-        "peak_dbfs": _round(20 * np.log10(stats.peak)) if stats.peak > 0 else None,
-        "sample_peak": round(float(stats.peak), 6),
-        "rms_dbfs": _round(20 * np.log10(rms)) if rms > 0 else None,
-        "nonfinite_samples": stats.nonfinite,
+        "nonfinite_samples": nonfinite,
     }
 
 

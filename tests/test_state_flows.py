@@ -14,11 +14,11 @@ from stemset_assets.core.layout import manifest_key, read_record
 from stemset_assets.defs.asset_keys import CATALOG_KEY
 from stemset_assets.defs.backfill import plan_backfill
 from stemset_assets.defs.build import build_definitions
-from stemset_assets.defs.sensors import build_new_recordings_sensor
 from stemset_assets.defs.state_sensor import STEM_SET_STATE
 from stemset_assets.defs.status import read_status
 from tests.audio_fixtures import music_like
 from tests.test_assets import World, local_world, model_repo, write_config  # noqa: F401 - model_repo is a fixture
+from tests.test_sensors import Ticker
 
 SENSORS = "\nsensors: {settle_s: 0, max_new_per_tick: 50}\n"
 
@@ -28,29 +28,21 @@ def world(tmp_path, model_repo) -> World:  # noqa: F811
     return local_world(tmp_path, write_config(tmp_path / "cfg", model_repo, extra=SENSORS))
 
 
-class Daemon:
-    """Ticks ``new_recordings`` as dagster-daemon does: the cursor carried over, partitions added,
-    and a run launched only for a run key never launched before."""
+class Daemon(Ticker):
+    """:class:`Ticker` (the sensor evaluated as the daemon does) plus the daemon's run-key rule:
+    a run is launched only for a run key never launched before."""
 
     def __init__(self, world: World):
-        self.world, self.cursor, self.run_keys = world, None, set()
+        super().__init__(world.instance, world.media)
+        self.world, self.run_keys = world, set()
 
-    def tick(self) -> list[str]:
-        world = self.world
-        context = build_sensor_context(
-            instance=world.instance, cursor=self.cursor, resources={"media_store": world.media}
-        )
-        result = build_new_recordings_sensor(world.config)(context)
-        assert isinstance(result, SensorResult)
-        self.cursor = result.cursor
-        for req in result.dynamic_partitions_requests or []:
-            world.instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+    def launch(self) -> list[str]:
         ran = []
-        for req in result.run_requests or []:
+        for req in self.tick(self.world.config).run_requests or []:
             if req.run_key in self.run_keys:
                 continue
             self.run_keys.add(req.run_key)
-            assert world.run(req.partition_key, ["htdemucs"]).success
+            assert self.world.run(req.partition_key, ["htdemucs"]).success
             ran.append(req.partition_key)
         return ran
 
@@ -68,8 +60,8 @@ def test_content_that_comes_back_runs_again_and_one_upload_runs_once(world: Worl
     shas = {}
     for step, name in enumerate(["A", "B", "A"]):
         world.put_input("inputs/h4n/take.wav", takes[name], 44100)
-        assert daemon.tick() == ["h4n/take"], f"upload {step + 1} ({name}) did not run"
-        assert daemon.tick() == []  # the same upload: never twice
+        assert daemon.launch() == ["h4n/take"], f"upload {step + 1} ({name}) did not run"
+        assert daemon.launch() == []  # the same upload: never twice
         record = read_record(world.store, "h4n/take")
         manifest = json.loads(world.store.get_bytes(manifest_key("h4n/take", "htdemucs")))
         assert manifest["input_sha256"] == record.source_sha256

@@ -371,7 +371,7 @@ def _write_long(path: Path, minutes: int) -> None:
 
 def test_peak_memory_does_not_grow_with_length(repo, tmp_path):
     """A tiny model (hdemucs_mmi), wav output, the whole worker (download, decode, separate,
-    encode, publish); each run in a fresh process reporting its own ru_maxrss."""
+    encode, publish); each run in a fresh process reporting its own peak RSS (VmHWM)."""
     root = tmp_path / "store"
     root.mkdir()
     _write_long(root / "long.wav", MEMORY_MINUTES)
