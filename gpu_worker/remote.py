@@ -195,7 +195,14 @@ class WarmWorker:
         type it runs on (what the job asked for is only a wish), and ``STEMSET_S3_ENDPOINT_URL``
         for an s3 storage reference that names no endpoint."""
         changes: dict[str, Any] = {}
-        if not job.model_repo and self.model_repo:
+        if job.model_repo and job.model_repo != self.model_repo:
+            # Loading a model unpickles files: a client may not point the worker at any folder.
+            raise JobError(
+                f"This worker loads models only from its own folder (STEMSET_MODEL_REPO="
+                f"{self.model_repo or 'unset: Demucs download'}), not {job.model_repo[:200]!r}: "
+                "send the job without model_repo, or set STEMSET_MODEL_REPO on the worker."
+            )
+        if self.model_repo:
             changes["model_repo"] = self.model_repo
         if self.gpu_type:
             changes["gpu_type"] = self.gpu_type
