@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import platform
-import resource
 import sys
 from fractions import Fraction
 from pathlib import Path
 
 import torch
 import yaml
+
+from gpu_worker.process_memory import peak_rss_mb  # noqa: F401  (re-exported for the benchmarks)
 
 # The released htdemucs: HTDemucs defaults with a 512-channel bottleneck before the cross
 # transformer and a 7.8 s segment (41.5 M parameters, like the published checkpoint).
@@ -57,11 +58,6 @@ def synthetic_mix(seconds: float, seed: int = 0, sr: int = 44100) -> torch.Tenso
     beat = ((t * 2) % 1 < 0.05).double() * torch.randn(n, generator=g, dtype=torch.float64) * 0.3
     mono = (bass + chord + beat).float()
     return torch.stack([mono, 0.9 * mono + 0.01 * torch.randn(n, generator=g)])
-
-
-def peak_rss_mb() -> float:
-    # ru_maxrss is KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def machine() -> dict:

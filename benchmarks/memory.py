@@ -164,9 +164,9 @@ def run_child(engine: str, repo: Path, model: str, wav: Path, work: Path, thread
 
 
 def child(args) -> dict:
-    import resource
-
     import torch
+
+    from gpu_worker.process_memory import peak_rss_mb
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -234,7 +234,7 @@ def child(args) -> dict:
         "audio_s": round(seconds, 2),
         "wall_s": round(wall, 2),
         "rtf": round(seconds / wall, 3),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_rss_mb": round(peak_rss_mb()),
         "threads": torch.get_num_threads(),
         **extra,
     }

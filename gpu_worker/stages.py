@@ -41,6 +41,7 @@ from .errors import AudioError, JobError, StorageError
 from .hashing import file_sha256 as _sha256
 from .job import MANIFEST_NAME, SeparationJob, SeparationResult, StemFile, StorageRef
 from .manifests import superseded
+from .process_memory import peak_rss_mb
 from .stores.base import ObjectStore
 from .stores.local import LocalObjectStore
 from .stores.publish import STAGING_DIR, new_attempt, publish_set, set_key
@@ -359,7 +360,7 @@ def finish(
         timings={k: round(v, 4) for k, v in timings.items()},
         device=_device_name(state.device),
         gpu_type=job.gpu_type if state.device.type == "cuda" else None,
-        peak_memory_mb=round(_peak_rss_mb(), 1),
+        peak_memory_mb=round(peak_rss_mb(), 1),
         gpu_peak_memory_mb=state.gpu_peak_mb,
         billed_seconds=round(held + max(0.0, state.startup_s), 3),
         segments=state.stats.segments,
@@ -503,16 +504,3 @@ def _residual_db(mix: np.ndarray, stems: list[np.ndarray]) -> float | None:
 
 def _round(value: float | None, digits: int = 2) -> float | None:
     return None if value is None or not np.isfinite(value) else round(float(value), digits)
-
-
-def _peak_rss_mb() -> float:
-    # VmHWM is this process's own high-water mark; ru_maxrss survives exec, so a worker started by
-    # a large parent (pytest, the API) would report the parent's size.
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
