@@ -35,6 +35,8 @@ VARIANTS = [
     "sdpa",  # gpu_worker.cpu_inference.prepare_for_cpu: attention on scaled_dot_product_attention
     "sdpa_threads1",
     "sdpa_passive",  # + OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep instead of spinning)
+    "sdpa_spin20000",  # + GOMP_SPINCOUNT=20000: idle threads spin that many times, then sleep
+    "sdpa_spin200000",
     "sdpa_channels_last",  # + 4-D weights in channels-last memory format (oneDNN's preferred)
     "sdpa_mkldnn_off",  # + torch.backends.mkldnn disabled (native convolutions)
     "sdpa_bf16",  # + autocast to bfloat16 (the CPU has AVX512-BF16 / AMX); STFT parts in fp32
@@ -261,6 +263,8 @@ def main(argv=None) -> int:
                 cmd, run_env = me + ["--one", variant], {**env, "STEMSET_REF_OUT": str(ref)}
             if "passive" in variant:
                 run_env = {**run_env, "OMP_WAIT_POLICY": "PASSIVE"}
+            if "_spin" in variant:
+                run_env = {**run_env, "GOMP_SPINCOUNT": variant.rsplit("_spin", 1)[1]}
             try:
                 proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=args.timeout)
             except subprocess.TimeoutExpired:

@@ -139,15 +139,19 @@ class SeparationResult:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SeparationResult:
+    def from_dict(cls, data: dict[str, Any], *, strict: bool = True) -> SeparationResult:
+        """``strict=False`` drops fields this version does not know: a published manifest outlives
+        the code that wrote it, and a later version may add fields (as ``replaces`` was added)."""
         _check_version(data, "result")
         data = dict(data)
-        data["stems"] = {k: _construct(StemFile, v, "stem") for k, v in data["stems"].items()}
-        return _construct(cls, data, "result")
+        if not isinstance(data.get("stems"), dict):
+            raise JobError("The result has no stems (an object in field 'stems').")
+        data["stems"] = {k: _construct(StemFile, v, "stem", strict) for k, v in data["stems"].items()}
+        return _construct(cls, data, "result", strict)
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> SeparationResult:
-        return cls.from_dict(_loads(text, "result"))
+    def from_json(cls, text: str | bytes, *, strict: bool = True) -> SeparationResult:
+        return cls.from_dict(_loads(text, "result"), strict=strict)
 
 
 def _loads(text: str | bytes, what: str) -> dict[str, Any]:
@@ -169,11 +173,14 @@ def _check_version(data: dict[str, Any], what: str) -> None:
         )
 
 
-def _construct(cls, data: dict[str, Any], what: str):
+def _construct(cls, data: dict[str, Any], what: str, strict: bool = True):
+    if not isinstance(data, dict):
+        raise JobError(f"The {what} must be a JSON object.")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
-    if unknown:
+    if unknown and strict:
         raise JobError(f"The {what} has unknown field(s) {unknown}.")
+    data = {k: v for k, v in data.items() if k in known}
     try:
         return cls(**data)
     except TypeError as err:

@@ -8,11 +8,12 @@ from .stores.base import ObjectStore
 
 
 def read_manifest(store: ObjectStore, key: str) -> SeparationResult | None:
-    """The published result at ``key``, or None when there is none (or it is unreadable)."""
+    """The published result at ``key``, or None when there is none (or it is unreadable).
+    Fields a later version added are ignored, so an older worker still sees the set."""
     if store.head(key) is None:
         return None
     try:
-        return SeparationResult.from_json(store.get_bytes(key))
+        return SeparationResult.from_json(store.get_bytes(key), strict=False)
     except JobError:
         return None
 

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from gpu_worker import manifests
 from gpu_worker.errors import StemsetError, StorageError
 from gpu_worker.job import MANIFEST_NAME, SeparationResult
 from gpu_worker.stores.base import ObjectStore
@@ -166,12 +167,9 @@ def write_record(store: ObjectStore, record: RecordingRecord) -> None:
 
 def read_manifest(store: ObjectStore, partition: str, strategy: str) -> SeparationResult | None:
     """The stem set's manifest, or None when there is none (yet) or it is unreadable."""
-    key = manifest_key(partition, strategy)
-    if store.head(key) is None:
-        return None
     try:
-        return SeparationResult.from_json(store.get_bytes(key))
-    except StemsetError:
+        return manifests.read_manifest(store, manifest_key(partition, strategy))
+    except StemsetError:  # the store failing here reads as "no set yet", as an unreadable manifest does
         return None
 
 
