@@ -9,7 +9,6 @@ transition weights, so the result equals ``demucs.api.Separator.separate_tensor`
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -17,7 +16,8 @@ import torch
 from torch.nn import functional as F
 
 from .errors import ModelError
-from .inference import EngineStats, Progress, auto_batch_size, autocast, center_trim, prepare_model, to_device
+from .forwards import run_forwards
+from .inference import EngineStats, Progress, auto_batch_size, center_trim, prepare_model, to_device
 from .segments import Segment, bag_members, count_segments, is_bag, plan_segments, transition_weight
 from .strategy import SeparationParams, Strategy, StrategyNode, check_node_model
 
@@ -98,30 +98,25 @@ def _apply_single(model, mix, params, device, rng, progress, stats) -> torch.Ten
     by_len: dict[int, list[Segment]] = {}
     for seg in plan.segments():
         by_len.setdefault(seg.valid, []).append(seg)
-    for group in by_len.values():
-        for i in range(0, len(group), batch_size):
-            batch = group[i : i + batch_size]
-            # Segment padding may read real samples past a shifted view's end, zeros past the mix.
-            x = torch.stack([_padded(mix[0], s.in_start, s.valid) for s in batch])
-            t0 = time.perf_counter()
-            with torch.inference_mode(), autocast(device, params.precision):
-                y = model(x)
-            y = y.float()
-            stats.forward_s += time.perf_counter() - t0
-            stats.batches += 1
-            stats.segments += len(batch)
-            for s, y_s in zip(batch, y, strict=True):
-                trim = plan.views[s.view].trim
-                skip = max(0, trim - s.offset)  # output samples that land before the mix
-                if skip >= s.length:
-                    continue
-                y_s = center_trim(y_s, s.length)[..., skip:]
-                w = weight[skip : s.length]
-                start = s.offset + skip - trim
-                outs[s.view][..., start : start + s.length - skip] += w * y_s
-                sums[s.view][start : start + s.length - skip] += w
-            if progress:
-                progress(len(batch))
+    batches = [group[i : i + batch_size] for group in by_len.values() for i in range(0, len(group), batch_size)]
+
+    def stacked(batch: list[Segment]) -> torch.Tensor:
+        # Segment padding may read real samples past a shifted view's end, zeros past the mix.
+        return torch.stack([_padded(mix[0], s.in_start, s.valid) for s in batch])
+
+    for batch, y in run_forwards(model, batches, stacked, device, params.precision, stats):
+        for s, y_s in zip(batch, y, strict=True):
+            trim = plan.views[s.view].trim
+            skip = max(0, trim - s.offset)  # output samples that land before the mix
+            if skip >= s.length:
+                continue
+            y_s = center_trim(y_s, s.length)[..., skip:]
+            w = weight[skip : s.length]
+            start = s.offset + skip - trim
+            outs[s.view][..., start : start + s.length - skip] += w * y_s
+            sums[s.view][start : start + s.length - skip] += w
+        if progress:
+            progress(len(batch))
 
     # Sum the views into the first one's buffer (the same sums as into zeros, without a copy).
     result = outs[0].div_(sums[0])

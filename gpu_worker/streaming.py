@@ -69,7 +69,8 @@ from .audio.decode import decode_source
 from .audio.info import CHANNELS, SAMPLE_RATE, AudioWarning
 from .audio.source import open_source
 from .errors import ModelError
-from .inference import EngineStats, Progress, auto_batch_size, autocast, center_trim, prepare_model, to_device
+from .forwards import run_forwards
+from .inference import EngineStats, Progress, auto_batch_size, center_trim, prepare_model, to_device
 from .segments import Segment, SegmentPlan, View, bag_members, plan_segments, transition_weight
 from .strategy import Strategy, StrategyNode, check_node_model
 from .stream_scratch import Residual, Spill
@@ -260,16 +261,12 @@ def _run_node(
             groups.setdefault((job.member, job.valid), []).append(job)
         for (mi, _valid), group in groups.items():
             m = plan.members[mi]
-            for i in range(0, len(group), m.batch_size):
-                batch = group[i : i + m.batch_size]
-                x = torch.stack([_normalised(reader, j.in_start, j.valid, mean_t, std_t) for j in batch]).to(device)
-                t0 = time.perf_counter()
-                with torch.inference_mode(), autocast(device, precision):
-                    y = m.plan.model(x)
-                y = y.float()
-                stats.forward_s += time.perf_counter() - t0
-                stats.batches += 1
-                stats.segments += len(batch)
+            batches = [group[i : i + m.batch_size] for i in range(0, len(group), m.batch_size)]
+
+            def normalised(batch: list[Segment]) -> torch.Tensor:
+                return torch.stack([_normalised(reader, j.in_start, j.valid, mean_t, std_t) for j in batch]).to(device)
+
+            for batch, y in run_forwards(m.plan.model, batches, normalised, device, precision, stats):
                 for j, y_j in zip(batch, y, strict=True):
                     skip = max(0, -j.out_start)
                     if skip >= j.length:
