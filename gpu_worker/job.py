@@ -50,7 +50,7 @@ class SeparationJob:
     output_storage: StorageRef | None = None  # defaults to `storage`
     output_format: str = "m4a"
     bitrate_kbps: int | None = 192
-    aac_coder: str | None = None  # m4a: FFmpeg's "twoloop" (None: the default) or "fast"
+    aac_coder: str | None = None  # m4a: "fast" or "twoloop" (None: the encoder's default, fast)
     model_repo: str | None = None  # a folder on the worker's machine; None = Demucs' download
     device: str = "auto"
     seed: int | None = None  # shift offsets; None = derived from input and fingerprint

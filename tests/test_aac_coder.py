@@ -1,6 +1,7 @@
 """The AAC coder option (``output.aac_coder``, ``--aac-coder``, ``SeparationJob.aac_coder``) reaches
 FFmpeg's encoder: fast and twoloop write different files that both decode to the input's length
-and rate; the default is byte-identical to naming twoloop; bad values are clear errors."""
+and rate; the default is fast, twoloop is byte-identical to FFmpeg's own default (the encoder before
+the option); bad values are clear errors."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from gpu_worker.audio.decode import decode_audio
-from gpu_worker.audio.encode import AAC_CODERS, StemWriter, encode_audio
+from gpu_worker.audio.encode import AAC_CODERS, StemWriter, _FFmpegSink, encode_audio
 from gpu_worker.errors import ConfigError, EncodeError, JobError
 from gpu_worker.job import SeparationJob, StorageRef
 from stemset_assets.cli.main import main
@@ -41,8 +42,14 @@ def test_coder_reaches_the_encoder(tmp_path):
         y, _ = decode_audio(path)
         assert y.shape == x.shape, coder
         assert snr_db(x, y) > 18, coder
-    assert files[None].read_bytes() == files["twoloop"].read_bytes()  # the default is FFmpeg's twoloop
+    assert files[None].read_bytes() == files["fast"].read_bytes()  # Stemset's default
     assert files["fast"].read_bytes() != files["twoloop"].read_bytes()
+    # twoloop is what the encoder wrote before the option: FFmpeg's AAC encoder with no options
+    old = tmp_path / "old.m4a"
+    sink = _FFmpegSink(old, "m4a", 192, SR, 2)
+    sink.write(np.ascontiguousarray(x.T))
+    sink.close()
+    assert old.read_bytes() == files["twoloop"].read_bytes()
 
 
 def test_unknown_coder_is_an_encode_error(tmp_path):
@@ -57,9 +64,9 @@ def test_config_reads_the_coder_and_rejects_others(tmp_path):
     base = "strategies:\n  s: {_: htdemucs, vocals: vocals}\nprofiles:\n  h4n: {strategies: [s], output: %s}\n"
     path = tmp_path / "config.yaml"
     path.write_text(base % "{format: m4a}")
-    assert load_config(path, env={}).profiles["h4n"].output.aac_coder == "twoloop"
-    path.write_text(base % "{format: m4a, aac_coder: fast}")
     assert load_config(path, env={}).profiles["h4n"].output.aac_coder == "fast"
+    path.write_text(base % "{format: m4a, aac_coder: twoloop}")
+    assert load_config(path, env={}).profiles["h4n"].output.aac_coder == "twoloop"
     path.write_text(base % "{format: m4a, aac_coder: anmr}")
     with pytest.raises(ConfigError) as info:
         load_config(path, env={})

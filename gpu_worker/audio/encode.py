@@ -6,8 +6,8 @@ resamples to 48 kHz with the same soxr resampler and the decoder brings it back.
 FFmpeg's AAC encoder in MP4, written with ``movie_timescale`` equal to the sample rate so
 the edit list records the exact length; the reader trims the AAC padding to that length.
 Lossy formats default to 192 kbps. ``aac_coder`` picks FFmpeg's AAC
-quantiser search: ``twoloop`` (its default) or ``fast`` (about 4x less CPU; see
-benchmarks/RESULTS.md, "AAC encoder options"). Samples outside [-1, 1] are clipped (counted in
+quantiser search: ``fast`` (Stemset's default) or ``twoloop`` (FFmpeg's default, about 2.7x the
+CPU on stem-like audio; see benchmarks/RESULTS.md, "AAC encoder options"). Samples outside [-1, 1] are clipped (counted in
 ``StemWriter.clipped_samples``). Decoding a written file with ``decode_audio`` at the
 writer's sample rate gives exactly the number of frames written (for Opus this holds for
 sample rates up to 48 kHz; above that, rounding through 48 kHz can differ by one frame).
@@ -36,7 +36,7 @@ PCM_SUBTYPE = "PCM_24"
 _AAC_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
 _BITRATE_RANGE = {"opus": (6, 510), "m4a": (16, 512)}
 AAC_CODERS = ("twoloop", "fast")  # FFmpeg's aac_coder values (FFmpeg 8 dropped "anmr")
-DEFAULT_AAC_CODER = "twoloop"
+DEFAULT_AAC_CODER = "fast"  # chosen by benchmarks/aac_options.py: ~0.37x the CPU, no worse by its proxies
 
 
 class _SndfileSink:

@@ -40,7 +40,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--aac-coder",
         choices=["twoloop", "fast"],
         default=None,
-        help="FFmpeg's AAC quantiser search for m4a (default: twoloop; fast uses about 4x less CPU)",
+        help="FFmpeg's AAC quantiser search for m4a (default: fast; twoloop uses about 2.7x the CPU)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument(
@@ -108,6 +108,8 @@ _STAGES = {
     "separate_start": "separating",
     "separate_end": "waiting to encode",
     "finish_start": "encoding",
+    "encode_start": "encoding",
+    "encode_end": "writing",
     "finish_end": "done",
 }
 
@@ -126,7 +128,8 @@ def _run_pipelined(jobs: list[SeparationJob], files: list[Path], out: Path, args
         bar = bars[job_id]
         if mark == "fetch_start":
             bar.reset(total=100)  # the clock shows this file's own time, not the queue's
-        bar.set_postfix_str(_STAGES.get(mark, mark))
+        if mark in _STAGES:
+            bar.set_postfix_str(_STAGES[mark])
 
     def progress_of(bar):
         return lambda fraction: bar.update(round(fraction * 100) - bar.n)

@@ -47,7 +47,7 @@ class OutputSpec:
 
     format: str = "m4a"
     bitrate: int = 192
-    aac_coder: str = "twoloop"
+    aac_coder: str = "fast"
 
 
 @dataclass(frozen=True)
