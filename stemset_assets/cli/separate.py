@@ -139,12 +139,13 @@ def _run_pipelined(jobs: list[SeparationJob], files: list[Path], out: Path, args
     futures = []
     try:
         futures = [pipe.submit(job, progress=progress_of(bars[job.job_id])) for job in jobs]
+        for job, future in zip(jobs, futures, strict=True):  # a bar says "failed" as soon as it is
+            future.add_done_callback(_mark_failed(bars[job.job_id]))
         for job, path, future in zip(jobs, files, futures, strict=True):
             err = future.exception()
             if err is None:
                 tqdm.write(_summary(path, out, job, future.result()), file=sys.stdout)
                 continue
-            bars[job.job_id].set_postfix_str("failed")
             failures.append((path, err))
             what = str(err) if isinstance(err, StemsetError) else f"unexpected {type(err).__name__}: {err}"
             tqdm.write(f"error: {path}: {what}", file=sys.stderr)
@@ -162,6 +163,14 @@ def _run_pipelined(jobs: list[SeparationJob], files: list[Path], out: Path, args
             raise first  # the traceback (main prints an unexpected error as one line without --debug)
         return 1
     return 0
+
+
+def _mark_failed(bar: tqdm):
+    def done(future) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            bar.set_postfix_str("failed")
+
+    return done
 
 
 def _bar(path: Path, position: int, args: argparse.Namespace) -> tqdm:
