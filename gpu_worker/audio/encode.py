@@ -5,10 +5,10 @@ lossless). ``opus`` is libopus in an Ogg container; Opus only runs at 48 kHz, so
 resamples to 48 kHz with the same soxr resampler and the decoder brings it back. ``m4a`` is
 FFmpeg's AAC encoder in MP4, written with ``movie_timescale`` equal to the sample rate so
 the edit list records the exact length; the reader trims the AAC padding to that length.
-Lossy formats default to 192 kbps. ``aac_coder`` picks FFmpeg's AAC
-quantiser search: ``fast`` (Stemset's default) or ``twoloop`` (FFmpeg's default, about 2.7x the
-CPU on stem-like audio; see benchmarks/RESULTS.md, "AAC encoder options"). Samples outside [-1, 1] are clipped (counted in
-``StemWriter.clipped_samples``). Decoding a written file with ``decode_audio`` at the
+Lossy formats default to 192 kbps. ``aac_coder`` picks FFmpeg's AAC quantiser search:
+``fast`` (Stemset's default) or ``twoloop`` (FFmpeg's default, about 2.7x the CPU on stem-like
+audio; benchmarks/RESULTS.md, "AAC encoder options"). Samples outside [-1, 1] are clipped
+(counted in ``StemWriter.clipped_samples``). Decoding a written file with ``decode_audio`` at the
 writer's sample rate gives exactly the number of frames written (for Opus this holds for
 sample rates up to 48 kHz; above that, rounding through 48 kHz can differ by one frame).
 Files are written to a hidden temporary name next to the target and renamed on
