@@ -50,6 +50,7 @@ class SeparationJob:
     output_storage: StorageRef | None = None  # defaults to `storage`
     output_format: str = "m4a"
     bitrate_kbps: int | None = 192
+    aac_coder: str | None = None  # m4a: "fast" or "twoloop" (None: the encoder's default, fast)
     model_repo: str | None = None  # a folder on the worker's machine; None = Demucs' download
     device: str = "auto"
     seed: int | None = None  # shift offsets; None = derived from input and fingerprint
@@ -69,7 +70,10 @@ class SeparationJob:
         return self.output_storage or self.storage
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        data = asdict(self)
+        if data["aac_coder"] is None:  # unset: a worker deployed before the field still reads the job
+            del data["aac_coder"]
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SeparationJob:

@@ -17,6 +17,7 @@ the optional observer, which is how the tests see the overlap.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import resource
@@ -34,7 +35,7 @@ import numpy as np
 from . import ENGINE_VERSION, models
 from .audio.analyse import analyse_stem
 from .audio.decode import decode_audio
-from .audio.encode import StemWriter, encode_audio
+from .audio.encode import AAC_CODERS, StemWriter, encode_audio
 from .audio.info import SAMPLE_RATE, AudioWarning
 from .audio.source import open_source
 from .errors import AudioError, JobError, StorageError
@@ -167,6 +168,8 @@ def fetch(
     started, cpu_started = time.perf_counter(), cpu_seconds()
     if job.output_format not in EXTENSIONS:
         raise JobError(f"Unknown output format {job.output_format!r}; use one of {sorted(EXTENSIONS)}.")
+    if job.aac_coder is not None and job.aac_coder not in AAC_CODERS:
+        raise JobError(f"Unknown AAC coder {job.aac_coder!r}; use one of {', '.join(AAC_CODERS)}.")
     strategy = parse_strategy(job.strategy_name, job.strategy, where="job.strategy")
     in_store = store or open_store(job.storage)
     out_store = output_store or store or open_store(job.out_storage)
@@ -262,7 +265,7 @@ def separate(state: JobState) -> JobState:
             streamed = streaming.separate_file_streaming(
                 strategy,
                 state.local_input,
-                lambda name: StemWriter(files[name], job.output_format, job.bitrate_kbps),
+                lambda name: StemWriter(files[name], job.output_format, job.bitrate_kbps, aac_coder=job.aac_coder),
                 load,
                 device,
                 seed=seed,
@@ -305,7 +308,8 @@ def finish(
         own_pool = pool = ThreadPoolExecutor(max_workers=max(1, min(len(state.files), os.cpu_count() or 1)))
     try:
         if state.stems is not None:
-            _analyse_and_encode(state, pool, encode or encode_audio, residual_known)
+            encoder = encode or functools.partial(encode_audio, aac_coder=job.aac_coder)
+            _analyse_and_encode(state, pool, encoder, residual_known)
         t0 = time.perf_counter()
         prefix = job.output_prefix.rstrip("/")
         attempt = new_attempt(job.job_id)  # publish_set sweeps what earlier attempts left

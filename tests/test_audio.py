@@ -365,17 +365,23 @@ def test_writer_round_trip_has_exact_length(tmp_path, fmt):
         assert snr_db(x, y) > 18  # a waveform match, not just the right length
 
 
-@pytest.mark.parametrize("fmt", ["opus", "m4a"])
-def test_lossy_tone_snr_and_bitrate(tmp_path, fmt):
+@pytest.mark.parametrize(("fmt", "coder", "min_snr"), [("opus", None, 35), ("m4a", "twoloop", 35), ("m4a", "fast", 25)])
+def test_lossy_tone_snr_and_bitrate(tmp_path, fmt, coder, min_snr):
+    # AAC's fast coder spends well under 192 kbit/s on a pure tone (~55): a lower waveform SNR, its
+    # noise still far under the masking estimate (benchmarks/RESULTS.md, "AAC encoder options").
     x = tone(997, 2.0, amp=0.5)[:, : 2 * SR - 5]
     hi, lo = tmp_path / f"hi.{fmt}", tmp_path / f"lo.{fmt}"
-    encode_audio(x, hi, fmt)  # default 192 kbps
-    encode_audio(x, lo, fmt, bitrate_kbps=64)
+    encode_audio(x, hi, fmt, aac_coder=coder)  # default 192 kbps
+    encode_audio(x, lo, fmt, bitrate_kbps=64, aac_coder=coder)
     y, _ = decode_audio(hi)
     assert y.shape == x.shape
-    assert snr_db(x, y) > 35
+    assert snr_db(x, y) > min_snr
     y_lo, _ = decode_audio(lo)
     assert y_lo.shape == x.shape
+    if coder == "fast":  # a tone needs less than 64 kbit/s to it: the bitrate shows on busier audio
+        x = music_like(2.0)
+        encode_audio(x, hi, fmt, aac_coder=coder)
+        encode_audio(x, lo, fmt, bitrate_kbps=64, aac_coder=coder)
     assert lo.stat().st_size < 0.6 * hi.stat().st_size
 
 

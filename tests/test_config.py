@@ -418,7 +418,7 @@ def test_shipped_config_contents():
     assert config.sensors.max_new_per_tick == 200
     h4n = config.profile("h4n")
     assert h4n.strategies == ("htdemucs",)
-    assert (h4n.output.format, h4n.output.bitrate) == ("m4a", 192)
+    assert (h4n.output.format, h4n.output.bitrate, h4n.output.aac_coder) == ("m4a", 192, "fast")
     stems = {name: config.strategy(name).stems for name in config.strategies}
     assert stems == {
         "htdemucs": ["drums", "bass", "other", "vocals"],

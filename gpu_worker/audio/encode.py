@@ -5,8 +5,10 @@ lossless). ``opus`` is libopus in an Ogg container; Opus only runs at 48 kHz, so
 resamples to 48 kHz with the same soxr resampler and the decoder brings it back. ``m4a`` is
 FFmpeg's AAC encoder in MP4, written with ``movie_timescale`` equal to the sample rate so
 the edit list records the exact length; the reader trims the AAC padding to that length.
-Lossy formats default to 192 kbps. Samples outside [-1, 1] are clipped (counted in
-``StemWriter.clipped_samples``). Decoding a written file with ``decode_audio`` at the
+Lossy formats default to 192 kbps. ``aac_coder`` picks FFmpeg's AAC quantiser search:
+``fast`` (Stemset's default) or ``twoloop`` (FFmpeg's default, about 2.7x the CPU on stem-like
+audio; benchmarks/RESULTS.md, "AAC encoder options"). Samples outside [-1, 1] are clipped
+(counted in ``StemWriter.clipped_samples``). Decoding a written file with ``decode_audio`` at the
 writer's sample rate gives exactly the number of frames written (for Opus this holds for
 sample rates up to 48 kHz; above that, rounding through 48 kHz can differ by one frame).
 Files are written to a hidden temporary name next to the target and renamed on
@@ -33,6 +35,8 @@ OPUS_RATE = 48000
 PCM_SUBTYPE = "PCM_24"
 _AAC_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
 _BITRATE_RANGE = {"opus": (6, 510), "m4a": (16, 512)}
+AAC_CODERS = ("twoloop", "fast")  # FFmpeg's aac_coder values (FFmpeg 8 dropped "anmr")
+DEFAULT_AAC_CODER = "fast"  # chosen by benchmarks/aac_options.py: ~0.37x the CPU, no worse by its proxies
 
 
 class _SndfileSink:
@@ -55,7 +59,9 @@ class _SndfileSink:
 
 
 class _FFmpegSink:
-    def __init__(self, path: Path, fmt: str, bitrate_kbps: int, sample_rate: int, channels: int):
+    def __init__(
+        self, path: Path, fmt: str, bitrate_kbps: int, sample_rate: int, channels: int, options: dict | None = None
+    ):
         self.layout = "mono" if channels == 1 else "stereo"
         if fmt == "opus":
             self.rate = OPUS_RATE
@@ -71,6 +77,8 @@ class _FFmpegSink:
             )
             self.stream = self.container.add_stream("aac", rate=sample_rate, layout=self.layout)
         self.stream.bit_rate = int(bitrate_kbps) * 1000
+        if options:  # FFmpeg encoder options (strings); an unknown value fails when the codec opens
+            self.stream.codec_context.options = {k: str(v) for k, v in options.items()}
         self.resampler = Resampler(sample_rate, self.rate, channels)
         self.pts = 0
 
@@ -117,6 +125,7 @@ class StemWriter:
         bitrate_kbps: int | None = None,
         sample_rate: int = SAMPLE_RATE,
         channels: int = CHANNELS,
+        aac_coder: str | None = None,
     ):
         self.path = Path(os.fspath(path))
         self.fmt = str(fmt).lower().lstrip(".")
@@ -150,12 +159,21 @@ class StemWriter:
                 f"Cannot write '{self.path}': AAC does not support {self.sample_rate} Hz.",
                 f"Use one of {', '.join(map(str, _AAC_RATES))} Hz, or write flac/opus instead.",
             )
+        self.aac_coder = DEFAULT_AAC_CODER if aac_coder is None else aac_coder
+        if self.aac_coder not in AAC_CODERS:
+            raise EncodeError(
+                f"Cannot write '{self.path}': unknown AAC coder {aac_coder!r}.",
+                f"Use one of {', '.join(AAC_CODERS)} (output.aac_coder in config.yaml).",
+            )
         self._tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.partial")
         try:
             if self.fmt in ("wav", "flac"):
                 self._sink = _SndfileSink(self._tmp, self.fmt, self.sample_rate, self.channels)
             else:
-                self._sink = _FFmpegSink(self._tmp, self.fmt, self.bitrate_kbps, self.sample_rate, self.channels)
+                options = {"aac_coder": self.aac_coder} if self.fmt == "m4a" else None
+                self._sink = _FFmpegSink(
+                    self._tmp, self.fmt, self.bitrate_kbps, self.sample_rate, self.channels, options
+                )
         except (OSError, sf.LibsndfileError, av.error.FFmpegError) as err:
             self._unlink_tmp()
             raise EncodeError(
@@ -237,11 +255,16 @@ class StemWriter:
 
 
 def encode_audio(
-    wav: np.ndarray, path, fmt: str, bitrate_kbps: int | None = None, sample_rate: int = SAMPLE_RATE
+    wav: np.ndarray,
+    path,
+    fmt: str,
+    bitrate_kbps: int | None = None,
+    sample_rate: int = SAMPLE_RATE,
+    aac_coder: str | None = None,
 ) -> None:
     """Write ``wav`` (``(channels, n)`` float32) to ``path`` in one go (see :class:`StemWriter`)."""
     x = as_2d(wav)
-    with StemWriter(path, fmt, bitrate_kbps, sample_rate=sample_rate, channels=x.shape[0]) as w:
+    with StemWriter(path, fmt, bitrate_kbps, sample_rate=sample_rate, channels=x.shape[0], aac_coder=aac_coder) as w:
         step = SAMPLE_RATE * 30
         for i in range(0, max(x.shape[1], 1), step):
             w.write(x[:, i : i + step])

@@ -20,6 +20,7 @@ from .loading import (
     raw_section,
 )
 from .schema import (
+    AAC_CODERS,
     DEFAULT_PRICES,
     EMBEDDED_SOURCE,
     FINISH_ON,
@@ -60,6 +61,7 @@ __all__ = [
     "NAME",
     "NAME_HINT",
     "OUTPUT_FORMATS",
+    "AAC_CODERS",
     "SECRET_FIELDS",
     "STORAGE_BACKENDS",
     "ApiConfig",

@@ -19,6 +19,8 @@ MODEL_REPO_ENV = "STEMSET_MODEL_REPO"
 EMBEDDED_SOURCE = "<embedded default config>"
 
 OUTPUT_FORMATS = ("wav", "flac", "opus", "m4a")
+AAC_CODERS = ("twoloop", "fast")
+"""FFmpeg's AAC quantiser searches (``output.aac_coder``); the same as gpu_worker.audio.encode.AAC_CODERS."""
 STORAGE_BACKENDS = ("local", "s3")
 GPU_BACKENDS = ("local", "modal", "http")
 FINISH_ON = ("worker", "cpu_function")
@@ -40,10 +42,12 @@ NAME_HINT = "Use lower-case letters, digits and underscores, starting with a let
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """How a profile's stems are encoded. ``bitrate`` (kbit/s) applies to opus and m4a."""
+    """How a profile's stems are encoded. ``bitrate`` (kbit/s) applies to opus and m4a,
+    ``aac_coder`` to m4a (see README, "Cost")."""
 
     format: str = "m4a"
     bitrate: int = 192
+    aac_coder: str = "fast"
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from gpu_worker.errors import ConfigError, StrategyError
 from gpu_worker.strategy import Strategy, parse_strategy
 
 from .schema import (
+    AAC_CODERS,
     DEFAULT_PRICES,
     FINISH_ON,
     GPU_BACKENDS,
@@ -91,7 +92,7 @@ _KEYS = {
     ),
     "budget": ("gpu_usd_per_day", "gpu_usd_per_month"),
     "profile": ("description", "strategies", "output"),
-    "output": ("format", "bitrate"),
+    "output": ("format", "bitrate", "aac_coder"),
 }
 
 
@@ -393,6 +394,9 @@ class SectionReader(ValueReader):
             output = OutputSpec(
                 format=self.choice(self.get(out, "format", f"{p}.output", "m4a"), f"{p}.output.format", OUTPUT_FORMATS),
                 bitrate=self.integer(self.get(out, "bitrate", f"{p}.output", 192), f"{p}.output.bitrate", 32, 512),
+                aac_coder=self.choice(
+                    self.get(out, "aac_coder", f"{p}.output", "fast"), f"{p}.output.aac_coder", AAC_CODERS
+                ),
             )
             profiles[name] = Profile(name=name, description=description, strategies=tuple(names), output=output)
         return profiles

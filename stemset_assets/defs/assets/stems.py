@@ -200,6 +200,7 @@ def _plan(
         storage=media_store.storage_ref(),
         output_format=fmt,
         bitrate_kbps=bitrate,
+        aac_coder=profile.output.aac_coder if fmt == "m4a" else None,
         model_repo=model_repo(config),
         gpu_type=separator.gpu_type,
         metadata={"partition_key": pk, "recording_sha256": record.sha256, "run_id": context.run.run_id},
