@@ -75,6 +75,13 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--lossy", choices=["m4a", "opus"], default=None, help="also time a lossy format")
     ap.add_argument("--repo", default=str(Path(tempfile.gettempdir()) / "stemset-release-repo"))
+    ap.add_argument(
+        "--stemset-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE[,NAME=VALUE]",
+        help="also time stemset with these environment settings (repeatable; one variant each)",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     repo = write_release_repo(Path(args.repo))
@@ -86,16 +93,25 @@ def main() -> int:
         sf.write(wav, synthetic_mix(args.seconds).numpy().T, 44100, subtype="PCM_16")
         for fmt in ["wav"] + ([args.lossy] if args.lossy else []):
             cmds = commands(tmp, wav, repo, fmt)
+            envs = {name: env for name in cmds}
+            for spec in args.stemset_env:  # variants of stemset, e.g. STEMSET_CPU_FORWARDS=1
+                cmds[f"stemset {spec}"] = cmds["stemset"]
+                envs[f"stemset {spec}"] = {**env, **dict(kv.split("=", 1) for kv in spec.split(","))}
             runs: dict[str, list[dict]] = {name: [] for name in cmds}
             for _ in range(args.runs):
-                for name, cmd in cmds.items():  # alternating: drift in the machine hits both
-                    runs[name].append(measure(cmd, env))
+                for name, cmd in cmds.items():  # alternating: drift in the machine hits all of them
+                    runs[name].append(measure(cmd, envs[name]))
             medians = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
             s, d = medians["stemset"], medians["demucs"]
             results[fmt] = {
                 "runs": runs,
                 "median": medians,
                 "stemset_over_demucs": {key: round(s[key] / d[key], 3) for key in s},
+                "over_demucs": {
+                    name: {key: round(m[key] / d[key], 3) for key in m}
+                    for name, m in medians.items()
+                    if name != "demucs"
+                },
             }
     emit(
         {
