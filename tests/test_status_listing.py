@@ -176,3 +176,17 @@ def test_a_warm_run_still_sees_a_stem_change(tmp_path, damage):
         stem.unlink()
     want = st.STEM_SHORT if damage == "truncate" else st.STEM_MISSING
     assert _status(instance, store)["h4n/take_5"].reasons == (want,)
+
+
+def test_a_damaged_instance_cache_is_read_past(tmp_path):
+    store = _media(tmp_path / "media")
+    instance = DagsterInstance.ephemeral()
+    key = InstanceFactCache(instance, store).key
+    manifest = "outputs/h4n/take_0/ht/manifest.json"
+    junk = {manifest: [store.head(manifest).etag, "junk"], "recordings/h4n/take_0/recording.json": [1, 2, 3]}
+    for raw in ("{not json", json.dumps([1, 2]), json.dumps(junk)):
+        instance.daemon_cursor_storage.set_cursor_values({key: raw})
+        states = _status(instance, store)
+        assert states["h4n/take_0"].state == st.CURRENT and states["h4n/take_4"].state == st.MISSING
+    entries = InstanceFactCache(instance, store).entries  # saved again, whole
+    assert entries[manifest][1]["fingerprint"] == FP

@@ -13,12 +13,14 @@ This module imports no Dagster.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import stat
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -158,12 +160,12 @@ def _list_local(store: LocalObjectStore, profile: str, out: _Listed) -> bool:
     de-duplicates; an unreadable one, whose error the store's walk reports): the caller then
     lists through the store."""
     found = _Listed({}, {}, {}, {}, defaultdict(dict), defaultdict(dict))
-    root, tmp = str(store.root), LOCAL_TMP_PREFIX
+    root = str(store.root)
 
     def entries(folder: str) -> list[os.DirEntry]:
         try:
             with os.scandir(folder) as it:
-                listed = [e for e in it if not e.name.startswith(tmp)]  # in-progress writes
+                listed = list(it)
         except (FileNotFoundError, NotADirectoryError):
             return []  # gone since its parent was listed, or never there
         for e in listed:
@@ -214,7 +216,7 @@ def _list_set_folder(
         name = entry.name
         try:
             if entry.is_file():
-                if staged or name == STAGING_DIR:
+                if staged or name == STAGING_DIR or name.startswith(LOCAL_TMP_PREFIX):  # in-progress writes
                     continue
                 st = entry.stat()
                 if name == MANIFEST_NAME:
@@ -226,7 +228,7 @@ def _list_set_folder(
             elif name.startswith(SET_DIR_PREFIX) and entry.is_dir():
                 for leaf in entries(entry.path):
                     try:
-                        if leaf.is_file():
+                        if leaf.is_file() and not leaf.name.startswith(LOCAL_TMP_PREFIX):
                             found.in_set_folders[pair][f"{prefix}{name}/{leaf.name}"] = leaf.stat().st_size
                     except FileNotFoundError:
                         continue
@@ -376,6 +378,32 @@ def collect_states(
     fingerprint ask for; ``wanted[profile]``: the strategies the profile runs (others are
     ``unused``). Partitions are ``<profile>/<slug>`` keys.
     """
+    with paused_gc():
+        return _collect_states(store, partitions, strategies, targets, wanted, cache)
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Cyclic GC off while building facts for many partitions: the objects made hold no cycles,
+    and with hundreds of thousands of them alive each full collection walks them all (about a
+    fifth of a warm status at 10,000 partitions). Nests; the outermost restores the setting."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _collect_states(
+    store: ObjectStore,
+    partitions: Sequence[str],
+    strategies: Sequence[str],
+    targets: Mapping[tuple[str, str], Target],
+    wanted: Mapping[str, frozenset[str]],
+    cache: FactCache | None,
+) -> list[PairFacts]:
     listed = _list(store, partitions)
     docs = _read_json(store, [*listed.records.values(), *listed.manifests.values(), *listed.failures.values()], cache)
     if isinstance(cache, MemoryFactCache) and len(partitions) > NARROW_MAX:

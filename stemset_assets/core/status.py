@@ -23,7 +23,7 @@ from gpu_worker.stores.base import ObjectStore
 from ..config import StemsetConfig
 from .cost import total_cost_usd
 from .selection import check_profile, check_strategies
-from .set_facts import FactCache, PairFacts, collect_states
+from .set_facts import FactCache, PairFacts, collect_states, paused_gc
 from .state import STATES, Target
 from .stemsets import fingerprints
 
@@ -129,10 +129,9 @@ def status_rows(
         wanted = {p: w | frozenset(also_wanted) for p, w in wanted.items()}
     fps = fingerprints(config)
     costs: dict[tuple, float] = {}  # a set's cost depends on these three facts alone: price each once
-    return [
-        _row(config, pair, fps[pair.strategy], costs)
-        for pair in collect_states(store, keys, names, goal, wanted, cache)
-    ]
+    with paused_gc():
+        pairs = collect_states(store, keys, names, goal, wanted, cache)
+        return [_row(config, pair, fps[pair.strategy], costs) for pair in pairs]
 
 
 def _row(config: StemsetConfig, pair: PairFacts, current_fp: str, costs: dict[tuple, float]) -> SetStatus:
@@ -191,7 +190,8 @@ def history(rows: Sequence[SetStatus], strategy: str) -> StrategyHistory:
 
 def status_frame(rows: Sequence[SetStatus]) -> pd.DataFrame:
     """The rows as a DataFrame (columns :data:`COLUMNS`)."""
-    return pd.DataFrame.from_records(list(map(attrgetter(*COLUMNS), rows)), columns=COLUMNS)
+    with paused_gc():
+        return pd.DataFrame.from_records(list(map(attrgetter(*COLUMNS), rows)), columns=COLUMNS)
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
