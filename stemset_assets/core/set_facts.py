@@ -128,26 +128,26 @@ def _list(store: ObjectStore, partitions: Sequence[str]) -> _Listed:
             if len(parts) == 4 and parts[3] == RECORD_NAME:
                 out.records[f"{parts[1]}/{parts[2]}"] = info
         for info in store.list(f"{OUTPUTS}/{scope}/"):
-            _add_output(out, info.key.split("/"), info.size, lambda info=info: info)
+            _add_output(out, info)
     return out
 
 
-def _add_output(out: _Listed, parts: list[str], size: int, info: Callable[[], ObjectInfo]) -> None:
-    """File one ``outputs/`` object; ``info`` is called only for manifests and failures (stems
-    need their size alone, which spares the local fast path an ObjectInfo per stem)."""
+def _add_output(out: _Listed, info: ObjectInfo) -> None:
+    """File one listed ``outputs/`` object (:func:`_list_set_folder` applies the same rule)."""
+    parts = info.key.split("/")
     if len(parts) == 6 and parts[4].startswith(SET_DIR_PREFIX):
         # a set folder's object: part of a set only if the manifest lists it (collect_states)
-        out.in_set_folders[(f"{parts[1]}/{parts[2]}", parts[3])]["/".join(parts)] = size
+        out.in_set_folders[(f"{parts[1]}/{parts[2]}", parts[3])][info.key] = info.size
         return
     if len(parts) != 5 or STAGING_DIR in parts:
         return  # staged objects and anything not <profile>/<slug>/<strategy>/<name>
     pair = (f"{parts[1]}/{parts[2]}", parts[3])
     if parts[4] == MANIFEST_NAME:
-        out.manifests[pair] = info()
+        out.manifests[pair] = info
     elif parts[4] == FAILURE_NAME:
-        out.failures[pair] = info()
+        out.failures[pair] = info
     else:
-        out.stems[pair]["/".join(parts)] = size
+        out.stems[pair][info.key] = info.size
 
 
 def _list_local(store: LocalObjectStore, profile: str, out: _Listed) -> bool:
