@@ -1,10 +1,14 @@
 """Cold and warm `stemset status` over N partitions: the one state rule over bucket facts.
 
 Builds N recordings with a published 4-stem set each (manifest, stems, recording.json, input) in a
-local media folder, then times :func:`stemset_assets.core.status.status_rows` with no cache (cold:
-every recording.json and manifest.json read) and again with a warm fact cache.
+local media folder (once: a complete folder is reused), then times
+:func:`stemset_assets.core.status.status_rows` with no cache (cold: every recording.json and
+manifest.json read) and again with a warm in-memory fact cache; then what the CLI does (partitions
+from a SQLite Dagster instance, the fact cache in its key-value store), first on an empty cache and
+then warm, and the `stemset status` command itself as a process, warm.
 
     python benchmarks/status.py --json --partitions 10000 --root /dev/shm/stemset-status
+    python benchmarks/status.py --json --partitions 100000 --root /dev/shm/stemset-status100k
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import argparse
 import json
 import os
 import platform
+import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,42 +40,96 @@ strategies:
 """
 
 
+MARKER = ".complete"  # written last: a folder without it (an interrupted build) is built again
+
+
 def build(root: Path, n: int, fp: str) -> None:
-    store = LocalObjectStore(root, fsync=False)
+    """N recordings with a published 4-stem set each, written as plain files (the layout
+    LocalObjectStore reads) rather than through put_bytes: 700,000 atomic writes would take minutes."""
+    marker = root / MARKER
+    if marker.exists() and marker.read_text().strip() == f"{n} {fp}":
+        return
+    store = LocalObjectStore(root)
     for i in range(n):
         pk = f"h4n/take_{i}"
-        store.put_bytes(f"inputs/h4n/take_{i}.wav", b"RIFF")
-        etag = store.head(f"inputs/h4n/take_{i}.wav").etag
-        store.put_bytes(
-            f"recordings/{pk}/recording.json",
-            json.dumps(
-                {
-                    "source_sha256": "s",
-                    "input_etag": etag,
-                    "original_key": f"inputs/h4n/take_{i}.wav",
-                    "duration_s": 240.0,
-                }
-            ).encode(),
-        )
-        stems = {}
+        inp = root / f"inputs/{pk}.wav"
+        inp.parent.mkdir(parents=True, exist_ok=True)
+        inp.write_bytes(b"RIFF")
+        etag = store.head(f"inputs/{pk}.wav").etag
+        rec = root / f"recordings/{pk}/recording.json"
+        rec.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"source_sha256": "s", "input_etag": etag, "original_key": f"inputs/{pk}.wav", "duration_s": 240.0}
+        rec.write_text(json.dumps(doc))
+        out = root / f"outputs/{pk}/htdemucs"
+        out.mkdir(parents=True, exist_ok=True)
+        stems_json = {}
         for stem in ("drums", "bass", "other", "vocals"):
-            key = f"outputs/{pk}/htdemucs/{stem}.m4a"
-            store.put_bytes(key, b"xx")
-            stems[stem] = {"key": key, "bytes": 2, "format": "m4a"}
-        store.put_bytes(
-            f"outputs/{pk}/htdemucs/manifest.json",
-            json.dumps(
-                {
-                    "fingerprint": fp,
-                    "input_sha256": "s",
-                    "stems": stems,
-                    "billed_seconds": 3.0,
-                    "backend": "modal",
-                    "gpu_type": "A100-40GB",
-                    "input_duration_s": 240.0,
-                }
-            ).encode(),
-        )
+            (out / f"{stem}.m4a").write_bytes(b"xx")
+            stems_json[stem] = {"key": f"outputs/{pk}/htdemucs/{stem}.m4a", "bytes": 2, "format": "m4a"}
+        manifest = {
+            "fingerprint": fp,
+            "input_sha256": "s",
+            "stems": stems_json,
+            "billed_seconds": 3.0,
+            "backend": "modal",
+            "gpu_type": "A100-40GB",
+            "input_duration_s": 240.0,
+        }
+        (out / "manifest.json").write_text(json.dumps(manifest))
+    marker.write_text(f"{n} {fp}")
+
+
+def timed(fn):
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, round(time.perf_counter() - t0, 3), round(time.process_time() - c0, 3)
+
+
+def instance_runs(root: Path, config_path: Path, config, keys: list[str]) -> dict:
+    """``stemset status`` as the CLI runs it: partitions from a SQLite Dagster instance, the fact
+    cache in its key-value store. In process (first call on an empty cache, then warm), then the
+    command itself as a process (warm: what a user waits for, imports included)."""
+    home = root / "dagster_home"
+    home.mkdir(exist_ok=True)
+    os.environ["DAGSTER_HOME"] = str(home)
+    from dagster import DagsterInstance
+
+    from stemset_assets.core.layout import OUTPUTS
+    from stemset_assets.core.status import status_frame, summary
+    from stemset_assets.defs.partitions import RECORDINGS_PARTITIONS
+    from stemset_assets.defs.status import CACHE_KEY, read_status
+
+    instance = DagsterInstance.get()
+    marker = home / ".partitions"
+    if not marker.exists() or marker.read_text() != str(len(keys)):
+        have = set(instance.get_dynamic_partitions(RECORDINGS_PARTITIONS))
+        todo = [k for k in keys if k not in have]
+        for i in range(0, len(todo), 10_000):
+            instance.add_dynamic_partitions(RECORDINGS_PARTITIONS, todo[i : i + 10_000])
+        marker.write_text(str(len(keys)))
+    store = LocalObjectStore(root / "media", fsync=False)
+    cache_key = CACHE_KEY + store.uri(OUTPUTS)
+    instance.daemon_cursor_storage.set_cursor_values({cache_key: ""})  # start from an empty fact cache
+
+    def status() -> None:
+        summary(status_frame(read_status(instance, config, store=store)))
+
+    out: dict = {}
+    _, out["first_s"], out["first_cpu_s"] = timed(status)
+    _, out["warm_s"], out["warm_cpu_s"] = timed(status)
+    raw = instance.daemon_cursor_storage.get_cursor_values({cache_key}).get(cache_key) or ""
+    out["fact_cache_bytes"] = len(raw)
+    env = {**os.environ, "STEMSET_MODEL_REPO": ""}
+    cmd = [sys.executable, "-m", "stemset_assets.cli", "--config", str(config_path), "status"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out["command_warm_s"] = round(time.perf_counter() - t0, 3)
+    out["command_warm_cpu_s"] = round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 3)
+    out["command"] = " ".join(cmd[1:])
+    out["command_output"] = proc.stdout.strip().splitlines()
+    return out
 
 
 def main() -> int:
@@ -77,6 +137,7 @@ def main() -> int:
     ap.add_argument("--partitions", type=int, default=10_000)
     ap.add_argument("--root", default="/tmp/stemset-status-bench")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--no-instance", action="store_true", help="skip the Dagster-instance and command runs")
     args = ap.parse_args()
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -85,27 +146,27 @@ def main() -> int:
     config = load_config(cfg, env={"STEMSET_MODEL_REPO": ""})
     fp = fingerprints(config)["htdemucs"]
     media = root / "media"
-    if not (media / "outputs").exists():
-        build(media, args.partitions, fp)
+    _, build_s, _ = timed(lambda: build(media, args.partitions, fp))
     store = LocalObjectStore(media, fsync=False)
     keys = [f"h4n/take_{i}" for i in range(args.partitions)]
-    t0, c0 = time.perf_counter(), time.process_time()
-    rows = status_rows(store, config, keys)
-    cold, cold_cpu = time.perf_counter() - t0, time.process_time() - c0
+    rows, cold, cold_cpu = timed(lambda: status_rows(store, config, keys))
     cache = MemoryFactCache()
     status_rows(store, config, keys, cache=cache)
-    t0 = time.perf_counter()
-    rows = status_rows(store, config, keys, cache=cache)
-    warm = time.perf_counter() - t0
+    rows, warm, warm_cpu = timed(lambda: status_rows(store, config, keys, cache=cache))
     result = {
         "partitions": args.partitions,
-        "cold_s": round(cold, 3),
-        "cold_cpu_s": round(cold_cpu, 3),  # what the process itself spent: less sensitive to load
-        "warm_s": round(warm, 3),
+        "files": args.partitions * 7,
+        "build_s": build_s,  # ~0 when the folder's marker says it is already built
+        "cold_s": cold,
+        "cold_cpu_s": cold_cpu,  # what the process itself spent: less sensitive to load
+        "warm_s": warm,
+        "warm_cpu_s": warm_cpu,
         "states": {s: sum(r.state == s for r in rows) for s in {r.state for r in rows}},
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "load_average_1m": round(os.getloadavg()[0], 2),
     }
+    if not args.no_instance:
+        result["instance"] = instance_runs(root, cfg, config, keys)
+    result["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    result["load_average_1m"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result, indent=1) if args.json else result)
     return 0
 

@@ -179,6 +179,8 @@ def _recording_reasons(facts: SetFacts) -> tuple[str, ...]:
 
 def _incomplete(manifest: ManifestFacts, present: Mapping[str, int]) -> tuple[str, str] | None:
     """(reason, detail) for the first stem the manifest lists that is gone or of another size."""
+    if all(present.get(key) == size for key, size in manifest.stems.values()):
+        return None  # whole, the usual case: no need to sort to find the first gap
     for name, (key, size) in sorted(manifest.stems.items()):
         got = present.get(key)
         if got is None:

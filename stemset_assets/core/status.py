@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import pandas as pd
 
@@ -22,7 +23,7 @@ from gpu_worker.stores.base import ObjectStore
 from ..config import StemsetConfig
 from .cost import total_cost_usd
 from .selection import check_profile, check_strategies
-from .set_facts import FactCache, PairFacts, collect_states
+from .set_facts import FactCache, PairFacts, collect_states, paused_gc
 from .state import STATES, Target
 from .stemsets import fingerprints
 
@@ -127,10 +128,13 @@ def status_rows(
     if also_wanted:
         wanted = {p: w | frozenset(also_wanted) for p, w in wanted.items()}
     fps = fingerprints(config)
-    return [_row(config, pair, fps[pair.strategy]) for pair in collect_states(store, keys, names, goal, wanted, cache)]
+    costs: dict[tuple, float] = {}  # a set's cost depends on these three facts alone: price each once
+    with paused_gc():
+        pairs = collect_states(store, keys, names, goal, wanted, cache)
+        return [_row(config, pair, fps[pair.strategy], costs) for pair in pairs]
 
 
-def _row(config: StemsetConfig, pair: PairFacts, current_fp: str) -> SetStatus:
+def _row(config: StemsetConfig, pair: PairFacts, current_fp: str, costs: dict[tuple, float]) -> SetStatus:
     facts, manifest, rec = pair.facts, pair.facts.manifest, pair.facts.recording
     profile = pair.partition.partition("/")[0]
     duration = (
@@ -141,7 +145,9 @@ def _row(config: StemsetConfig, pair: PairFacts, current_fp: str) -> SetStatus:
     cost = None
     if manifest is not None:
         doc = {"backend": manifest.backend, "billed_seconds": manifest.billed_seconds, "gpu_type": manifest.gpu_type}
-        cost = total_cost_usd(doc, config)
+        cost = costs.get(memo := tuple(doc.values()))
+        if cost is None:
+            cost = costs[memo] = total_cost_usd(doc, config)
     return SetStatus(
         partition=pair.partition,
         profile=profile,
@@ -184,7 +190,8 @@ def history(rows: Sequence[SetStatus], strategy: str) -> StrategyHistory:
 
 def status_frame(rows: Sequence[SetStatus]) -> pd.DataFrame:
     """The rows as a DataFrame (columns :data:`COLUMNS`)."""
-    return pd.DataFrame([{c: getattr(r, c) for c in COLUMNS} for r in rows], columns=COLUMNS)
+    with paused_gc():
+        return pd.DataFrame.from_records(list(map(attrgetter(*COLUMNS), rows)), columns=COLUMNS)
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
