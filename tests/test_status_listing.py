@@ -8,7 +8,7 @@ import os
 import pytest
 from dagster import DagsterInstance
 
-from gpu_worker.stores.local import _TMP_PREFIX, LocalObjectStore
+from gpu_worker.stores.local import TMP_PREFIX, LocalObjectStore
 from stemset_assets.core import set_facts
 from stemset_assets.core import state as st
 from stemset_assets.defs.status import InstanceFactCache
@@ -61,7 +61,7 @@ def _media(root):
     store.put_bytes("recordings/h4n/stray.json", b"{}")
     store.put_bytes("recordings/h4n/take_1/recording.json/inner", b"{}")  # a folder named recording.json
     for folder in ("outputs/h4n/take_0/ht", "outputs/h4n/take_1/ht/v-attempt1", "recordings/h4n/take_2"):
-        (root / folder / f"{_TMP_PREFIX}x").write_bytes(b"in progress")
+        (root / folder / f"{TMP_PREFIX}x").write_bytes(b"in progress")
     return store
 
 
@@ -96,7 +96,7 @@ def test_the_fast_local_listing_gives_the_store_walks_facts(tmp_path, monkeypatc
     }
     assert ("h4n/take_2", "other") in fast.failures
     assert all(
-        ".staging" not in k and "deeper" not in k and _TMP_PREFIX not in k for s in fast.stems.values() for k in s
+        ".staging" not in k and "deeper" not in k and TMP_PREFIX not in k for s in fast.stems.values() for k in s
     )
     states = {
         (r.partition, r.strategy): r.state.state

@@ -12,7 +12,7 @@ from typing import Any, BinaryIO
 from ..errors import StorageError
 from .base import MiB, ObjectInfo, ObjectStore
 
-_TMP_PREFIX = ".stemset-tmp-"
+TMP_PREFIX = ".stemset-tmp-"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -44,11 +44,12 @@ class LocalObjectStore(ObjectStore):
                 f"or would otherwise escape the media root {self.root}.",
                 "Use a relative '/'-separated key such as 'inputs/h4n/take3.wav'.",
             )
-        if parts[-1].startswith(_TMP_PREFIX):
-            raise StorageError(f"Refusing object key {key!r}: names starting {_TMP_PREFIX!r} are reserved.")
+        if parts[-1].startswith(TMP_PREFIX):
+            raise StorageError(f"Refusing object key {key!r}: names starting {TMP_PREFIX!r} are reserved.")
         return self.root.joinpath(*parts)
 
-    def _info(self, key: str, st: os.stat_result) -> ObjectInfo:
+    def info(self, key: str, st: os.stat_result) -> ObjectInfo:
+        """The ObjectInfo of ``key`` from its file's stat (a fast lister may stat files itself)."""
         etag = f"{st.st_size:x}-{st.st_mtime_ns:x}-{st.st_ino:x}"
         return ObjectInfo(key=key, size=st.st_size, etag=etag, last_modified=st.st_mtime)
 
@@ -98,8 +99,8 @@ class LocalObjectStore(ObjectStore):
                     if entry.is_dir():
                         if key.startswith(prefix) or prefix.startswith(key + "/"):
                             walk(entry.path, key + "/")
-                    elif entry.is_file() and not entry.name.startswith(_TMP_PREFIX) and key.startswith(prefix):
-                        found.append(self._info(key, entry.stat()))
+                    elif entry.is_file() and not entry.name.startswith(TMP_PREFIX) and key.startswith(prefix):
+                        found.append(self.info(key, entry.stat()))
                 except FileNotFoundError:  # removed while we listed
                     continue
 
@@ -115,7 +116,7 @@ class LocalObjectStore(ObjectStore):
             return None
         except OSError as err:
             raise self._os_error("stat", key, err) from err
-        return self._info(key, st) if path.is_file() else None
+        return self.info(key, st) if path.is_file() else None
 
     def get_bytes(self, key: str) -> bytes:
         try:
@@ -211,7 +212,7 @@ def _copy_from(src: Path, out: BinaryIO) -> None:
 def _atomic_write(path: Path, write: Any, fsync: bool = True) -> None:
     """Write through ``write(fileobj)`` into a temp file beside ``path``, then rename it in."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX)
     try:
         with os.fdopen(fd, "wb") as out:
             write(out)

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from gpu_worker.errors import StorageError
 from gpu_worker.job import MANIFEST_NAME
 from gpu_worker.stores.base import ObjectInfo, ObjectStore
-from gpu_worker.stores.local import _TMP_PREFIX as LOCAL_TMP_PREFIX
+from gpu_worker.stores.local import TMP_PREFIX as LOCAL_TMP_PREFIX
 from gpu_worker.stores.local import LocalObjectStore
 from gpu_worker.stores.publish import SET_DIR_PREFIX, STAGING_DIR
 
@@ -183,7 +183,7 @@ def _list_local(store: LocalObjectStore, profile: str, out: _Listed) -> bool:
                 continue
             if stat.S_ISREG(st.st_mode):
                 key = f"{RECORDINGS}/{profile}/{slug.name}/{RECORD_NAME}"
-                found.records[f"{profile}/{slug.name}"] = store._info(key, st)
+                found.records[f"{profile}/{slug.name}"] = store.info(key, st)
         for slug in entries(f"{root}/{OUTPUTS}/{profile}"):
             for strategy in entries(slug.path) if slug.is_dir() else ():
                 if strategy.is_dir():
@@ -220,9 +220,9 @@ def _list_set_folder(
                     continue
                 st = entry.stat()
                 if name == MANIFEST_NAME:
-                    found.manifests[pair] = store._info(prefix + name, st)
+                    found.manifests[pair] = store.info(prefix + name, st)
                 elif name == FAILURE_NAME:
-                    found.failures[pair] = store._info(prefix + name, st)
+                    found.failures[pair] = store.info(prefix + name, st)
                 else:
                     stems[prefix + name] = st.st_size
             elif name.startswith(SET_DIR_PREFIX) and entry.is_dir():
