@@ -13,11 +13,7 @@ daemon, code server and webserver as separate processes on loopback.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -37,8 +33,7 @@ from tests.audio_fixtures import music_like, write_audio
 from tests.configs import tiny_config_yaml
 from tests.model_fixtures import make_model_repo
 from tests.postgres_fixtures import start_postgres, stop_postgres
-from tests.remote_fixtures import free_port, wait_until_up
-from tests.webserver import dagster_daemon, dagster_webserver
+from tests.webserver import code_server, dagster_daemon, dagster_webserver, grpc_workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 DONE = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
@@ -89,45 +84,6 @@ def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 2.0):
             return value
         assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
         time.sleep(poll_s)
-
-
-@contextmanager
-def code_server(config_path: Path, module: str, env: dict[str, str], log_path: Path):
-    """`dagster code-server start` on loopback: the code location as its own process (as in compose)."""
-    port = free_port()
-    full_env = {**os.environ, "STEMSET_CONFIG": str(config_path), "PYTHONPATH": str(ROOT), **env}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dagster", "code-server", "start", "-h", "127.0.0.1", "-p", str(port)]
-            + ["-m", module, "--location-name", "stemset", "-d", str(ROOT)],
-            cwd=ROOT,
-            env=full_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        import socket
-
-        def listening() -> bool:
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", port)) == 0
-
-        wait_until_up(proc, listening, 120, "dagster code-server", lambda: log_path.read_text(errors="replace"))
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-def grpc_workspace(path: Path, port: int) -> Path:
-    path.write_text(
-        f"load_from:\n  - grpc_server:\n      host: 127.0.0.1\n      port: {port}\n      location_name: stemset\n"
-    )
-    return path
 
 
 def max_overlap(records) -> int:

@@ -1,5 +1,6 @@
 """A real dagster-webserver on loopback for tests (Stemset's workspace.yaml with a test config,
-runs launched at once in subprocesses), and the dagster-daemon for backfills; both stopped on exit."""
+runs launched at once in subprocesses), the dagster-daemon for backfills, and a `dagster code-server`
+for a gRPC workspace; all stopped on exit."""
 
 from __future__ import annotations
 
@@ -107,6 +108,45 @@ def dagster_daemon(
         _stop(proc)
         if log_path:
             log.close()
+
+
+@contextmanager
+def code_server(config_path: Path, module: str, env: dict[str, str], log_path: Path):
+    """`dagster code-server start` on loopback: the code location as its own process (as in compose)."""
+    port = free_port()
+    full_env = {**os.environ, "STEMSET_CONFIG": str(config_path), "PYTHONPATH": str(ROOT), **env}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dagster", "code-server", "start", "-h", "127.0.0.1", "-p", str(port)]
+            + ["-m", module, "--location-name", "stemset", "-d", str(ROOT)],
+            cwd=ROOT,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        import socket
+
+        def listening() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_until_up(proc, listening, 120, "dagster code-server", lambda: log_path.read_text(errors="replace"))
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def grpc_workspace(path: Path, port: int) -> Path:
+    path.write_text(
+        f"load_from:\n  - grpc_server:\n      host: 127.0.0.1\n      port: {port}\n      location_name: stemset\n"
+    )
+    return path
 
 
 def _stop(proc: subprocess.Popen) -> None:
