@@ -5,8 +5,10 @@ for a gRPC workspace; all stopped on exit."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -105,7 +107,9 @@ def dagster_daemon(
     try:
         yield proc
     finally:
+        servers = _children(proc.pid)  # its code servers: they outlive it while a run process lingers
         _stop(proc)
+        _reap(servers, timeout_s=30)
         if log_path:
             log.close()
 
@@ -147,6 +151,39 @@ def grpc_workspace(path: Path, port: int) -> Path:
         f"load_from:\n  - grpc_server:\n      host: 127.0.0.1\n      port: {port}\n      location_name: stemset\n"
     )
     return path
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _reap(pids: list[int], timeout_s: float) -> None:
+    """Wait for ``pids`` (and their children) to exit; SIGKILL what is left after ``timeout_s``.
+    A code server whose run worker outlived the test's Postgres never exits by itself."""
+    pids = pids + [c for p in pids for c in _children(p)]
+    deadline = time.monotonic() + timeout_s
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]
+        time.sleep(0.5)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "X"
 
 
 def _stop(proc: subprocess.Popen) -> None:
