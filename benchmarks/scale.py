@@ -16,7 +16,8 @@
 
 ``stemset status`` over many partitions: ``benchmarks/status.py --partitions N``.
 
-    python benchmarks/scale.py --json --objects 10000
+    python benchmarks/scale.py --json --objects 10000 --window 1000   # the issue's scale (an hour here)
+    python benchmarks/scale.py --json --objects 200 --window 300      # a quick check (~4 minutes)
 """
 
 from __future__ import annotations
