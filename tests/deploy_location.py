@@ -50,6 +50,8 @@ def _parent(pid: int) -> int:
 def _kill_run_processes(with_code_server: bool) -> None:
     """SIGKILL (the code server, when asked,) this step's run worker, then this step's process."""
     worker = os.getppid()
+    if b"multiprocessing" not in Path(f"/proc/{worker}/cmdline").read_bytes():  # the code server's spawned child
+        raise RuntimeError(f"this step's parent {worker} is not a run worker")
     pids = [worker, os.getpid()]
     if with_code_server:
         server = _parent(worker)

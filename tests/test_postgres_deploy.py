@@ -5,8 +5,11 @@ daemon, code server and webserver as separate processes on loopback.
 - the new_recordings sensor in the daemon registers inputs and its runs go through the queue, at
   most ``runs.gpu_concurrency`` GPU runs at once (measured from the runs' start and end times);
   then a ``stemset backfill`` through the webserver runs on the backfill daemon;
-- a run whose separator fails, and a run whose process is killed, are marked failed and retried
-  by the daemon (``run_retries``), and the retries succeed;
+- a run whose separator fails, and a run whose step process is killed, are marked failed and
+  retried by the daemon (``run_retries``), and the retries succeed;
+- a run whose run worker is killed is failed by the code server that started it; a run left with no
+  process at all (run worker and code server killed) is failed by run monitoring's runtime limit;
+  both are retried into success (the DefaultRunLauncher has no run worker health check);
 - the spend guard holds back new inputs past the day's budget, spending read from the recorded
   cost of stems materialisations on Postgres.
 """
