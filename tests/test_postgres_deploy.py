@@ -5,19 +5,18 @@ daemon, code server and webserver as separate processes on loopback.
 - the new_recordings sensor in the daemon registers inputs and its runs go through the queue, at
   most ``runs.gpu_concurrency`` GPU runs at once (measured from the runs' start and end times);
   then a ``stemset backfill`` through the webserver runs on the backfill daemon;
-- a run whose separator fails, and a run whose process is killed, are marked failed and retried
-  by the daemon (``run_retries``), and the retries succeed;
+- a run whose separator fails, and a run whose step process is killed, are marked failed and
+  retried by the daemon (``run_retries``), and the retries succeed;
+- a run whose run worker is killed is failed by the code server that started it; a run left with no
+  process at all (run worker and code server killed) is failed by run monitoring's runtime limit;
+  both are retried into success (the DefaultRunLauncher has no run worker health check);
 - the spend guard holds back new inputs past the day's budget, spending read from the recorded
   cost of stems materialisations on Postgres.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -37,8 +36,7 @@ from tests.audio_fixtures import music_like, write_audio
 from tests.configs import tiny_config_yaml
 from tests.model_fixtures import make_model_repo
 from tests.postgres_fixtures import start_postgres, stop_postgres
-from tests.remote_fixtures import free_port, wait_until_up
-from tests.webserver import dagster_daemon, dagster_webserver
+from tests.webserver import code_server, dagster_daemon, dagster_webserver, grpc_workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 DONE = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
@@ -89,45 +87,6 @@ def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 2.0):
             return value
         assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
         time.sleep(poll_s)
-
-
-@contextmanager
-def code_server(config_path: Path, module: str, env: dict[str, str], log_path: Path):
-    """`dagster code-server start` on loopback: the code location as its own process (as in compose)."""
-    port = free_port()
-    full_env = {**os.environ, "STEMSET_CONFIG": str(config_path), "PYTHONPATH": str(ROOT), **env}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dagster", "code-server", "start", "-h", "127.0.0.1", "-p", str(port)]
-            + ["-m", module, "--location-name", "stemset", "-d", str(ROOT)],
-            cwd=ROOT,
-            env=full_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        import socket
-
-        def listening() -> bool:
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", port)) == 0
-
-        wait_until_up(proc, listening, 120, "dagster code-server", lambda: log_path.read_text(errors="replace"))
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-def grpc_workspace(path: Path, port: int) -> Path:
-    path.write_text(
-        f"load_from:\n  - grpc_server:\n      host: 127.0.0.1\n      port: {port}\n      location_name: stemset\n"
-    )
-    return path
 
 
 def max_overlap(records) -> int:
@@ -201,6 +160,55 @@ def test_daemon_sensor_queue_cap_and_backfill_on_postgres(tmp_path, pg):
     instance.dispose()
 
 
+def failed_then_retried(instance, partition: str, fail_within_s: float, log: Path):
+    """The partition's first run once it has failed, and its automatic retry once that has ended.
+
+    Dagster 1.13 can lose a retry: ``handle_new_event`` stores a RUN_FAILURE event, then updates
+    the run's status and ``dagster/will_retry`` tag in separate writes; when the daemon's event log
+    consumer reads the event between them it sees the run not yet FAILURE, skips it and moves its
+    cursor past it for good. Seen once here on a loaded machine, for a failure the code server wrote.
+    Such a run keeps ``will_retry=true`` with no ``auto_retry_run_id``: the test is then marked xfail
+    with that diagnosis, not passed."""
+
+    def mine():
+        return sorted(
+            (r for r in instance.get_runs() if r.tags.get("dagster/partition") == partition),
+            key=lambda r: int(r.tags.get("dagster/retry_number", "0")),
+        )
+
+    first = wait_for(lambda: next((r for r in mine() if r.status in DONE), None), fail_within_s, "the first run")
+    assert first.status == DagsterRunStatus.FAILURE, log.read_text(errors="replace")[-3000:]
+    failed_at = instance.get_run_record_by_id(first.run_id).end_time
+
+    def retried_or_lost():
+        runs = mine()
+        if len(runs) == 2 and runs[1].status in DONE:
+            return runs[1]
+        tags = instance.get_run_by_id(first.run_id).tags
+        if len(runs) == 1 and "dagster/auto_retry_run_id" not in tags and time.time() - failed_at > 90:
+            return "lost"
+        return None
+
+    retry = wait_for(retried_or_lost, 420, "the retry")
+    if retry == "lost":
+        tags = instance.get_run_by_id(first.run_id).tags
+        pytest.xfail(
+            f"Dagster lost the retry of {first.run_id} (will_retry={tags.get('dagster/will_retry')}, no retry"
+            " 90 s after the failure): the event-log consumer race in the docstring"
+        )
+    return first, retry
+
+
+def flaky_location(tmp_path: Path) -> Path:
+    """A workspace of tests.deploy_location, the daemon's own code server (as ``dagster dev`` runs it)."""
+    ws = tmp_path / "ws.yaml"
+    ws.write_text(
+        "load_from:\n  - python_module:\n      module_name: tests.deploy_location\n"
+        f"      working_directory: {ROOT}\n      location_name: stemset\n"
+    )
+    return ws
+
+
 def test_failed_and_killed_runs_are_retried_on_postgres(tmp_path, pg):
     home, env = pg
     sections = "sensors: {interval_s: 2, settle_s: 0}\nruns: {gpu_concurrency: 2, max_retries: 1}\n"
@@ -211,11 +219,7 @@ def test_failed_and_killed_runs_are_retried_on_postgres(tmp_path, pg):
     (flaky / "h4n__t1.kill").touch()  # its run's process is killed once
     text = instance_yaml(config_path)
     (home / "dagster.yaml").write_text(text)
-    ws = tmp_path / "ws.yaml"
-    ws.write_text(
-        "load_from:\n  - python_module:\n      module_name: tests.deploy_location\n"
-        f"      working_directory: {ROOT}\n      location_name: stemset\n"
-    )
+    ws = flaky_location(tmp_path)
     instance = DagsterInstance.from_config(str(home))
     test_env = {**env, "STEMSET_TEST_FLAKY_DIR": str(flaky)}
     with dagster_daemon(home, config_path, workspace=ws, env=test_env, log_path=tmp_path / "d.log"):
@@ -243,6 +247,74 @@ def test_failed_and_killed_runs_are_retried_on_postgres(tmp_path, pg):
     # the killed process was noticed (Dagster's crash explanation), and the run failed
     assert "terminated by signal 9 (SIGKILL)" in messages or "unexpectedly exited" in messages, messages[-2000:]
     assert not list(flaky.iterdir())
+    instance.dispose()
+
+
+def test_dead_run_worker_is_failed_and_retried_on_postgres(tmp_path, pg):
+    """The run worker itself dies (SIGKILL, no chance to write a failure event): under the
+    DefaultRunLauncher the code server that started it sees its process gone and fails the run;
+    run_retries then retries it, and the retry succeeds."""
+    home, env = pg
+    sections = "sensors: {interval_s: 2, settle_s: 0}\nruns: {gpu_concurrency: 2, max_retries: 1}\n"
+    config_path, store = project(tmp_path, sections, inputs=1)
+    flaky = tmp_path / "flaky"
+    flaky.mkdir()
+    (flaky / "h4n__t0.killworker").touch()
+    (home / "dagster.yaml").write_text(instance_yaml(config_path))
+    instance = DagsterInstance.from_config(str(home))
+    # The daemon's run monitoring cannot health-check this launcher's run workers (K8sRunLauncher can).
+    assert type(instance.run_launcher).__name__ == "DefaultRunLauncher"
+    assert not instance.run_launcher.supports_check_run_worker_health
+    test_env = {**env, "STEMSET_TEST_FLAKY_DIR": str(flaky)}
+    log = tmp_path / "d.log"
+    with dagster_daemon(home, config_path, workspace=flaky_location(tmp_path), env=test_env, log_path=log):
+        first, retry = failed_then_retried(instance, "h4n/t0", 400, log)
+    assert retry.status == DagsterRunStatus.SUCCESS and retry.parent_run_id == first.run_id
+    assert retry.tags["dagster/retry_number"] == "1" and retry.tags.get(GPU_TAG) == "true"
+    assert not list(flaky.iterdir())  # the marker fired: the run worker was killed
+    messages = [e.message or "" for e in instance.all_logs(first.run_id)]
+    # Written by the code server's check for run processes that are gone, not by the run worker
+    # (a step's death reads "Multiprocess executor: child process for step ...").
+    notice = f"[DagsterApiServer] Run execution process for {first.run_id} was terminated by signal 9 (SIGKILL)."
+    assert any(m.startswith(notice) for m in messages), "\n".join(messages[-12:])
+    assert "This run has been marked as failed from outside the execution context." in messages
+    record = instance.get_run_record_by_id(first.run_id)
+    assert record.end_time is not None and record.end_time - record.start_time < 300
+    assert store.exists(manifest_key("h4n/t0", "htdemucs"))
+    instance.dispose()
+
+
+def test_run_with_no_process_left_is_failed_by_monitoring_on_postgres(tmp_path, pg):
+    """The run worker and the code server that started it both die (a host or container restart):
+    no process is left that knows the run, which would stay STARTED for ever. The daemon's run
+    monitoring fails it once it passes ``runs.max_runtime_s`` (Dagster's ``max_runtime_seconds``:
+    the DefaultRunLauncher offers no run worker health check), and run_retries retries it."""
+    home, env = pg
+    limit = 150  # above a whole run's time here, loaded machine included
+    sections = f"sensors: {{interval_s: 2, settle_s: 0}}\nruns: {{max_retries: 1, max_runtime_s: {limit}}}\n"
+    config_path, store = project(tmp_path, sections, inputs=1)
+    flaky = tmp_path / "flaky"
+    flaky.mkdir()
+    (flaky / "h4n__t0.killserver").touch()
+    settings = instance_config(load_config(config_path, env={}))
+    assert settings["run_monitoring"]["max_runtime_seconds"] == limit
+    settings["run_monitoring"]["poll_interval_seconds"] = 5  # deploy/ polls every 30 s; a shorter test
+    (home / "dagster.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    instance = DagsterInstance.from_config(str(home))
+    test_env = {**env, "STEMSET_TEST_FLAKY_DIR": str(flaky)}
+    log = tmp_path / "d.log"
+    with dagster_daemon(home, config_path, workspace=flaky_location(tmp_path), env=test_env, log_path=log):
+        first, retry = failed_then_retried(instance, "h4n/t0", limit + 300, log)
+    assert not list(flaky.iterdir())  # the marker fired: run worker and code server killed
+    messages = [e.message or "" for e in instance.all_logs(first.run_id)]
+    # Nobody but the monitoring daemon noticed: no code server's crash notice, the runtime limit's.
+    assert not any("Run execution process for" in m for m in messages), messages[-12:]
+    assert f"Canceling due to exceeding maximum runtime of {limit} seconds." in messages, messages[-12:]
+    assert any(m.startswith("This job is being forcibly marked as failed") for m in messages), messages[-12:]
+    record = instance.get_run_record_by_id(first.run_id)
+    assert limit <= record.end_time - record.start_time < limit + 120
+    assert retry.status == DagsterRunStatus.SUCCESS and retry.parent_run_id == first.run_id
+    assert store.exists(manifest_key("h4n/t0", "htdemucs"))
     instance.dispose()
 
 

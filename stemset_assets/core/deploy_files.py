@@ -106,9 +106,6 @@ def helm_values(config: StemsetConfig, image: str = "ghcr.io/example/stemset", t
         {"name": "STEMSET_CONFIG", "value": "/opt/stemset/config.yaml"},
         {"name": "DAGSTER_WEBSERVER_URL", "value": "http://dagster-dagster-webserver:80"},
     ]
-    extra: dict[str, Any] = {}
-    if config.runs.max_runtime_s:
-        extra["run_monitoring"] = {"max_runtime_seconds": config.runs.max_runtime_s}
     return {
         "global": {"postgresqlSecretName": "dagster-postgresql-secret"},
         "dagsterWebserver": {
@@ -178,10 +175,10 @@ def helm_values(config: StemsetConfig, image: str = "ghcr.io/example/stemset", t
             "schedules": {"useThreads": True, "numWorkers": 2},
         },
         "telemetry": {"enabled": False},
-        "additionalInstanceConfig": {
-            "backfills": {"use_threads": True, "num_workers": 4},
-            **extra,
-        },
+        # No run_monitoring here: the chart writes that key from dagsterDaemon.runMonitoring, which has
+        # no max runtime; a second run_monitoring key would replace it. On Kubernetes a run whose pod
+        # died is failed by the health check; a per-run cap is the tag dagster/max_runtime.
+        "additionalInstanceConfig": {"backfills": {"use_threads": True, "num_workers": 4}},
     }
 
 
