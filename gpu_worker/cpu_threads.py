@@ -9,7 +9,6 @@ spinning against 5.3-5.8 s with passive waiting at a load average of ~4 on 2 cor
 
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 from collections.abc import MutableMapping
@@ -27,24 +26,3 @@ def prefer_passive_openmp(environ: MutableMapping[str, str] = os.environ) -> boo
         return False
     environ.setdefault(WAIT_POLICY_ENV, "PASSIVE")
     return True
-
-
-MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"  # glibc's own setting; a user's value wins
-_M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h)
-
-
-def return_large_blocks_at_once(threshold_bytes: int, environ: MutableMapping[str, str] = os.environ) -> bool:
-    """Serve allocations over ``threshold_bytes`` with their own mappings, given back when freed.
-
-    glibc otherwise raises its threshold as large blocks are freed and keeps them in per-thread
-    arenas: with two forwards on two threads (gpu_worker.forwards), each arena held a forward's
-    worth of freed activations (peak RSS 2.1 GB against 1.2 GB with a fixed threshold, one 7.8 s
-    segment each). Returns whether the setting took effect (glibc only; not if the user set it).
-    """
-    if environ.get(MMAP_THRESHOLD_ENV):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
-    except (OSError, AttributeError):
-        return False

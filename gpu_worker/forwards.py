@@ -1,15 +1,15 @@
 """Model forwards over a sequence of batches, answered in order.
 
-On a GPU one forward follows the next (a batch already fills the device). On a CPU, one forward
-of htdemucs spread over all cores scales poorly: two intra-op threads on 2 cores ran a 7.8 s
-segment only 1.2-1.5x faster than one thread (oneDNN and the attention kernels split each op
-finely, and the threads wait on each other between ops). Several forwards at once, each on its
-own thread with ``cores / forwards`` intra-op threads, keep every core busy on work of its own.
+On a GPU one forward follows the next (a batch already fills the device). On a CPU, several
+forwards may run at once, each on its own thread with ``cores / forwards`` intra-op threads:
+where one forward spread over many cores scales poorly, that keeps every core on work of its own.
 The callers' overlap-add consumes the outputs in the same order as a serial run, so the result
 is the serial one up to the kernels' thread-count rounding (~1e-7).
 
-``STEMSET_CPU_FORWARDS`` sets how many run at once on a CPU (default: :data:`DEFAULT_CPU_FORWARDS`,
-at most one per core; ``1`` = one forward over all cores).
+``STEMSET_CPU_FORWARDS`` sets how many run at once on a CPU (default 1: one forward over all
+cores; never more than one per core). Each extra forward holds its own activations: on the
+2-core test machine two forwards gained 3% wall time against the Demucs CLI and cost 70% more
+peak memory (benchmarks/RESULTS.md), so it is a setting for many-core hosts with memory to spare.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -28,7 +28,7 @@ from .errors import ConfigError
 from .inference import EngineStats, autocast
 
 CPU_FORWARDS_ENV = "STEMSET_CPU_FORWARDS"
-DEFAULT_CPU_FORWARDS = 2
+DEFAULT_CPU_FORWARDS = 1
 
 B = TypeVar("B", bound=Sequence[Any])
 
@@ -36,7 +36,7 @@ _pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 
 
-def cpu_forwards(environ: dict[str, str] | os._Environ = os.environ) -> int:
+def cpu_forwards(environ: Mapping[str, str] = os.environ) -> int:
     """How many forwards run at once on the CPU: the environment's choice or the default,
     never more than the intra-op threads torch would use (one per core)."""
     raw = environ.get(CPU_FORWARDS_ENV, "").strip()

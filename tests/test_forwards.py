@@ -101,9 +101,9 @@ def test_a_bad_setting_is_a_clear_error(value):
         cpu_forwards({CPU_FORWARDS_ENV: value})
 
 
-def test_never_more_forwards_than_threads(two_threads):
+def test_never_more_forwards_than_threads_and_one_by_default(two_threads):
     assert cpu_forwards({CPU_FORWARDS_ENV: "8"}) == 2
-    assert cpu_forwards({}) == 2
+    assert cpu_forwards({}) == 1  # the default: one forward over all cores
 
 
 def test_stems_with_parallel_forwards_equal_demucs_and_the_serial_run(tmp_path, monkeypatch, two_threads):
