@@ -138,12 +138,7 @@ def code_server(config_path: Path, module: str, env: dict[str, str], log_path: P
         wait_until_up(proc, listening, 120, "dagster code-server", lambda: log_path.read_text(errors="replace"))
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        _stop(proc)
 
 
 def grpc_workspace(path: Path, port: int) -> Path:
