@@ -87,7 +87,7 @@ def run_forwards(
             done, future = pending.popleft()
             yield done, _count(stats, done, *future.result())
     finally:
-        for _, future in pending:  # the caller stopped early (an error): wait, so nothing runs on
+        for _, future in pending:  # the caller stopped early (an error): no forward outlives the call
             future.cancel()
             if not future.cancelled():
                 try:
