@@ -7,14 +7,18 @@ from .job import SeparationResult
 from .stores.base import ObjectStore
 
 
-def read_manifest(store: ObjectStore, key: str) -> SeparationResult | None:
-    """The published result at ``key``, or None when there is none (or it is unreadable).
-    Fields a later version added are ignored, so an older worker still sees the set."""
+def read_manifest(
+    store: ObjectStore, key: str, unreadable: tuple[type[Exception], ...] = (JobError,)
+) -> SeparationResult | None:
+    """The published result at ``key``, or None when there is none (or reading it after the
+    listing raised one of ``unreadable``: by default, only a document that is not a result).
+    A store that is down raises. Fields a later version added are ignored, so an older worker
+    still sees the set."""
     if store.head(key) is None:
         return None
     try:
         return SeparationResult.from_json(store.get_bytes(key), strict=False)
-    except JobError:
+    except unreadable:
         return None
 
 

@@ -76,3 +76,16 @@ def test_an_unreadable_manifest_reads_as_no_set(tmp_path):
         store.put_bytes(mkey, body)
         assert read_manifest(store, mkey) is None
         assert layout.read_manifest(store, PARTITION, STRATEGY) is None
+
+
+def test_a_store_that_is_down_raises_instead_of_reading_as_no_set(tmp_path):
+    from gpu_worker.errors import StorageError
+
+    class Down(LocalObjectStore):
+        def head(self, key):
+            raise StorageError("The bucket is unreachable.")
+
+    with pytest.raises(StorageError):
+        layout.read_manifest(Down(tmp_path), PARTITION, STRATEGY)
+    with pytest.raises(StorageError):
+        read_manifest(Down(tmp_path), layout.manifest_key(PARTITION, STRATEGY))

@@ -167,10 +167,9 @@ def write_record(store: ObjectStore, record: RecordingRecord) -> None:
 
 def read_manifest(store: ObjectStore, partition: str, strategy: str) -> SeparationResult | None:
     """The stem set's manifest, or None when there is none (yet) or it is unreadable."""
-    try:
-        return manifests.read_manifest(store, manifest_key(partition, strategy))
-    except StemsetError:  # the store failing here reads as "no set yet", as an unreadable manifest does
-        return None
+    # A store that is down raises (the API answers 503); a manifest gone or unreadable after the
+    # listing reads as "no set yet".
+    return manifests.read_manifest(store, manifest_key(partition, strategy), unreadable=(StemsetError,))
 
 
 def download_stems(store: ObjectStore, manifest: SeparationResult, folder: Path) -> list[Path]:
