@@ -35,12 +35,12 @@ import numpy as np
 from . import ENGINE_VERSION, models
 from .audio.analyse import analyse_stem
 from .audio.decode import decode_audio
-from .audio.encode import AAC_CODERS, StemWriter, encode_audio
+from .audio.encode import StemWriter, encode_audio
 from .audio.info import SAMPLE_RATE, AudioWarning
 from .audio.source import open_source
 from .errors import AudioError, JobError, StorageError
 from .hashing import file_sha256 as _sha256
-from .job import MANIFEST_NAME, SeparationJob, SeparationResult, StemFile, StorageRef
+from .job import AAC_CODERS, MANIFEST_NAME, SeparationJob, SeparationResult, StemFile, StorageRef
 from .manifests import superseded
 from .process_memory import peak_rss_mb
 from .stores.base import ObjectStore

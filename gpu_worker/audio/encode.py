@@ -27,6 +27,7 @@ import numpy as np
 import soundfile as sf
 
 from ..errors import EncodeError
+from ..job import AAC_CODERS, DEFAULT_AAC_CODER
 from .info import CHANNELS, MAX_RATE, MIN_RATE, OUTPUT_FORMATS, SAMPLE_RATE, as_2d
 from .resample import Resampler
 
@@ -35,8 +36,6 @@ OPUS_RATE = 48000
 PCM_SUBTYPE = "PCM_24"
 _AAC_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
 _BITRATE_RANGE = {"opus": (6, 510), "m4a": (16, 512)}
-AAC_CODERS = ("twoloop", "fast")  # FFmpeg's aac_coder values (FFmpeg 8 dropped "anmr")
-DEFAULT_AAC_CODER = "fast"  # chosen by benchmarks/aac_options.py: ~0.37x the CPU, no worse by its proxies
 
 
 class _SndfileSink:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from gpu_worker.audio.source import MIN_FRACTION_ENV
 from gpu_worker.cpu_threads import prefer_passive_openmp
 from gpu_worker.errors import StemsetError
-from gpu_worker.job import SeparationJob, StorageRef
+from gpu_worker.job import AAC_CODERS, SeparationJob, StorageRef
 
 from ..config import StemsetConfig, load_config
 from ..core.stemsets import model_repo, strategy_fingerprint
@@ -38,7 +38,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bitrate", type=int, default=192, help="kbit/s for opus and m4a (default 192)")
     p.add_argument(
         "--aac-coder",
-        choices=["twoloop", "fast"],
+        choices=AAC_CODERS,
         default=None,
         help="FFmpeg's AAC quantiser search for m4a (default: fast; twoloop uses about 2.7x the CPU)",
     )

@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from gpu_worker.errors import ConfigError
+from gpu_worker.job import AAC_CODERS, DEFAULT_AAC_CODER  # noqa: F401  (AAC_CODERS re-exported)
 from gpu_worker.strategy import Strategy
 
 MODEL_REPO_ENV = "STEMSET_MODEL_REPO"
 EMBEDDED_SOURCE = "<embedded default config>"
 
 OUTPUT_FORMATS = ("wav", "flac", "opus", "m4a")
-AAC_CODERS = ("twoloop", "fast")
-"""FFmpeg's AAC quantiser searches (``output.aac_coder``); the same as gpu_worker.audio.encode.AAC_CODERS."""
 STORAGE_BACKENDS = ("local", "s3")
 GPU_BACKENDS = ("local", "modal", "http")
 FINISH_ON = ("worker", "cpu_function")
@@ -47,7 +46,7 @@ class OutputSpec:
 
     format: str = "m4a"
     bitrate: int = 192
-    aac_coder: str = "fast"
+    aac_coder: str = DEFAULT_AAC_CODER
 
 
 @dataclass(frozen=True)

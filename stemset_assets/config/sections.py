@@ -17,6 +17,7 @@ from gpu_worker.strategy import Strategy, parse_strategy
 
 from .schema import (
     AAC_CODERS,
+    DEFAULT_AAC_CODER,
     DEFAULT_PRICES,
     FINISH_ON,
     GPU_BACKENDS,
@@ -395,7 +396,7 @@ class SectionReader(ValueReader):
                 format=self.choice(self.get(out, "format", f"{p}.output", "m4a"), f"{p}.output.format", OUTPUT_FORMATS),
                 bitrate=self.integer(self.get(out, "bitrate", f"{p}.output", 192), f"{p}.output.bitrate", 32, 512),
                 aac_coder=self.choice(
-                    self.get(out, "aac_coder", f"{p}.output", "fast"), f"{p}.output.aac_coder", AAC_CODERS
+                    self.get(out, "aac_coder", f"{p}.output", DEFAULT_AAC_CODER), f"{p}.output.aac_coder", AAC_CODERS
                 ),
             )
             profiles[name] = Profile(name=name, description=description, strategies=tuple(names), output=output)
