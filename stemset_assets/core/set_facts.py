@@ -364,24 +364,6 @@ def _float(value: Any) -> float | None:
         return None
 
 
-def collect_states(
-    store: ObjectStore,
-    partitions: Sequence[str],
-    strategies: Sequence[str],
-    targets: Mapping[tuple[str, str], Target],
-    wanted: Mapping[str, frozenset[str]],
-    cache: FactCache | None = None,
-) -> list[PairFacts]:
-    """Facts and state of every ``partition x strategy``.
-
-    ``targets[(profile, strategy)]``: what the profile's output format and the strategy's
-    fingerprint ask for; ``wanted[profile]``: the strategies the profile runs (others are
-    ``unused``). Partitions are ``<profile>/<slug>`` keys.
-    """
-    with paused_gc():
-        return _collect_states(store, partitions, strategies, targets, wanted, cache)
-
-
 @contextmanager
 def paused_gc() -> Iterator[None]:
     """Cyclic GC off while building facts for many partitions: the objects made hold no cycles,
@@ -396,14 +378,21 @@ def paused_gc() -> Iterator[None]:
             gc.enable()
 
 
-def _collect_states(
+@paused_gc()
+def collect_states(
     store: ObjectStore,
     partitions: Sequence[str],
     strategies: Sequence[str],
     targets: Mapping[tuple[str, str], Target],
     wanted: Mapping[str, frozenset[str]],
-    cache: FactCache | None,
+    cache: FactCache | None = None,
 ) -> list[PairFacts]:
+    """Facts and state of every ``partition x strategy``.
+
+    ``targets[(profile, strategy)]``: what the profile's output format and the strategy's
+    fingerprint ask for; ``wanted[profile]``: the strategies the profile runs (others are
+    ``unused``). Partitions are ``<profile>/<slug>`` keys.
+    """
     listed = _list(store, partitions)
     docs = _read_json(store, [*listed.records.values(), *listed.manifests.values(), *listed.failures.values()], cache)
     if isinstance(cache, MemoryFactCache) and len(partitions) > NARROW_MAX:
