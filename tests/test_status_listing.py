@@ -31,8 +31,11 @@ def _put_set(store, pk, strategy="ht", folder="", fp=FP):
     store.put_bytes(f"outputs/{pk}/{strategy}/manifest.json", json.dumps(doc).encode())
 
 
-def _media(root):
-    store = LocalObjectStore(root, fsync=False)
+def _media(root, store=None):
+    """The layout in a local folder at ``root``, or written through ``store`` (then without the
+    local store's in-progress temp files)."""
+    local = store is None
+    store = LocalObjectStore(root, fsync=False) if local else store
     for i, pk in enumerate(KEYS):
         inp = f"inputs/{pk}.wav"
         store.put_bytes(inp, b"RIFF")
@@ -61,7 +64,8 @@ def _media(root):
     store.put_bytes("recordings/h4n/stray.json", b"{}")
     store.put_bytes("recordings/h4n/take_1/recording.json/inner", b"{}")  # a folder named recording.json
     for folder in ("outputs/h4n/take_0/ht", "outputs/h4n/take_1/ht/v-attempt1", "recordings/h4n/take_2"):
-        (root / folder / f"{TMP_PREFIX}x").write_bytes(b"in progress")
+        if local:
+            (root / folder / f"{TMP_PREFIX}x").write_bytes(b"in progress")
     return store
 
 

@@ -82,7 +82,10 @@ class S3ObjectStore(ObjectStore):
         standard retries. Empty strings count as unset; unset credentials fall back to
         boto3's usual chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / profiles)."""
         import boto3  # lazy, as above
+        import botocore.session
         from botocore.config import Config
+
+        from .s3_timestamps import parse_s3_timestamp
 
         options: dict[str, Any] = dict(
             signature_version="s3v4",
@@ -98,7 +101,11 @@ class S3ObjectStore(ObjectStore):
             )
         except TypeError:  # botocore < 1.36
             config = Config(**options)
+        core_session = botocore.session.get_session()
+        # dateutil reads every listed object's timestamp: most of a listing's CPU (s3_timestamps)
+        core_session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=parse_s3_timestamp)
         session = boto3.session.Session(
+            botocore_session=core_session,
             aws_access_key_id=access_key_id or None,
             aws_secret_access_key=secret_access_key or None,
             aws_session_token=session_token or None,

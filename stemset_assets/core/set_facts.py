@@ -32,6 +32,7 @@ from gpu_worker.stores.local import LocalObjectStore
 from gpu_worker.stores.publish import SET_DIR_PREFIX, STAGING_DIR
 
 from .layout import FAILURE_NAME, INPUTS, OUTPUTS, RECORD_NAME, RECORDINGS
+from .prefix_listing import list_prefixes, prefixes_for, shard_count
 from .state import FailureFacts, ManifestFacts, RecordingFacts, SetFacts, SetState, Target, decide_state
 
 READ_THREADS = 16  # small GETs: on S3 each is a round trip, so overlap them
@@ -112,24 +113,52 @@ class _Listed:
 
 
 def _list(store: ObjectStore, partitions: Sequence[str]) -> _Listed:
-    """One listing per profile and area; for a few partitions, their own folders only (the
-    inputs are then looked up by key once the recordings name them)."""
+    """The ``recordings/`` and ``outputs/`` objects of the partitions' folders, and for a local
+    folder the profiles' inputs too (:func:`_find_inputs` finds them otherwise). A few partitions:
+    their own folders. Many, in a local folder: every profile walked (:func:`_list_local`). Many,
+    in a remote bucket: the profiles listed under prefixes of the partitions' slugs, in parallel
+    (:mod:`.prefix_listing`), as one listing per profile would be a long run of round trips."""
     out = _Listed({}, {}, {}, {}, defaultdict(dict), defaultdict(dict))
-    narrow = len(partitions) <= NARROW_MAX
-    scopes = sorted(set(partitions)) if narrow else sorted({pk.partition("/")[0] for pk in partitions})
-    for scope in scopes:
-        if not narrow:
-            for info in store.list(f"{INPUTS}/{scope}/"):
+    threads = _threads(store)
+    if len(partitions) <= NARROW_MAX:
+        scopes = [f"{pk}/" for pk in sorted(set(partitions))]
+    elif threads <= 1:  # a local folder: reads are cheap, walk each profile
+        scopes = []
+        for profile in sorted({pk.partition("/")[0] for pk in partitions}):
+            for info in store.list(f"{INPUTS}/{profile}/"):
                 out.inputs[info.key] = info
-        if not narrow and isinstance(store, LocalObjectStore) and _list_local(store, scope, out):
-            continue
-        for info in store.list(f"{RECORDINGS}/{scope}/"):
-            parts = info.key.split("/")
-            if len(parts) == 4 and parts[3] == RECORD_NAME:
-                out.records[f"{parts[1]}/{parts[2]}"] = info
-        for info in store.list(f"{OUTPUTS}/{scope}/"):
-            _add_output(out, info)
+            if not (isinstance(store, LocalObjectStore) and _list_local(store, profile, out)):
+                scopes.append(f"{profile}/")
+    else:
+        scopes = _scopes(partitions, threads)
+    prefixes = [f"{area}/{scope}" for area in (RECORDINGS, OUTPUTS) for scope in scopes]
+    for info in list_prefixes(store, prefixes, threads):
+        (_add_record if info.key.startswith(f"{RECORDINGS}/") else _add_output)(out, info)
     return out
+
+
+def _threads(store: ObjectStore) -> int:
+    return int(getattr(store, "read_concurrency", READ_THREADS))
+
+
+def _scopes(keys: Iterable[str], threads: int) -> list[str]:
+    """``<profile>/<prefix>`` scopes that start every ``<profile>/<name>`` key (names without a
+    ``/`` give disjoint scopes; see :func:`.prefix_listing.prefixes_for`)."""
+    by_profile: dict[str, set[str]] = defaultdict(set)
+    for key in keys:
+        profile, _, name = key.partition("/")
+        by_profile[profile].add(name)
+    return [
+        f"{profile}/{prefix}"
+        for profile, names in sorted(by_profile.items())
+        for prefix in prefixes_for(names, shard_count(len(names), threads))
+    ]
+
+
+def _add_record(out: _Listed, info: ObjectInfo) -> None:
+    parts = info.key.split("/")
+    if len(parts) == 4 and parts[3] == RECORD_NAME:
+        out.records[f"{parts[1]}/{parts[2]}"] = info
 
 
 def _add_output(out: _Listed, info: ObjectInfo) -> None:
@@ -378,6 +407,23 @@ def paused_gc() -> Iterator[None]:
             gc.enable()
 
 
+def _find_inputs(store: ObjectStore, listed: _Listed, docs: Mapping[str, dict], narrow: bool) -> None:
+    """The inputs the recordings name, where :func:`_list` left them to be found: for a few
+    partitions one lookup each, otherwise listed under prefixes of their names."""
+    threads = _threads(store)
+    if threads <= 1 and not narrow:
+        return  # a local folder's inputs were listed with the rest
+    named = {doc.get("original_key") for info in listed.records.values() if (doc := docs.get(info.key))}
+    keys = sorted(k for k in named if isinstance(k, str))
+    under = [k for k in keys if k.startswith(f"{INPUTS}/")] if not narrow else []
+    scopes = _scopes((k.removeprefix(f"{INPUTS}/") for k in under), threads)
+    for info in list_prefixes(store, [f"{INPUTS}/{scope}" for scope in scopes], threads):
+        listed.inputs[info.key] = info
+    for found in map(store.head, sorted(set(keys) - set(under))):
+        if found is not None:
+            listed.inputs[found.key] = found
+
+
 @paused_gc()
 def collect_states(
     store: ObjectStore,
@@ -397,12 +443,7 @@ def collect_states(
     docs = _read_json(store, [*listed.records.values(), *listed.manifests.values(), *listed.failures.values()], cache)
     if isinstance(cache, MemoryFactCache) and len(partitions) > NARROW_MAX:
         cache.keep_only(docs)
-    if len(partitions) <= NARROW_MAX:  # inputs by key: the recordings name them
-        for info in listed.records.values():
-            original = docs.get(info.key, {}).get("original_key")
-            found = store.head(original) if isinstance(original, str) else None
-            if found is not None:
-                listed.inputs[found.key] = found
+    _find_inputs(store, listed, docs, len(partitions) <= NARROW_MAX)
     rows: list[PairFacts] = []
     for pk in partitions:
         profile = pk.partition("/")[0]
