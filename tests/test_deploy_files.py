@@ -31,6 +31,7 @@ from stemset_assets.cli.main import main
 from stemset_assets.config import load_config
 from stemset_assets.core.deploy_files import PG_ENV, rendered_text
 from stemset_assets.core.run_tags import GPU_TAG
+from stemset_assets.defs.pg_storage import PooledPostgresStorage
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -110,7 +111,10 @@ def test_dagster_yaml_passes_dagsters_instance_schema():
     assert data["run_retries"]["max_retries"] == config.runs.max_retries
     assert data["run_monitoring"]["start_timeout_seconds"] == config.runs.start_timeout_s
     assert data["run_monitoring"]["cancel_timeout_seconds"] == config.runs.cancel_timeout_s
-    pg = data["storage"]["postgres"]["postgres_db"]
+    storage = data["storage"]["custom"]
+    assert (storage["module"], storage["class"]) == ("stemset_assets.defs.pg_storage", "PooledPostgresStorage")
+    assert validate_config(PooledPostgresStorage.config_type(), storage["config"]).success  # Dagster's own keys
+    pg = storage["config"]["postgres_db"]
     assert pg["scheme"] == "postgresql+psycopg2"  # not psycopg 3: Dagster's LISTEN/NOTIFY needs psycopg2
     assert {k: v["env"] for k, v in pg.items() if k != "scheme"} == PG_ENV
     # Unknown keys are refused by the same schema (the check is not vacuous).

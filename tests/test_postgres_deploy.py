@@ -358,3 +358,32 @@ def test_spend_guard_holds_back_new_inputs_on_postgres(tmp_path, pg):
     assert "3 new input(s) held back by the GPU budget" in reason and "budget.gpu_usd_per_day" in reason
     assert "today $1.00 of $1.00" in reason
     instance.dispose()
+
+
+def test_the_instance_keeps_its_postgres_connections_open(tmp_path, pg, monkeypatch):
+    """deploy/dagster.yaml's storage reuses one connection per store where dagster_postgres's own
+    opens one for every read and write (counted at the driver)."""
+    import psycopg2
+
+    home, _ = pg
+    config_path, _ = project(tmp_path, "", 0)
+    rendered = yaml.safe_load(instance_yaml(config_path))
+    plain = {**rendered, "storage": {"postgres": rendered["storage"]["custom"]["config"]}}
+    opened = []
+    real_connect = psycopg2.connect
+    monkeypatch.setattr(psycopg2, "connect", lambda *a, **k: opened.append(1) or real_connect(*a, **k))
+    counts = {}
+    for name, settings in (("deploy", rendered), ("dagster_postgres", plain)):
+        (home / "dagster.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+        instance = DagsterInstance.from_config(str(home))
+        try:
+            opened.clear()
+            for i in range(40):
+                instance.report_runless_asset_event(AssetMaterialization(asset_key="probe", partition=f"{name}{i}"))
+                instance.get_runs(limit=1)
+            assert len(instance.get_materialized_partitions(AssetKey("probe"))) >= 40  # the writes landed
+            counts[name] = len(opened)
+        finally:
+            instance.dispose()
+    assert counts["deploy"] <= 6, counts  # a few: one per store, plus set-up
+    assert counts["dagster_postgres"] >= 80, counts  # the count is not vacuous: one per call without the pool

@@ -26,6 +26,8 @@ from .run_tags import GPU_TAG, GPU_TAG_VALUE
 
 COORDINATOR_MODULE = "stemset_assets.defs.run_coordinator"
 COORDINATOR_CLASS = "StemsetRunCoordinator"
+STORAGE_MODULE = "stemset_assets.defs.pg_storage"  # Dagster's Postgres storage, one connection kept per store
+STORAGE_CLASS = "PooledPostgresStorage"
 PG_SCHEME = (
     "postgresql+psycopg2"  # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; Dagster's NOTIFY needs psycopg2
 )
@@ -78,7 +80,7 @@ def instance_config(config: StemsetConfig) -> dict[str, Any]:
     pg = {key: {"env": env} for key, env in PG_ENV.items()}
     pg["scheme"] = PG_SCHEME
     return {
-        "storage": {"postgres": {"postgres_db": pg}},
+        "storage": {"custom": {"module": STORAGE_MODULE, "class": STORAGE_CLASS, "config": {"postgres_db": pg}}},
         "run_coordinator": {"module": COORDINATOR_MODULE, "class": COORDINATOR_CLASS, "config": queue_config(config)},
         "run_launcher": {"module": "dagster._core.launcher", "class": "DefaultRunLauncher"},
         "run_retries": retries_config(config),
