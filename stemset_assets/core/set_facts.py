@@ -306,7 +306,7 @@ def _read_json(store: ObjectStore, infos: Sequence[ObjectInfo], cache: FactCache
         return info, _slim(data) if isinstance(data, dict) else None
 
     # Remote stores pay a round trip per GET, so overlap them; a local folder reads faster in line.
-    threads = min(getattr(store, "read_concurrency", READ_THREADS), len(todo))
+    threads = min(_threads(store), len(todo))
     if threads > 1:
         with ThreadPoolExecutor(max_workers=threads) as pool:
             results = list(pool.map(read, todo))
