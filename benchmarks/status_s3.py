@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import emit, machine  # noqa: E402
 from benchmarks.sensor import make_store  # noqa: E402
 from benchmarks.status import CONFIG, timed  # noqa: E402
+from gpu_worker.stores import s3_listing  # noqa: E402
 from gpu_worker.stores.s3 import S3ObjectStore  # noqa: E402
 from stemset_assets.config import parse_config  # noqa: E402
 from stemset_assets.core import prefix_listing  # noqa: E402
@@ -85,6 +86,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--partitions", type=int, default=5000)
     ap.add_argument("--latency-ms", default="0", help="comma-separated delays added before each request")
+    ap.add_argument(
+        "--compare-listing-reader",
+        action="store_true",
+        help="also time the current store with botocore parsing the listings (no gpu_worker.stores.s3_listing)",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     result: dict = {"benchmark": "status_s3", "partitions": args.partitions, "objects": 7 * args.partitions}
@@ -107,10 +113,14 @@ def main() -> int:
                 ms / 1000,
             )
             before = delayed(plain_store(server, bucket), ms / 1000)
-            result[f"latency_{ms:g}ms"] = {
+            runs = {
                 "before": run(before, config, keys, one_listing=True),
                 "now": run(new, config, keys, one_listing=False),
             }
+            if args.compare_listing_reader:  # the same store with botocore parsing whole listings
+                new.client.meta.events.unregister(s3_listing.EVENT, unique_id=s3_listing.UNIQUE_ID)
+                runs["now_botocore_listing_parser"] = run(new, config, keys, one_listing=False)
+            result[f"latency_{ms:g}ms"] = runs
     result["machine"] = machine()
     emit(result, args.json)
     return 0

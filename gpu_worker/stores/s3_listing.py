@@ -1,0 +1,86 @@
+"""A leaner reader for S3 listings (``ListObjectsV2``), hooked into botocore's own client.
+
+botocore reads every ``<Contents>`` element of a listing through its general, model-driven XML
+parser: ~66 µs of CPU per listed object on a 2-core AMD EPYC even with the fast timestamp parser
+(:mod:`.s3_timestamps`), so a status over 100,000 partitions (700,000 objects) spends ~46 s just
+reading listings. Here a ``before-parse`` handler (botocore's documented hook for customising a
+response before its parser runs) reads the ``<Contents>`` elements with the C ElementTree parser,
+hands them to botocore as the ``Contents`` of the parsed response, and leaves botocore only the
+envelope (truncation, continuation token, counts) to parse. Everything after that is botocore's as
+before: pagination, retries, errors, and the ``EncodingType=url`` decoding of keys.
+
+Each entry carries what the store reads (``Key``, ``Size``, ``ETag``, ``LastModified``) plus
+``StorageClass``; ``Owner`` and checksum fields are not read. Any response this reader does not
+understand (an error, a body that is not one listing, a count that does not add up) is left to
+botocore's parser untouched (``benchmarks/status_s3.py --compare-listing-reader`` times both).
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+EVENT = "before-parse.s3.ListObjectsV2"
+UNIQUE_ID = "stemset-lean-listing"
+_CONTENTS = re.compile(rb"<Contents>.*?</Contents>", re.S)
+_TEXT_FIELDS = ("Key", "ETag", "StorageClass")
+
+
+def install_lean_listing(client: Any, timestamp_parser: Callable[[str], datetime]) -> None:
+    """Read ``client``'s ListObjectsV2 responses with :func:`read_contents` (this client only)."""
+
+    def handler(response_dict: dict[str, Any], customized_response_dict: dict[str, Any], **_: Any) -> None:
+        if response_dict.get("status_code") != 200:
+            return
+        body = response_dict.get("body")
+        if not isinstance(body, bytes) or b"<Contents>" not in body:
+            return
+        contents = read_contents(body, timestamp_parser)
+        if contents is None:
+            return
+        response_dict["body"] = _CONTENTS.sub(b"", body)
+        customized_response_dict["Contents"] = contents
+
+    client.meta.events.register(EVENT, handler, unique_id=UNIQUE_ID)
+
+
+def read_contents(body: bytes, timestamp_parser: Callable[[str], datetime]) -> list[dict[str, Any]] | None:
+    """The listing's ``Contents`` as botocore's parser gives them (the fields above), or None
+    where the body is not a listing this reader is sure of."""
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError:
+        return None
+    if _local(root.tag) != "ListBucketResult":
+        return None
+    out: list[dict[str, Any]] = []
+    for element in root:
+        if _local(element.tag) != "Contents":
+            continue
+        item: dict[str, Any] = {}
+        try:
+            for child in element:
+                name, text = _local(child.tag), child.text or ""
+                if name in _TEXT_FIELDS:
+                    item[name] = text
+                elif name == "Size":
+                    item[name] = int(text)
+                elif name == "LastModified":
+                    item[name] = timestamp_parser(text)
+        except (ValueError, TypeError, OverflowError):
+            return None  # botocore's parser words what is wrong with it
+        if "Key" not in item:
+            return None
+        out.append(item)
+    # The regex that strips them for botocore must find exactly the elements read here.
+    if len(out) != len(_CONTENTS.findall(body)):
+        return None
+    return out
+
+
+def _local(tag: str) -> str:
+    """``Contents`` of ``{http://s3.amazonaws.com/doc/2006-03-01/}Contents``."""
+    return tag.rpartition("}")[2]
