@@ -9,6 +9,7 @@ then warm, and the `stemset status` command itself as a process, warm.
 
     python benchmarks/status.py --json --partitions 10000 --root /dev/shm/stemset-status
     python benchmarks/status.py --json --partitions 100000 --root /dev/shm/stemset-status100k
+    python benchmarks/status.py --json --partitions 100000 --root /dev/shm/stemset-status100k --postgres
 """
 
 from __future__ import annotations
@@ -85,11 +86,12 @@ def timed(fn):
     return out, round(time.perf_counter() - t0, 3), round(time.process_time() - c0, 3)
 
 
-def instance_runs(root: Path, config_path: Path, config, keys: list[str]) -> dict:
-    """``stemset status`` as the CLI runs it: partitions from a SQLite Dagster instance, the fact
-    cache in its key-value store. In process (first call on an empty cache, then warm), then the
-    command itself as a process (warm: what a user waits for, imports included)."""
-    home = root / "dagster_home"
+def instance_runs(root: Path, config_path: Path, config, keys: list[str], home: Path | None = None) -> dict:
+    """``stemset status`` as the CLI runs it: partitions from the Dagster instance of ``home``
+    (default: a SQLite one under ``root``), the fact cache in its key-value store. In process
+    (first call on an empty cache, then warm), then the command itself as a process (warm: what a
+    user waits for, imports included)."""
+    home = home or root / "dagster_home"
     home.mkdir(exist_ok=True)
     os.environ["DAGSTER_HOME"] = str(home)
     from dagster import DagsterInstance
@@ -100,13 +102,17 @@ def instance_runs(root: Path, config_path: Path, config, keys: list[str]) -> dic
     from stemset_assets.defs.status import CACHE_KEY, read_status
 
     instance = DagsterInstance.get()
-    marker = home / ".partitions"
+    out: dict = {"instance": type(instance.run_storage).__name__}
+    marker = home / ".partitions"  # a Postgres database is new each run: no marker there
     if not marker.exists() or marker.read_text() != str(len(keys)):
+        t0 = time.perf_counter()
         have = set(instance.get_dynamic_partitions(RECORDINGS_PARTITIONS))
         todo = [k for k in keys if k not in have]
         for i in range(0, len(todo), 10_000):
             instance.add_dynamic_partitions(RECORDINGS_PARTITIONS, todo[i : i + 10_000])
-        marker.write_text(str(len(keys)))
+        out["register_partitions_s"] = round(time.perf_counter() - t0, 2)
+        if "Postgres" not in out["instance"]:
+            marker.write_text(str(len(keys)))
     store = LocalObjectStore(root / "media", fsync=False)
     cache_key = CACHE_KEY + store.uri(OUTPUTS)
     instance.daemon_cursor_storage.set_cursor_values({cache_key: ""})  # start from an empty fact cache
@@ -114,7 +120,6 @@ def instance_runs(root: Path, config_path: Path, config, keys: list[str]) -> dic
     def status() -> None:
         summary(status_frame(read_status(instance, config, store=store)))
 
-    out: dict = {}
     _, out["first_s"], out["first_cpu_s"] = timed(status)
     _, out["warm_s"], out["warm_cpu_s"] = timed(status)
     raw = instance.daemon_cursor_storage.get_cursor_values({cache_key}).get(cache_key) or ""
@@ -129,7 +134,27 @@ def instance_runs(root: Path, config_path: Path, config, keys: list[str]) -> dic
     out["command_warm_cpu_s"] = round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 3)
     out["command"] = " ".join(cmd[1:])
     out["command_output"] = proc.stdout.strip().splitlines()
+    instance.dispose()
     return out
+
+
+def postgres_runs(root: Path, config_path: Path, config, keys: list[str]) -> dict:
+    """:func:`instance_runs` on a fresh Postgres database with the instance ``stemset deploy
+    render`` writes (pooled Dagster Postgres storage), the command reading it as a deployment does."""
+    import yaml
+
+    from stemset_assets.core.deploy_files import instance_config
+    from tests.postgres_fixtures import start_postgres, stop_postgres
+
+    server = start_postgres()
+    try:
+        os.environ.update(server.env(server.create_database()))
+        home = root / "dagster_home_pg"
+        home.mkdir(exist_ok=True)
+        (home / "dagster.yaml").write_text(yaml.safe_dump(instance_config(config), sort_keys=False))
+        return instance_runs(root, config_path, config, keys, home=home)
+    finally:
+        stop_postgres(server)
 
 
 def main() -> int:
@@ -138,6 +163,12 @@ def main() -> int:
     ap.add_argument("--root", default="/tmp/stemset-status-bench")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--no-instance", action="store_true", help="skip the Dagster-instance and command runs")
+    ap.add_argument(
+        "--postgres",
+        action="store_true",
+        help="also run the instance and command on the production instance: deploy/dagster.yaml's storage on a "
+        "Postgres from the pgserver wheel",
+    )
     args = ap.parse_args()
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -165,6 +196,8 @@ def main() -> int:
     }
     if not args.no_instance:
         result["instance"] = instance_runs(root, cfg, config, keys)
+        if args.postgres:
+            result["instance_postgres"] = postgres_runs(root, cfg, config, keys)
     result["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     result["load_average_1m"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result, indent=1) if args.json else result)
