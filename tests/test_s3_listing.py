@@ -57,8 +57,8 @@ def _pages(client, bucket: str, page_size: int) -> list[dict]:
 def test_lean_listing_gives_botocores_pages_and_objects(seaweed, filled, monkeypatch, page_size):
     store, bucket = filled
     read = []
-    real = s3_listing.read_contents
-    monkeypatch.setattr(s3_listing, "read_contents", lambda body, parse: read.append(1) or real(body, parse))
+    real = s3_listing.read_listing
+    monkeypatch.setattr(s3_listing, "read_listing", lambda body, parse: read.append(1) or real(body, parse))
     plain = seaweed.client()  # botocore's own parser, nothing hooked
     lean_pages = _pages(store.client, bucket, page_size)
     assert read, "the store's client did not read its listings with the lean reader"
@@ -96,7 +96,8 @@ GOOD = (
 
 
 def test_reader_reads_one_listing():
-    (item,) = s3_listing.read_contents(GOOD, parse_s3_timestamp)
+    (item,), envelope = s3_listing.read_listing(GOOD, parse_s3_timestamp)
+    assert b"<Contents>" not in envelope and envelope.startswith(GOOD[: GOOD.index(b"<Contents>")])
     assert item == {
         "Key": "a&b",
         "LastModified": parse_s3_timestamp("2026-12-02T18:20:00.000Z"),
@@ -117,7 +118,7 @@ def test_reader_reads_one_listing():
     ],
 )
 def test_reader_leaves_what_it_is_not_sure_of_to_botocore(body):
-    assert s3_listing.read_contents(body, parse_s3_timestamp) is None
+    assert s3_listing.read_listing(body, parse_s3_timestamp) is None
 
 
 def test_handler_leaves_an_unread_body_as_it_was():

@@ -30,7 +30,7 @@ _TEXT_FIELDS = ("Key", "ETag", "StorageClass")
 
 
 def install_lean_listing(client: Any, timestamp_parser: Callable[[str], datetime]) -> None:
-    """Read ``client``'s ListObjectsV2 responses with :func:`read_contents` (this client only)."""
+    """Read ``client``'s ListObjectsV2 responses with :func:`read_listing` (this client only)."""
 
     def handler(response_dict: dict[str, Any], customized_response_dict: dict[str, Any], **_: Any) -> None:
         if response_dict.get("status_code") != 200:
@@ -38,18 +38,18 @@ def install_lean_listing(client: Any, timestamp_parser: Callable[[str], datetime
         body = response_dict.get("body")
         if not isinstance(body, bytes) or b"<Contents>" not in body:
             return
-        contents = read_contents(body, timestamp_parser)
-        if contents is None:
+        read = read_listing(body, timestamp_parser)
+        if read is None:
             return
-        response_dict["body"] = _CONTENTS.sub(b"", body)
-        customized_response_dict["Contents"] = contents
+        customized_response_dict["Contents"], response_dict["body"] = read
 
     client.meta.events.register(EVENT, handler, unique_id=UNIQUE_ID)
 
 
-def read_contents(body: bytes, timestamp_parser: Callable[[str], datetime]) -> list[dict[str, Any]] | None:
-    """The listing's ``Contents`` as botocore's parser gives them (the fields above), or None
-    where the body is not a listing this reader is sure of."""
+def read_listing(body: bytes, timestamp_parser: Callable[[str], datetime]) -> tuple[list[dict[str, Any]], bytes] | None:
+    """The listing's ``Contents`` as botocore's parser gives them (the fields above) and the body
+    without them (the envelope left to botocore), or None where the body is not a listing this
+    reader is sure of."""
     try:
         root = ET.fromstring(body)
     except ET.ParseError:
@@ -75,10 +75,10 @@ def read_contents(body: bytes, timestamp_parser: Callable[[str], datetime]) -> l
         if "Key" not in item:
             return None
         out.append(item)
-    # The regex that strips them for botocore must find exactly the elements read here.
-    if len(out) != len(_CONTENTS.findall(body)):
+    envelope, stripped = _CONTENTS.subn(b"", body)
+    if stripped != len(out):  # the pattern that strips them must find exactly the elements read here
         return None
-    return out
+    return out, envelope
 
 
 def _local(tag: str) -> str:
