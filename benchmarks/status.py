@@ -103,16 +103,13 @@ def instance_runs(root: Path, config_path: Path, config, keys: list[str], home: 
 
     instance = DagsterInstance.get()
     out: dict = {"instance": type(instance.run_storage).__name__}
-    marker = home / ".partitions"  # a Postgres database is new each run: no marker there
-    if not marker.exists() or marker.read_text() != str(len(keys)):
+    have = set(instance.get_dynamic_partitions(RECORDINGS_PARTITIONS))  # the instance says what it holds
+    todo = [k for k in keys if k not in have]
+    if todo:
         t0 = time.perf_counter()
-        have = set(instance.get_dynamic_partitions(RECORDINGS_PARTITIONS))
-        todo = [k for k in keys if k not in have]
         for i in range(0, len(todo), 10_000):
             instance.add_dynamic_partitions(RECORDINGS_PARTITIONS, todo[i : i + 10_000])
         out["register_partitions_s"] = round(time.perf_counter() - t0, 2)
-        if "Postgres" not in out["instance"]:
-            marker.write_text(str(len(keys)))
     store = LocalObjectStore(root / "media", fsync=False)
     cache_key = CACHE_KEY + store.uri(OUTPUTS)
     instance.daemon_cursor_storage.set_cursor_values({cache_key: ""})  # start from an empty fact cache
