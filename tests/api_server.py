@@ -25,7 +25,7 @@ API = """\
 api:
   token: ${STEMSET_API_TOKEN:-}
   auth: %(auth)s
-  max_upload_mb: 1
+  max_upload_mb: %(max_upload_mb)d
   public_url: ${STEMSET_API_URL:-}
 """
 
@@ -45,12 +45,22 @@ class ApiServer:
         return self.log_path.read_text(errors="replace")
 
 
-def write_config(folder: Path, repo: Path, auth: bool = True, sections: str = "", storage: str | None = None) -> Path:
+def write_config(
+    folder: Path,
+    repo: Path,
+    auth: bool = True,
+    sections: str = "",
+    storage: str | None = None,
+    max_upload_mb: int = 1,
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.yaml"
     path.write_text(
         tiny_config_yaml(
-            repo, folder / "media", storage=storage, sections=API % {"auth": "true" if auth else "false"} + sections
+            repo,
+            folder / "media",
+            storage=storage,
+            sections=API % {"auth": "true" if auth else "false", "max_upload_mb": max_upload_mb} + sections,
         )
     )
     return path
@@ -75,9 +85,12 @@ def api_server(
     *,
     storage: str | None = None,
     env: dict[str, str] | None = None,
+    max_upload_mb: int = 1,
 ) -> Iterator[ApiServer]:
     """``storage`` replaces the local storage block of the config; ``env`` adds variables."""
-    config = write_config(folder, repo, auth=token is not None, sections=sections, storage=storage)
+    config = write_config(
+        folder, repo, auth=token is not None, sections=sections, storage=storage, max_upload_mb=max_upload_mb
+    )
     port = free_port()
     extra = env or {}
     env = {

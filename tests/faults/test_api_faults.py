@@ -26,6 +26,10 @@ from tests.model_fixtures import make_model_repo
 
 STEMS = {"drums", "bass", "other", "vocals"}
 EXIT_TIMEOUT_S = 30.0
+# A take long enough that its run is still in flight when the test stops the API or kills the
+# worker (~10 s of separating here); a 5 s take's run once ended first on a CI machine.
+IN_FLIGHT_TAKE_S = 20.0
+UPLOAD_MB = 8  # room for that take (3.4 MB of WAV)
 pytestmark = pytest.mark.faults
 
 
@@ -132,8 +136,8 @@ def no_live_runs(instance: DagsterInstance) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
 def test_api_restart_keeps_jobs_and_they_end_complete(tmp_path, model_repo, sig):
     folder, token = tmp_path / "api", "t0ken-" + secrets.token_hex(8)
-    with api_server(folder, model_repo, token=token) as server:
-        first = upload(server, "First take.wav", wav(tmp_path, 5.0, 1))
+    with api_server(folder, model_repo, token=token, max_upload_mb=UPLOAD_MB) as server:
+        first = upload(server, "First take.wav", wav(tmp_path, IN_FLIGHT_TAKE_S, 1))
         second = upload(server, "Second take.wav", wav(tmp_path, 1.0, 2))
         worker = wait_running(server, first["job_id"])
         assert job_status(server, second["job_id"])["status"] == "queued"
@@ -147,7 +151,7 @@ def test_api_restart_keeps_jobs_and_they_end_complete(tmp_path, model_repo, sig)
     else:  # killed: nobody could mark the run; the next API start reconciles it
         assert [r.status for r in runs] == [DagsterRunStatus.STARTED]
 
-    with api_server(folder, model_repo, token=token) as server:
+    with api_server(folder, model_repo, token=token, max_upload_mb=UPLOAD_MB) as server:
         jobs = [wait_for_job(server, j["job_id"]) for j in (first, second)]
     for job in jobs:
         assert job["status"] == "complete" and set(job["stems"]) == STEMS, job
@@ -164,8 +168,8 @@ def test_api_restart_keeps_jobs_and_they_end_complete(tmp_path, model_repo, sig)
 
 def test_a_killed_job_worker_fails_its_run_and_the_next_job_gets_a_new_worker(tmp_path, model_repo):
     folder = tmp_path / "api"
-    with api_server(folder, model_repo) as server:
-        body = upload(server, "Doomed take.wav", wav(tmp_path, 5.0, 3))
+    with api_server(folder, model_repo, max_upload_mb=UPLOAD_MB) as server:
+        body = upload(server, "Doomed take.wav", wav(tmp_path, IN_FLIGHT_TAKE_S, 3))
         worker = wait_running(server, body["job_id"])
         os.kill(worker, signal.SIGKILL)
         job = wait_for_job(server, body["job_id"], timeout_s=60)
