@@ -107,6 +107,12 @@ def test_reader_reads_one_listing():
     }
 
 
+def test_reader_unescapes_what_xml_escapes():
+    body = GOOD.replace(b"a&amp;b", b"&lt;&#x41;&#66;&apos;&gt;&quot;&amp;amp;")
+    ((item,), _) = s3_listing.read_listing(body, parse_s3_timestamp)
+    assert item["Key"] == "<AB'>\"&amp;"
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -115,6 +121,13 @@ def test_reader_reads_one_listing():
         GOOD.replace(b"<Key>a&amp;b</Key>", b""),  # an entry without a key
         GOOD.replace(b"<Contents>", b'<Contents a="1">'),  # an element the stripping pattern would miss
         GOOD[:-20],  # cut short
+        GOOD.replace(b"</Contents>", b""),  # an entry never closed
+        GOOD.replace(b"<Size>12</Size>", b"<Size>12</Size><Size>13</Size>"),  # a field twice
+        GOOD.replace(b"a&amp;b", b"a&eacute;b"),  # an entity XML does not define
+        GOOD.replace(b"a&amp;b", b"a<!-- c -->b"),  # a comment inside a field
+        GOOD.replace(b"a&amp;b", b"<![CDATA[a&b]]>"),  # CDATA
+        GOOD.replace(b"a&amp;b", b"a\r\nb"),  # a carriage return XML would rewrite
+        GOOD.replace(b"<Key>", b"<Key xml:space='preserve'>"),  # an attribute on a field
     ],
 )
 def test_reader_leaves_what_it_is_not_sure_of_to_botocore(body):
