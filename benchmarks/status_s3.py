@@ -6,6 +6,9 @@ request to stand for a remote bucket's round trip (SeaweedFS on loopback answers
 tens to hundreds).
 
     python benchmarks/status_s3.py --json --partitions 5000 --latency-ms 0,50
+    python benchmarks/status_s3.py --json --partitions 5000 --compare-prefixes --compare-listing-reader
+
+Each run counts its LIST requests (``lists``): in a warm status they are most of the CPU.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from benchmarks.status import CONFIG, timed  # noqa: E402
 from gpu_worker.stores import s3_listing  # noqa: E402
 from gpu_worker.stores.s3 import S3ObjectStore  # noqa: E402
 from stemset_assets.config import parse_config  # noqa: E402
-from stemset_assets.core import prefix_listing  # noqa: E402
+from stemset_assets.core import prefix_listing, set_facts  # noqa: E402
 from stemset_assets.core.set_facts import MemoryFactCache  # noqa: E402
 from stemset_assets.core.status import status_rows  # noqa: E402
 from stemset_assets.core.stemsets import fingerprints  # noqa: E402
@@ -67,19 +70,30 @@ def delayed(store: S3ObjectStore, latency_s: float) -> S3ObjectStore:
     return store
 
 
-def run(store, config, keys, one_listing: bool) -> dict:
-    old = prefix_listing.NAMES_PER_PREFIX
+def uncapped_prefixes(names, threads: int) -> list[str]:
+    """The shard prefixes before they were capped at names / NAMES_PER_PREFIX (up to 100 LISTs of
+    50 names where 10 of 500 do)."""
+    return prefix_listing.prefixes_for(names, prefix_listing.shard_count(len(names), threads))
+
+
+def run(store, config, keys, one_listing: bool, uncapped: bool = False) -> dict:
+    old, capped = prefix_listing.NAMES_PER_PREFIX, set_facts.shard_prefixes
     if one_listing:  # shard_count() is then 1: one listing per profile and area, as before
         prefix_listing.NAMES_PER_PREFIX = 10**12
+    if uncapped:
+        set_facts.shard_prefixes = uncapped_prefixes
+    lists: list[int] = []
+    store.client.meta.events.register("before-call.s3.ListObjectsV2", lambda **_: lists.append(1))
     try:
         _, cold_s, cold_cpu = timed(lambda: status_rows(store, config, keys))
         cache = MemoryFactCache()
         status_rows(store, config, keys, cache=cache)
+        lists.clear()
         rows, warm_s, warm_cpu = timed(lambda: status_rows(store, config, keys, cache=cache))
     finally:
-        prefix_listing.NAMES_PER_PREFIX = old
+        prefix_listing.NAMES_PER_PREFIX, set_facts.shard_prefixes = old, capped
     assert all(r.state == "current" for r in rows), {r.state for r in rows}
-    return {"cold_s": cold_s, "cold_cpu_s": cold_cpu, "warm_s": warm_s, "warm_cpu_s": warm_cpu}
+    return {"cold_s": cold_s, "cold_cpu_s": cold_cpu, "warm_s": warm_s, "warm_cpu_s": warm_cpu, "lists": len(lists)}
 
 
 def main() -> int:
@@ -90,6 +104,11 @@ def main() -> int:
         "--compare-listing-reader",
         action="store_true",
         help="also time the current store with botocore parsing the listings (no gpu_worker.stores.s3_listing)",
+    )
+    ap.add_argument(
+        "--compare-prefixes",
+        action="store_true",
+        help="also time the current store with the shard prefixes uncapped (as before the cap)",
     )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -117,6 +136,8 @@ def main() -> int:
                 "before": run(before, config, keys, one_listing=True),
                 "now": run(new, config, keys, one_listing=False),
             }
+            if args.compare_prefixes:
+                runs["now_uncapped_prefixes"] = run(new, config, keys, one_listing=False, uncapped=True)
             if args.compare_listing_reader:  # the same store with botocore parsing whole listings
                 new.client.meta.events.unregister(s3_listing.EVENT, unique_id=s3_listing.UNIQUE_ID)
                 runs["now_botocore_listing_parser"] = run(new, config, keys, one_listing=False)

@@ -30,6 +30,18 @@ def test_prefixes_start_every_name_exactly_once(want):
         assert len(prefixes) < len(SLUGS)  # as few as asked for: fewer LIST calls
 
 
+def test_a_jump_past_the_most_prefixes_keeps_the_fewer():
+    names = [f"take_{i}" for i in range(5000)]  # 9 prefixes at take_<d>, then 100 at take_<dd>
+    assert len(prefix_listing.prefixes_for(names, 20)) == 100
+    capped = prefix_listing.prefixes_for(names, 20, most=20)
+    assert capped == [f"take_{i}" for i in range(10)]
+    assert all(sum(f"{n}/".startswith(p) for p in capped) == 1 for n in names)
+    assert prefix_listing.shard_prefixes(names, 16) == capped  # 5,000 names: at most 20 prefixes
+    assert len(prefix_listing.shard_prefixes([f"take_{i}" for i in range(100_000)], 16)) == 100
+    spread = [f"{a}{b}" for a in "abcdefghij" for b in "klmnopqrst"]  # no jump: the first count over want
+    assert len(prefix_listing.prefixes_for(spread, 4, most=8)) == 10
+
+
 def test_shard_count_grows_with_names_within_bounds():
     assert prefix_listing.shard_count(10, 16) == 1  # a few names: one listing
     assert prefix_listing.shard_count(5_000, 16) == 20

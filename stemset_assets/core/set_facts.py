@@ -32,7 +32,7 @@ from gpu_worker.stores.local import LocalObjectStore
 from gpu_worker.stores.publish import SET_DIR_PREFIX, STAGING_DIR
 
 from .layout import FAILURE_NAME, INPUTS, OUTPUTS, RECORD_NAME, RECORDINGS
-from .prefix_listing import list_prefixes, prefixes_for, shard_count
+from .prefix_listing import list_prefixes, shard_prefixes
 from .state import FailureFacts, ManifestFacts, RecordingFacts, SetFacts, SetState, Target, decide_state
 
 READ_THREADS = 16  # small GETs: on S3 each is a round trip, so overlap them
@@ -143,7 +143,7 @@ def _threads(store: ObjectStore) -> int:
 
 def _scopes(keys: Iterable[str], threads: int) -> list[str]:
     """``<profile>/<prefix>`` scopes that start every ``<profile>/<name>`` key (names without a
-    ``/`` give disjoint scopes; see :func:`.prefix_listing.prefixes_for`)."""
+    ``/`` give disjoint scopes; see :func:`.prefix_listing.shard_prefixes`)."""
     by_profile: dict[str, set[str]] = defaultdict(set)
     for key in keys:
         profile, _, name = key.partition("/")
@@ -151,7 +151,7 @@ def _scopes(keys: Iterable[str], threads: int) -> list[str]:
     return [
         f"{profile}/{prefix}"
         for profile, names in sorted(by_profile.items())
-        for prefix in prefixes_for(names, shard_count(len(names), threads))
+        for prefix in shard_prefixes(names, threads)
     ]
 
 
