@@ -117,3 +117,19 @@ def write_audio(
         for packet in stream.encode(None):
             container.mux(packet)
     return path
+
+
+def amp_at(x: np.ndarray, freq: float, sr: int) -> float:
+    """Amplitude of the ``freq`` Hz component of a 1-D signal holding whole cycles of it."""
+    t = np.arange(x.shape[-1]) / sr
+    return float(2 * abs(np.dot(x.astype(np.float64), np.exp(-2j * np.pi * freq * t))) / x.shape[-1])
+
+
+def peak_freq(x: np.ndarray, sr: int) -> float:
+    spec = np.abs(np.fft.rfft(x.astype(np.float64) * np.hanning(x.shape[-1])))
+    return float(np.argmax(spec) * sr / x.shape[-1])
+
+
+def snr_db(ref: np.ndarray, test: np.ndarray) -> float:
+    err = test.astype(np.float64) - ref
+    return float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum(err**2)))

@@ -19,10 +19,10 @@ from stemset_assets.defs.assets.stems import build_stems_asset
 from stemset_assets.defs.partitions import RECORDINGS_PARTITIONS
 from stemset_assets.defs.resources import MediaStoreResource, SeparatorResource
 from stemset_assets.defs.resources.remote_separators import ModalSeparatorClient
+from tests.asset_world import failure_text
 from tests.configs import tiny_config_yaml
 from tests.model_fixtures import make_model_repo
 from tests.remote_fixtures import WorkerProcess, aws_env, free_port, make_job, upload_input
-from tests.test_assets import failure_text
 from tests.test_remote_separators import local_factory
 
 TOKEN = "remote-backend-token-3c9e1a"

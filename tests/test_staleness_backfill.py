@@ -17,8 +17,8 @@ from stemset_assets.defs.asset_keys import stem_keys
 from stemset_assets.defs.backfill import launch_backfill, plan_backfill
 from stemset_assets.defs.sensors import build_auto_reprocess_sensor, build_new_recordings_sensor
 from stemset_assets.defs.status import read_status
+from tests.asset_world import World, model_repo_fixture, write_config  # noqa: F401 - a pytest fixture
 from tests.audio_fixtures import music_like
-from tests.test_assets import World, model_repo, write_config  # noqa: F401 - model_repo is a fixture
 
 PARAMS = "__params: {shifts: 1, overlap: 0.25}"
 SENSORS = "\nsensors: {settle_s: 0, max_new_per_tick: 50}\n"
@@ -33,7 +33,7 @@ def staleness(instance, config, strategies=None, profile=None, **kw):
 
 
 @pytest.fixture
-def world(tmp_path, model_repo, seaweed, monkeypatch):  # noqa: F811
+def world(tmp_path, model_repo, seaweed, monkeypatch):
     home = tmp_path / "dagster_home"
     home.mkdir()
     monkeypatch.setenv("DAGSTER_HOME", str(home))
@@ -84,7 +84,7 @@ def cli_config(path, world: World, monkeypatch):
 
 def test_staleness_dry_run_backfill_and_auto_reprocess(
     world: World,
-    model_repo,  # noqa: F811
+    model_repo,
     tmp_path,
     capsys,
     monkeypatch,

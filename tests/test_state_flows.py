@@ -16,15 +16,15 @@ from stemset_assets.defs.backfill import plan_backfill
 from stemset_assets.defs.build import build_definitions
 from stemset_assets.defs.state_sensor import STEM_SET_STATE
 from stemset_assets.defs.status import read_status
+from tests.asset_world import World, local_world, model_repo_fixture, write_config  # noqa: F401 - a pytest fixture
 from tests.audio_fixtures import music_like
-from tests.test_assets import World, local_world, model_repo, write_config  # noqa: F401 - model_repo is a fixture
 from tests.test_sensors import Ticker
 
 SENSORS = "\nsensors: {settle_s: 0, max_new_per_tick: 50}\n"
 
 
 @pytest.fixture
-def world(tmp_path, model_repo) -> World:  # noqa: F811
+def world(tmp_path, model_repo) -> World:
     return local_world(tmp_path, write_config(tmp_path / "cfg", model_repo, extra=SENSORS))
 
 

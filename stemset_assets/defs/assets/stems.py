@@ -66,7 +66,7 @@ from ..resources.media_store import MediaStoreResource
 from ..resources.separator import SeparatorResource
 
 # Dagster's tags for an event's data version, code version and provenance
-# (dagster._core.definitions.data_version, not exported publicly); tests/test_assets.py pins them
+# (dagster._core.definitions.data_version, not exported publicly); tests/test_asset_definitions.py pins them
 # to Dagster's own values.
 DATA_VERSION_TAG = "dagster/data_version"
 DATA_VERSION_USER_PROVIDED_TAG = "dagster/data_version_is_user_provided"
