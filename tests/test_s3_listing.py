@@ -120,6 +120,7 @@ def test_reader_unescapes_what_xml_escapes():
         GOOD.replace(b"<Size>12</Size>", b"<Size>twelve</Size>"),  # a field it cannot read
         GOOD.replace(b"<Key>a&amp;b</Key>", b""),  # an entry without a key
         GOOD.replace(b"<Contents>", b'<Contents a="1">'),  # an element the stripping pattern would miss
+        GOOD.replace(b"</ListBucketResult>", b'<Contents\n a="1"></Contents></ListBucketResult>'),  # one of each
         GOOD[:-20],  # cut short
         GOOD.replace(b"</Contents>", b""),  # an entry never closed
         GOOD.replace(b"<Size>12</Size>", b"<Size>12</Size><Size>13</Size>"),  # a field twice

@@ -30,7 +30,7 @@ EVENT = "before-parse.s3.ListObjectsV2"
 UNIQUE_ID = "stemset-lean-listing"
 _OPEN, _CLOSE = b"<Contents>", b"</Contents>"
 _FIELD = re.compile(rb"<(Key|ETag|StorageClass|Size|LastModified)>([^<]*)</\1>")
-_NOT_SURE = (b"<!", b"\r", b"<Contents ", b"<Contents/")  # comments or CDATA, CR (XML rewrites it), attributes
+_NOT_SURE = (b"<!", b"\r")  # comments or CDATA; a CR (XML rewrites line ends in text)
 _NAMES = {name.encode(): name for name in ("Key", "ETag", "StorageClass", "Size", "LastModified")}
 _ENTITY = re.compile(r"&(?:#x([0-9a-fA-F]+)|#([0-9]+)|(lt|gt|amp|quot|apos));")
 _NAMED = {"lt": "<", "gt": ">", "amp": "&", "quot": '"', "apos": "'"}
@@ -76,7 +76,10 @@ def read_listing(body: bytes, timestamp_parser: Callable[[str], datetime]) -> tu
             out.append(item)
     except (ValueError, TypeError, OverflowError):
         return None  # botocore's parser words what is wrong with it
-    return out, b"".join(envelope)
+    rest = b"".join(envelope)
+    if b"<Contents" in rest:  # one written otherwise (attributes, empty): botocore reads them all
+        return None
+    return out, rest
 
 
 def _read_entry(inner: bytes, timestamp_parser: Callable[[str], datetime]) -> dict[str, Any] | None:
