@@ -83,7 +83,8 @@ def run(store, config, keys, one_listing: bool, uncapped: bool = False) -> dict:
     if uncapped:
         set_facts.shard_prefixes = uncapped_prefixes
     lists: list[int] = []
-    store.client.meta.events.register("before-call.s3.ListObjectsV2", lambda **_: lists.append(1))
+    count = lambda **_: lists.append(1)
+    store.client.meta.events.register("before-call.s3.ListObjectsV2", count)
     try:
         _, cold_s, cold_cpu = timed(lambda: status_rows(store, config, keys))
         cache = MemoryFactCache()
@@ -92,6 +93,7 @@ def run(store, config, keys, one_listing: bool, uncapped: bool = False) -> dict:
         rows, warm_s, warm_cpu = timed(lambda: status_rows(store, config, keys, cache=cache))
     finally:
         prefix_listing.NAMES_PER_PREFIX, set_facts.shard_prefixes = old, capped
+        store.client.meta.events.unregister("before-call.s3.ListObjectsV2", count)  # the next run counts its own
     assert all(r.state == "current" for r in rows), {r.state for r in rows}
     return {"cold_s": cold_s, "cold_cpu_s": cold_cpu, "warm_s": warm_s, "warm_cpu_s": warm_cpu, "lists": len(lists)}
 

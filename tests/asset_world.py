@@ -3,6 +3,8 @@ models (one that answers NaN), a local or SeaweedFS media store, an ephemeral Da
 and readers for what a run reported. A test module that imports a ``*_fixture`` function has that
 fixture under its ``name`` (the parameters then shadow no import)."""
 
+from __future__ import annotations
+
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
