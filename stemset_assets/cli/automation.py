@@ -20,22 +20,37 @@ def add_status_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", "-s", action="append", default=None, help="only this strategy (repeatable)")
     p.add_argument("--json", action="store_true", help="machine-readable: summary and one row per file x strategy")
     p.add_argument("--files", action="store_true", help="also list every stale or missing file")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="list the whole bucket now, even where a recent listing (by the stem_set_state sensor or an "
+        "earlier status) and the runs since would do",
+    )
 
 
 def run_status(args: argparse.Namespace) -> int:
     """Per profile x strategy: how many stem sets are in each state (the one state rule, over the bucket)."""
     # Dagster and pandas load only when a command runs, so `stemset --help` stays fast.
-    from ..core.status import status_frame, summary
+    from ..core.selection import check_profile, check_strategies
+    from ..core.status import summary
     from ..defs.runs import dagster_instance
-    from ..defs.status import read_status
+    from ..defs.status_snapshot import whole_status
 
     config = load_config(args.config)
+    strategies = check_strategies(config, args.strategy)
+    check_profile(config, args.profile)
     instance = dagster_instance(config)
-    df = status_frame(read_status(instance, config, args.strategy, args.profile))
+    df, source = whole_status(instance, config, fresh=args.fresh)
+    df = df[df["strategy"].isin(strategies)]
+    if args.profile is not None:
+        df = df[df["profile"] == args.profile]
+    df = df.reset_index(drop=True)
     table = summary(df)
     if args.json:
         rows = json.loads(df.to_json(orient="records"))
-        print(json.dumps({"summary": json.loads(table.to_json(orient="records")), "files": rows}, indent=1))
+        doc = {"summary": json.loads(table.to_json(orient="records")), "files": rows}
+        doc["source"] = {"listed_at": source.listed_at, "from_snapshot": source.from_snapshot, "reread": source.reread}
+        print(json.dumps(doc, indent=1))
         return 0
     if table.empty:
         print(
@@ -44,6 +59,8 @@ def run_status(args: argparse.Namespace) -> int:
         )
         return 0
     print(table.to_string(index=False))
+    if source.from_snapshot:
+        print(f"\nStates {source.describe()}.")
     lost = df[df["input_present"] == False]  # noqa: E712
     if not lost.empty:
         print(f"\n{lost['partition'].nunique()} recording(s) whose input file is gone (partition kept).")

@@ -16,6 +16,8 @@ ESTIMATE_TAG = "stemset/estimated_cost_usd"
 BACKFILL_ESTIMATE_TAG = "stemset/backfill_estimated_cost_usd"
 HELD_BACK_TAG = "stemset/held_back"
 BACKFILL_ID_TAG = "dagster/backfill"  # Dagster's own tag on a backfill's runs
+PARTITION_TAG = "dagster/partition"  # Dagster's own: the partition a run materialises
+PARTITION_RANGE_TAGS = ("dagster/asset_partition_range_start", "dagster/asset_partition_range_end")  # or range
 STEMS_KEY_PREFIX = "stems"  # stem asset keys are stems/<strategy>/<stem>
 
 

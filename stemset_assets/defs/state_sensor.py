@@ -7,6 +7,8 @@ warm through the fact cache) and
 - requests a run of ``catalog`` when any state, reason or stored set differs from the last tick
   (run key = the digest of the states, so one change makes one catalog run: the catalog stays
   current after sensor runs, backfills, CLI and API runs, and after objects vanish from the bucket);
+- keeps the states it read for a wide ``stemset status``
+  (:mod:`~stemset_assets.defs.status_snapshot`), so the CLI need not list the bucket again;
 - records a failed ``set_complete`` check evaluation for every set that turned ``broken`` (a
   deleted manifest or stem object, a short stem), naming what is gone, and a passing one when such
   a set is whole again without a run (a run evaluates the check itself).
@@ -16,6 +18,7 @@ warm through the fact cache) and
 
 import hashlib
 import json
+import time
 
 from dagster import (
     AssetCheckEvaluation,
@@ -36,6 +39,7 @@ from .asset_keys import CATALOG_KEY, stem_asset_key
 from .checks import SET_COMPLETE
 from .resources.media_store import MediaStoreResource
 from .status import read_status
+from .status_snapshot import save_snapshot
 
 STEM_SET_STATE = "stem_set_state"
 
@@ -83,7 +87,9 @@ def build_state_sensor(config: StemsetConfig) -> SensorDefinition:
     )
     def stem_set_state(context: SensorEvaluationContext, media_store: MediaStoreResource):
         last = json.loads(context.cursor) if context.cursor else {}
-        rows = read_status(context.instance, config, store=media_store.get_store())
+        store, listed_at = media_store.get_store(), time.time()
+        rows = read_status(context.instance, config, store=store)
+        save_snapshot(context.instance, store, config, rows, listed_at)  # what a wide `stemset status` reads
         digest = states_digest(rows)
         was_broken = set(last.get("broken", []))
         events = check_evaluations(config, rows, was_broken)
