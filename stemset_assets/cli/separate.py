@@ -15,7 +15,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from gpu_worker.audio.source import MIN_FRACTION_ENV
 from gpu_worker.cpu_threads import prefer_passive_openmp
 from gpu_worker.errors import StemsetError
 from gpu_worker.job import AAC_CODERS, SeparationJob, StorageRef
@@ -55,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     prefer_passive_openmp()  # before torch loads (in run_job): no spinning threads on shared cores
     config = load_config(args.config)
     if args.accept_truncated:
+        from gpu_worker.audio.source import MIN_FRACTION_ENV  # here: PyAV and soundfile would slow every command
+
         os.environ[MIN_FRACTION_ENV] = "0"  # this process only: decoding reads it
     name = args.strategy or _default_strategy(config)
     strategy = config.strategy(name)

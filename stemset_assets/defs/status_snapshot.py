@@ -130,7 +130,7 @@ def changed_partitions(instance: DagsterInstance, since: float, order: Sequence[
     ]
     if len(records) > MAX_RUNS:
         return None
-    position = {pk: i for i, pk in enumerate(order)} if order else {}
+    position: dict[str, int] = {}
     out: set[str] = set()
     for record in records:
         tags = record.dagster_run.tags
@@ -138,6 +138,7 @@ def changed_partitions(instance: DagsterInstance, since: float, order: Sequence[
         if tags.get(PARTITION_TAG):
             out.add(tags[PARTITION_TAG])
         elif start is not None and end is not None:
+            position = position or {pk: i for i, pk in enumerate(order)}
             if start not in position or end not in position:
                 return None  # a range over partitions no longer registered: list instead
             out.update(order[position[start] : position[end] + 1])
