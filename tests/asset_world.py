@@ -156,8 +156,9 @@ def local_world(tmp: Path, config: StemsetConfig) -> World:
     return World(config, MediaStoreResource(backend="local", root=str(tmp / "media")), DagsterInstance.ephemeral(), tmp)
 
 
-def s3_world(tmp: Path, config: StemsetConfig, seaweed) -> World:
-    media = MediaStoreResource(
+def s3_media(seaweed) -> MediaStoreResource:
+    """The media store resource for a new bucket on the test's SeaweedFS server."""
+    return MediaStoreResource(
         backend="s3",
         endpoint_url=seaweed.endpoint_url,
         bucket=seaweed.make_bucket(),
@@ -166,7 +167,10 @@ def s3_world(tmp: Path, config: StemsetConfig, seaweed) -> World:
         secret_access_key=seaweed.secret_access_key,
         max_attempts=2,
     )
-    return World(config, media, DagsterInstance.ephemeral(), tmp)
+
+
+def s3_world(tmp: Path, config: StemsetConfig, seaweed) -> World:
+    return World(config, s3_media(seaweed), DagsterInstance.ephemeral(), tmp)
 
 
 def materializations(result) -> dict[str, object]:

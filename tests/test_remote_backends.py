@@ -19,7 +19,7 @@ from stemset_assets.defs.assets.stems import build_stems_asset
 from stemset_assets.defs.partitions import RECORDINGS_PARTITIONS
 from stemset_assets.defs.resources import MediaStoreResource, SeparatorResource
 from stemset_assets.defs.resources.remote_separators import ModalSeparatorClient
-from tests.asset_world import failure_text
+from tests.asset_world import failure_text, s3_media
 from tests.configs import tiny_config_yaml
 from tests.model_fixtures import make_model_repo
 from tests.remote_fixtures import WorkerProcess, aws_env, free_port, make_job, upload_input
@@ -60,18 +60,6 @@ def worker(seaweed, model_repo, tmp_path_factory):
         proc.stop()
 
 
-def _media(seaweed) -> MediaStoreResource:
-    return MediaStoreResource(
-        backend="s3",
-        endpoint_url=seaweed.endpoint_url,
-        bucket=seaweed.make_bucket(),
-        region=seaweed.region,
-        access_key_id=seaweed.access_key_id,
-        secret_access_key=seaweed.secret_access_key,
-        max_attempts=2,
-    )
-
-
 def _run(config, media, separator, pk):
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(RECORDINGS_PARTITIONS, [pk])
@@ -88,7 +76,7 @@ def test_http_backend_materialises_stems_on_the_worker_with_its_cost(tmp_path, s
     config_path = tmp_path / "config.yaml"
     config_path.write_text(tiny_config_yaml(model_repo, sections=GPU))
     config = load_config(config_path, env={})
-    media = _media(seaweed)
+    media = s3_media(seaweed)
     store = media.get_store()
     upload_input(store, "inputs/h4n/take.wav", 1.5, seed=4)
     separator = SeparatorResource(backend="http", url=worker.url, token=TOKEN, gpu_type="L4", price_per_hour=0.70)

@@ -27,6 +27,7 @@ from stemset_assets.defs.sensors import (
     object_digest,
     scan_new_inputs,
 )
+from tests.asset_world import s3_media
 
 CONFIG = """
 storage: {backend: local, local: {root: ./media}}
@@ -52,15 +53,7 @@ def make_config(folder: Path, per_tick: int = 100, settle: int = 0, auto: str = 
 
 @pytest.fixture
 def bucket(seaweed) -> MediaStoreResource:
-    return MediaStoreResource(
-        backend="s3",
-        endpoint_url=seaweed.endpoint_url,
-        bucket=seaweed.make_bucket(),
-        region=seaweed.region,
-        access_key_id=seaweed.access_key_id,
-        secret_access_key=seaweed.secret_access_key,
-        max_attempts=2,
-    )
+    return s3_media(seaweed)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from stemset_assets.defs.asset_keys import stem_keys
 from stemset_assets.defs.backfill import launch_backfill, plan_backfill
 from stemset_assets.defs.sensors import build_auto_reprocess_sensor, build_new_recordings_sensor
 from stemset_assets.defs.status import read_status
-from tests.asset_world import World, model_repo_fixture, write_config  # noqa: F401 - a pytest fixture
+from tests.asset_world import World, model_repo_fixture, s3_media, write_config  # noqa: F401 - a pytest fixture
 from tests.audio_fixtures import music_like
 
 PARAMS = "__params: {shifts: 1, overlap: 0.25}"
@@ -37,17 +37,7 @@ def world(tmp_path, model_repo, seaweed, monkeypatch):
     home = tmp_path / "dagster_home"
     home.mkdir()
     monkeypatch.setenv("DAGSTER_HOME", str(home))
-    from stemset_assets.defs.resources import MediaStoreResource
-
-    media = MediaStoreResource(
-        backend="s3",
-        endpoint_url=seaweed.endpoint_url,
-        bucket=seaweed.make_bucket(),
-        region=seaweed.region,
-        access_key_id=seaweed.access_key_id,
-        secret_access_key=seaweed.secret_access_key,
-        max_attempts=2,
-    )
+    media = s3_media(seaweed)
     with instance_for_test(temp_dir=str(home)) as instance:
         config = write_config(tmp_path / "cfg", model_repo, extra=SENSORS)
         yield World(config, media, instance, tmp_path)
@@ -284,17 +274,7 @@ def test_input_changed_is_the_etag_on_s3(tmp_path, seaweed):
     content of the very same size is."""
     import time
 
-    from stemset_assets.defs.resources import MediaStoreResource
-
-    media = MediaStoreResource(
-        backend="s3",
-        endpoint_url=seaweed.endpoint_url,
-        bucket=seaweed.make_bucket(),
-        region=seaweed.region,
-        access_key_id=seaweed.access_key_id,
-        secret_access_key=seaweed.secret_access_key,
-        max_attempts=2,
-    )
+    media = s3_media(seaweed)
     (tmp_path / "dagster").mkdir()
     with instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
         w = RecordingOnly(tmp_path, media, instance)
