@@ -1,7 +1,5 @@
 """``python -m stemset_assets.cli``: the same as the `stemset` command."""
 
-import sys
+from .main import entry
 
-from .main import main
-
-sys.exit(main())
+entry()

@@ -6,6 +6,7 @@ Errors a user can act on print as one paragraph (the traceback only with --debug
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from collections.abc import Callable
 
@@ -83,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
             _common_args(parser_, default=argparse.SUPPRESS)
         sub.set_defaults(run=run)
     return parser
+
+
+def entry() -> None:
+    """The `stemset` command (and ``python -m stemset_assets.cli``): :func:`main`, then exit."""
+    code = main()
+    # The process ends next: put every object in the GC's permanent generation so the interpreter's
+    # last collection does not walk them all (~0.7 s after a status of 100,000 rows).
+    gc.freeze()
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
