@@ -9,7 +9,7 @@ whole listing gives.
 A snapshot is valid for one set of rule inputs (:func:`rule_digest`: the strategies' fingerprints,
 the profiles' formats and strategies, the prices); any change to them makes a new listing
 necessary. It holds the :data:`~stemset_assets.core.status.COLUMNS` of each row, column by column
-(one JSON list a column: ~5x smaller and faster to load than a list of row objects).
+(one JSON list a column, so no key is repeated per row: 21.8 MB at 100,000 rows).
 
 This module imports no Dagster.
 """
