@@ -1,7 +1,9 @@
 """`stemset status` and `stemset backfill`: per-file staleness and strategy backfills from the CLI.
 
 Both read the Dagster instance of :func:`stemset_assets.defs.runs.dagster_instance` (``$DAGSTER_HOME``,
-else ``./.dagster_home``) and the media store of config.yaml (one input listing per profile).
+else ``./.dagster_home``) and the media store of config.yaml. A wide status reads the rows the
+latest listing kept, plus what runs changed since (:mod:`stemset_assets.defs.status_snapshot`);
+``--fresh`` lists the bucket.
 """
 
 from __future__ import annotations
