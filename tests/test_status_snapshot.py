@@ -14,8 +14,8 @@ from dagster._core.test_utils import create_run_for_test
 
 from stemset_assets.cli.main import main
 from stemset_assets.core.layout import manifest_key
-from stemset_assets.core.status import SetStatus, status_frame
-from stemset_assets.core.status_snapshot import StatusSnapshot, columns_of, frame_of, merge, rule_digest
+from stemset_assets.core.status import SetStatus, columns_frame, status_columns, status_frame
+from stemset_assets.core.status_snapshot import StatusSnapshot, merge, rule_digest
 from stemset_assets.defs import status_snapshot
 from stemset_assets.defs.build import build_definitions
 from stemset_assets.defs.partitions import RECORDINGS_PARTITIONS
@@ -42,7 +42,7 @@ def test_rows_survive_encoding_and_give_the_frame_a_listing_gives():
     raw, rows_id = StatusSnapshot.of_rows(rows, 100.0, "d1").encode()
     back = StatusSnapshot.decode(raw)
     assert back is not None and (back.listed_at, back.digest, back.rows_id, back.rows) == (100.0, "d1", rows_id, 4)
-    pd.testing.assert_frame_equal(frame_of(back.columns), status_frame(rows))
+    pd.testing.assert_frame_equal(columns_frame(back.columns), status_frame(rows))
     assert StatusSnapshot.of_rows(rows[:3], 5.0, "d1").encode()[1] != rows_id  # other rows, other id
     assert StatusSnapshot.of_rows(rows, 5.0, "d2").encode()[1] != rows_id  # other rule inputs, other id
     assert StatusSnapshot.of_rows(rows, 5.0, "d1").encode()[1] == rows_id  # a later listing of the same rows
@@ -218,7 +218,7 @@ def test_the_state_sensor_keeps_the_rows_it_read(world: World):
     assert snap is not None and snap.listed_at >= before
     assert sorted(set(snap.columns["partition"])) == ["h4n/take_a", "h4n/take_b"]
     assert snap.rows == 2 * len(world.config.strategies)
-    assert columns_of(read_status(world.instance, world.config, store=world.store)) == snap.columns
+    assert status_columns(read_status(world.instance, world.config, store=world.store)) == snap.columns
 
 
 def test_the_status_command_says_where_its_states_come_from(world: World, monkeypatch, capsys):

@@ -6,9 +6,10 @@ object cost ~70 µs of CPU that way; building an ElementTree of the page still c
 (18 µs in the parse alone, the namespace-qualified tags of every field). Here a ``before-parse``
 handler (botocore's documented hook for customising a response before its parser runs) cuts the
 page at its ``<Contents>`` tags and reads each entry's five flat fields with one pattern (~12 µs an
-object for the whole read, timestamps included), hands them to botocore as the ``Contents`` of the parsed response, and leaves botocore
-only the envelope (truncation, continuation token, counts) to parse. Everything after that is
-botocore's as before: pagination, retries, errors, and the ``EncodingType=url`` decoding of keys.
+object for the whole read, timestamps included), hands them to botocore as the ``Contents`` of the
+parsed response, and leaves botocore only the envelope (truncation, continuation token, counts) to
+parse. Everything after that is botocore's as before: pagination, retries, errors, and the
+``EncodingType=url`` decoding of keys.
 
 Each entry carries what the store reads (``Key``, ``Size``, ``ETag``, ``LastModified``) plus
 ``StorageClass``; ``Owner`` and checksum fields are not read. The reader takes only what XML's own

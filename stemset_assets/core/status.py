@@ -190,8 +190,22 @@ def history(rows: Sequence[SetStatus], strategy: str) -> StrategyHistory:
 
 def status_frame(rows: Sequence[SetStatus]) -> pd.DataFrame:
     """The rows as a DataFrame (columns :data:`COLUMNS`)."""
+    return columns_frame(status_columns(rows))
+
+
+def status_columns(rows: Sequence[SetStatus]) -> dict[str, list]:
+    """The rows' :data:`COLUMNS`, column by column (what a kept status stores)."""
     with paused_gc():
-        return pd.DataFrame.from_records(list(map(attrgetter(*COLUMNS), rows)), columns=COLUMNS)
+        records = list(map(attrgetter(*COLUMNS), rows))
+        if not records:
+            return {c: [] for c in COLUMNS}
+        return {c: list(values) for c, values in zip(COLUMNS, zip(*records, strict=True), strict=True)}
+
+
+def columns_frame(columns: dict[str, list]) -> pd.DataFrame:
+    """The DataFrame of :func:`status_columns`' columns (or columns kept and merged)."""
+    with paused_gc():
+        return pd.DataFrame(columns, columns=COLUMNS)
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:

@@ -21,14 +21,12 @@ import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from operator import attrgetter, itemgetter
-
-import pandas as pd
+from operator import itemgetter
 
 from ..config import StemsetConfig
 from .cost import config_prices
 from .set_facts import paused_gc
-from .status import COLUMNS, SetStatus, targets
+from .status import COLUMNS, SetStatus, status_columns, targets
 
 FORMAT = 1  # bump when COLUMNS or the rule's meaning changes: older snapshots are then ignored
 
@@ -76,7 +74,7 @@ class StatusSnapshot:
 
     @classmethod
     def of_rows(cls, rows: Sequence[SetStatus], listed_at: float, digest: str) -> StatusSnapshot:
-        return cls(listed_at, digest, columns_of(rows))
+        return cls(listed_at, digest, status_columns(rows))
 
 
 def content_id(columns_json: str, digest: str) -> str:
@@ -101,15 +99,6 @@ def rule_digest(config: StemsetConfig) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def columns_of(rows: Sequence[SetStatus]) -> dict[str, list]:
-    """The rows' COLUMNS, column by column."""
-    with paused_gc():
-        records = list(map(attrgetter(*COLUMNS), rows))
-        if not records:
-            return {c: [] for c in COLUMNS}
-        return {c: list(values) for c, values in zip(COLUMNS, zip(*records, strict=True), strict=True)}
-
-
 def merge(
     snapshot: StatusSnapshot, partitions: Sequence[str], fresh: Sequence[SetStatus], redone: Iterable[str]
 ) -> dict[str, list]:
@@ -123,7 +112,7 @@ def merge(
     at: dict[str, list[int]] = defaultdict(list)
     for i, pk in enumerate(kept):
         at[pk].append(i)
-    new = columns_of(fresh)
+    new = status_columns(fresh)
     new_at: dict[str, list[int]] = defaultdict(list)
     for i, pk in enumerate(new["partition"]):
         new_at[pk].append(i)
@@ -144,9 +133,3 @@ def merge(
         if len(picks) == 1:
             return {c: [take(snapshot.columns[c] + new[c])] for c in COLUMNS}
         return {c: list(take(snapshot.columns[c] + new[c])) for c in COLUMNS}
-
-
-def frame_of(columns: dict[str, list]) -> pd.DataFrame:
-    """The DataFrame :func:`~stemset_assets.core.status.status_frame` makes of the same rows."""
-    with paused_gc():
-        return pd.DataFrame(columns, columns=COLUMNS)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 import pandas as pd
@@ -33,8 +33,8 @@ from ..config import StemsetConfig
 from ..core.layout import OUTPUTS
 from ..core.run_tags import PARTITION_RANGE_TAGS, PARTITION_TAG
 from ..core.set_facts import NARROW_MAX
-from ..core.status import SetStatus, status_frame, status_rows
-from ..core.status_snapshot import StatusSnapshot, frame_of, merge, rule_digest
+from ..core.status import SetStatus, columns_frame, status_rows
+from ..core.status_snapshot import StatusSnapshot, merge, rule_digest
 from .partitions import RECORDINGS_PARTITIONS
 from .resources.media_store import open_store
 from .status import read_status
@@ -56,10 +56,9 @@ class StatusSource:
     reread: int  # recordings re-read from the bucket since that listing (from_snapshot only)
     from_snapshot: bool
 
-    def describe(self, now: float | None = None) -> str:
-        age = max(0.0, (now if now is not None else time.time()) - self.listed_at)
-        if not self.from_snapshot:
-            return "listed the bucket now"
+    def describe(self) -> str:
+        """What the status command says of kept rows."""
+        age = max(0.0, time.time() - self.listed_at)
         return (
             f"from the bucket listing of {age:.0f} s ago, with {self.reread} recording(s) changed by runs "
             "since re-read; changes made outside Stemset since then show at the next listing "
@@ -79,12 +78,14 @@ def _keys(store: ObjectStore) -> tuple[str, str]:
 
 def save_snapshot(
     instance: DagsterInstance, store: ObjectStore, config: StemsetConfig, rows: Sequence[SetStatus], listed_at: float
-) -> None:
+) -> StatusSnapshot:
     """Keep ``rows``, a whole status (every registered recording and strategy) whose listing
-    began at ``listed_at``. Failing to store it costs a later call time, not correctness."""
+    began at ``listed_at``, and return them as kept. Failing to store them costs a later call
+    time, not correctness."""
+    snap = StatusSnapshot.of_rows(rows, listed_at, rule_digest(config))
     rows_key, stamp_key = _keys(store)
     try:
-        raw, rows_id = StatusSnapshot.of_rows(rows, listed_at, rule_digest(config)).encode()
+        raw, rows_id = snap.encode()
         storage = instance.daemon_cursor_storage
         stamp = _stamp(storage.get_cursor_values({stamp_key}).get(stamp_key))
         values = {stamp_key: json.dumps({"rows_id": rows_id, "listed_at": listed_at})}
@@ -92,7 +93,8 @@ def save_snapshot(
             values = {rows_key: raw, **values}
         storage.set_cursor_values(values)
     except Exception:  # noqa: BLE001 - see the docstring
-        return
+        pass
+    return snap
 
 
 def load_snapshot(instance: DagsterInstance, store: ObjectStore) -> StatusSnapshot | None:
@@ -107,7 +109,7 @@ def load_snapshot(instance: DagsterInstance, store: ObjectStore) -> StatusSnapsh
         return None
     stamp = _stamp(got.get(stamp_key))
     if stamp.get("rows_id") == snap.rows_id and isinstance(stamp.get("listed_at"), (int, float)):
-        return StatusSnapshot(max(snap.listed_at, float(stamp["listed_at"])), snap.digest, snap.columns, snap.rows_id)
+        return replace(snap, listed_at=max(snap.listed_at, float(stamp["listed_at"])))
     return snap
 
 
@@ -165,8 +167,8 @@ def whole_status(
             return got
     listed_at = time.time()
     rows = read_status(instance, config, store=store, partitions=keys)
-    save_snapshot(instance, store, config, rows, listed_at)
-    return status_frame(rows), StatusSource(listed_at, 0, False)
+    kept = save_snapshot(instance, store, config, rows, listed_at)
+    return columns_frame(kept.columns), StatusSource(listed_at, 0, False)
 
 
 def _from_snapshot(
@@ -186,4 +188,4 @@ def _from_snapshot(
     for i in range(0, len(redo), NARROW_MAX):  # each call lists its recordings' own folders
         fresh += status_rows(store, config, redo[i : i + NARROW_MAX])
     columns = merge(snap, keys, fresh, redo)
-    return frame_of(columns), StatusSource(snap.listed_at, len(redo), True)
+    return columns_frame(columns), StatusSource(snap.listed_at, len(redo), True)
