@@ -32,11 +32,17 @@ from benchmarks.common import emit, machine, peak_rss_mb, synthetic_mix, write_r
 VARIANTS = [
     "reference",  # Demucs' model as loaded, torch's default threads (one per core)
     "threads1",  # the same, one intra-op thread
-    "sdpa",  # gpu_worker.cpu_inference.prepare_for_cpu: attention on scaled_dot_product_attention
+    "stemset",  # what `stemset separate --device cpu` runs: every kept choice below, together
+    "sdpa",  # gpu_worker.cpu_inference.use_sdpa_attention: attention on scaled_dot_product_attention
     "sdpa_threads1",
     "sdpa_passive",  # + OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep instead of spinning)
     "sdpa_spin20000",  # + GOMP_SPINCOUNT=20000: idle threads spin that many times, then sleep
     "sdpa_spin200000",
+    "sdpa_kept",  # + gpu_worker.cpu_allocator.keep_freed_memory: glibc reuses freed activations
+    "sdpa_kept_passive",
+    "sdpa_kept_spin20000",
+    "sdpa_kept_spin100000",
+    "sdpa_kept_packed_passive",  # + gpu_worker.cpu_inference.pack_linears: oneDNN linears, packed once
     "sdpa_channels_last",  # + 4-D weights in channels-last memory format (oneDNN's preferred)
     "sdpa_mkldnn_off",  # + torch.backends.mkldnn disabled (native convolutions)
     "sdpa_bf16",  # + autocast to bfloat16 (the CPU has AVX512-BF16 / AMX); STFT parts in fp32
@@ -127,9 +133,9 @@ def graph_forward(model, run_core):
 
 
 def export_onnx(model, mix: torch.Tensor, folder: Path) -> Path:
-    from gpu_worker.cpu_inference import prepare_for_cpu
+    from gpu_worker.cpu_inference import use_sdpa_attention
 
-    prepare_for_cpu(model)
+    use_sdpa_attention(model)  # not the packed linears: oneDNN's ops do not export
     core = Core(model).eval()
     mag = model._magnitude(model._spec(mix))
     path = folder / "htdemucs_core.onnx"
@@ -142,12 +148,15 @@ def export_onnx(model, mix: torch.Tensor, folder: Path) -> Path:
 
 def build(variant: str, repo: Path, mix: torch.Tensor, tmp: Path):
     """``(forward, setup_s)`` for a variant; setup counts everything but the timed forwards."""
-    from gpu_worker.cpu_inference import prepare_for_cpu
+    from gpu_worker.cpu_allocator import keep_freed_memory
+    from gpu_worker.cpu_inference import pack_linears, prepare_for_cpu, use_sdpa_attention
     from gpu_worker.inference import keep_spectral_ops_fp32
 
     t0 = time.perf_counter()
     if "threads1" in variant:
         torch.set_num_threads(1)
+    if "kept" in variant or variant == "stemset":
+        keep_freed_memory()
     if "mkldnn_off" in variant:
         torch.backends.mkldnn.enabled = False
     model = load_model(repo)
@@ -181,8 +190,12 @@ def build(variant: str, repo: Path, mix: torch.Tensor, tmp: Path):
 
         forward = graph_forward(model, run_core)
     else:
-        if variant != "reference" and variant != "threads1":
+        if variant == "stemset":
             prepare_for_cpu(model)
+        elif variant != "reference" and variant != "threads1":
+            use_sdpa_attention(model)
+        if "packed" in variant:
+            pack_linears(model)
         if "channels_last" in variant:
             model.to(memory_format=torch.channels_last)
         forward = model
@@ -261,7 +274,7 @@ def main(argv=None) -> int:
             cmd, run_env = me + ["--one", variant, "--ref", str(ref)], env
             if variant == "reference":
                 cmd, run_env = me + ["--one", variant], {**env, "STEMSET_REF_OUT": str(ref)}
-            if "passive" in variant:
+            if "passive" in variant or variant == "stemset":
                 run_env = {**run_env, "OMP_WAIT_POLICY": "PASSIVE"}
             if "_spin" in variant:
                 run_env = {**run_env, "GOMP_SPINCOUNT": variant.rsplit("_spin", 1)[1]}

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from .cpu_inference import prepare_for_cpu
+from .cpu_allocator import keep_freed_memory
+from .cpu_inference import leave_cpu, prepare_for_cpu
 from .errors import ModelError
 
 Progress = Callable[[int], None]  # called with the number of segments just finished
@@ -64,9 +65,12 @@ def auto_batch_size(device: torch.device, precision: str) -> int:
 
 def prepare_model(model: Any, device: torch.device, precision: str, stats: EngineStats) -> None:
     """Move ``model`` to ``device`` and set it up for ``precision``; counts it in ``stats``."""
+    if device.type != "cpu":
+        leave_cpu(model)  # a model prepared for the CPU earlier in this process
     model.to(device)
     if device.type == "cpu":
         prepare_for_cpu(model)  # same outputs, faster kernels (gpu_worker.cpu_inference)
+        keep_freed_memory()  # no page faults per forward (gpu_worker.cpu_allocator)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # few distinct shapes: autotuning pays off at once
     if precision != "fp32":

@@ -11,7 +11,15 @@ import yaml
 from torch import nn
 
 from gpu_worker import models
-from gpu_worker.cpu_inference import SDPAttention, prepare_for_cpu, use_sdpa_attention
+from gpu_worker.cpu_inference import (
+    PackedLinear,
+    SDPAttention,
+    leave_cpu,
+    linear_packing_available,
+    pack_linears,
+    prepare_for_cpu,
+    use_sdpa_attention,
+)
 from gpu_worker.cpu_threads import WAIT_POLICY_ENV, prefer_passive_openmp
 from gpu_worker.engine import separate
 from gpu_worker.strategy import SeparationParams
@@ -82,9 +90,68 @@ def test_cpu_path_with_cross_attention_matches_demucs(cross_repo, shifts):
     params = SeparationParams(shifts=shifts, batch_size=3)
     ours = separate(model, wav, params, torch.device("cpu"), rng=random.Random(77))
     assert_equal_to_demucs(ours, ref)
-    # The path that gave these stems is the CPU one: every attention runs on SDPA.
+    # The path that gave these stems is the CPU one: every attention runs on SDPA, every linear
+    # layer on oneDNN's packed weights (where this torch build has them).
     assert any(isinstance(m, SDPAttention) for m in model.modules())
     assert not any(type(m) is nn.MultiheadAttention for m in model.modules())
+    if linear_packing_available():
+        assert any(isinstance(m, PackedLinear) for m in model.modules())
+        assert not any(isinstance(m, nn.Linear) for m in model.modules())
+
+
+needs_packing = pytest.mark.skipif(not linear_packing_available(), reason="oneDNN packed linears (x86 builds)")
+
+
+@needs_packing
+@pytest.mark.parametrize("shape", [(5, 16), (2, 7, 16), (1, 300, 16)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_equals_linear(shape, bias):
+    torch.manual_seed(1)
+    linear = nn.Linear(16, 24, bias=bias)
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        assert rel_err(PackedLinear(linear.weight, linear.bias)(x), linear(x)) < 1e-6
+        strided = torch.randn(*shape[:-1], 32)[..., ::2]  # a non-contiguous input
+        assert rel_err(PackedLinear(linear.weight, linear.bias)(strided), linear(strided)) < 1e-6
+
+
+@needs_packing
+def test_packing_drops_the_dense_weights_and_leave_cpu_restores_them_exactly():
+    model = tiny_htdemucs(seed=5, t_layers=2, t_heads=2)
+    dense = {name: p.detach().clone() for name, p in model.named_parameters()}
+    use_sdpa_attention(model)
+    linears = sum(1 for m in model.modules() if isinstance(m, nn.Linear))
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    before = sum(p.numel() for p in model.parameters())
+    assert pack_linears(model) == linears > 0
+    assert sum(p.numel() for p in model.parameters()) == before - weights  # held packed only
+    x = torch.randn(1, 2, 44100)
+    with torch.inference_mode():
+        random.seed(3)
+        packed_out = model(x)
+    model._stemset_cpu_ready = True
+    leave_cpu(model)
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    restored = {m.weight.data_ptr(): m.weight for m in model.modules() if isinstance(m, nn.Linear)}
+    assert len(restored) == linears
+    # Every restored weight is bit for bit one of the original dense weights (or a block of in_proj).
+    originals = [t.flatten() for t in dense.values()]
+    for w in restored.values():
+        assert any(torch.equal(w.flatten(), o[i : i + w.numel()]) for o in originals for i in (0, o.numel() // 3))
+    with torch.inference_mode():
+        random.seed(3)
+        assert rel_err(model(x), packed_out) < 1e-5
+
+
+@needs_packing
+def test_attention_left_in_place_keeps_its_dense_out_proj():
+    mha = nn.MultiheadAttention(16, 4)  # not batch-first: not swapped, so it reads out_proj.weight itself
+    holder = nn.Sequential(mha, nn.Linear(16, 16))
+    assert pack_linears(holder) == 1
+    assert type(mha.out_proj) is not PackedLinear
+    q = torch.randn(5, 1, 16)
+    with torch.inference_mode():
+        mha(q, q, q)
 
 
 def test_passive_openmp_is_a_default_the_user_can_override(monkeypatch):

@@ -170,7 +170,9 @@ def test_chained_strategy_equals_engine(repo, tmp_path):
         assert s.frames == wav.shape[1] and s.nonfinite == 0
         assert s.peak == pytest.approx(float(stem.abs().max()), rel=1e-4)
         assert s.sum_squares == pytest.approx(float((stem.double() ** 2).sum()), rel=1e-4)
-        assert s.lufs == pytest.approx(integrated_loudness(stem.numpy()), abs=1e-3)
+        # 0.01 dB, as for the residual: the streamed and in-memory stems differ by float rounding, and
+        # on AVX-512 a stem at -55 LUFS moved its loudness by 0.00103 dB.
+        assert s.lufs == pytest.approx(integrated_loudness(stem.numpy()), abs=0.011)
 
 
 def test_writers_are_aborted_on_error(repo):

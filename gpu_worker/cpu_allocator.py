@@ -1,0 +1,54 @@
+"""glibc's malloc set up for the CPU path: freed activations are kept for the next forward.
+
+PyTorch has no caching allocator on the CPU: every tensor is a ``malloc``. glibc serves blocks
+over its mmap threshold (at most 32 MB) with a fresh ``mmap`` and gives them back with ``munmap``
+on free, and trims the heap top as soon as it is free. An htdemucs forward allocates dozens of
+such activations (33-66 MB each), so every segment faulted its working set in again and the
+kernel zeroed it: ~4 of 27 CPU seconds were system time on a 20 s song, and the forward itself
+waited on the faults. With mmap off and trimming off, the same blocks are reused from the heap:
+system time fell to ~1 s, a segment ran ~10% faster and peak RSS did not rise (benchmarks/RESULTS.md).
+
+The memory is kept until the process ends, so this is for processes that run models (the CLI,
+a run worker, a worker container), set once when a model is prepared for the CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+# mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+# The user's own glibc tuning wins: any of these in the environment and nothing is changed.
+_USER_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+_TRIM_NEVER = 2**31 - 1  # mallopt takes an int: 2 GB of free heap top before a trim, i.e. never
+
+_applied: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed blocks for reuse (no per-block mmap, no trimming). Once per process.
+
+    Returns whether the setting is in effect: False off glibc (macOS, musl), or when the user
+    set their own malloc tuning in the environment.
+    """
+    global _applied
+    if _applied is None:
+        _applied = _apply()
+    return _applied
+
+
+def _apply() -> bool:
+    if not sys.platform.startswith("linux") or any(name in os.environ for name in _USER_SETTINGS):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # mallopt returns 1 on success; trim first, so a failure leaves mmap on (the safe side).
+    return bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_NEVER) and mallopt(_M_MMAP_MAX, 0))
