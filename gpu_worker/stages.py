@@ -38,6 +38,7 @@ from .audio.decode import decode_audio
 from .audio.encode import StemWriter, encode_audio
 from .audio.info import SAMPLE_RATE, AudioWarning
 from .audio.source import open_source
+from .cpu_allocator import release_freed_memory
 from .errors import AudioError, JobError, StorageError
 from .hashing import file_sha256 as _sha256
 from .job import AAC_CODERS, MANIFEST_NAME, SeparationJob, SeparationResult, StemFile, StorageRef
@@ -291,6 +292,7 @@ def separate(state: JobState) -> JobState:
         state.timings["separate"] = time.perf_counter() - t0
     if device.type == "cuda":
         state.gpu_peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    release_freed_memory()  # the forwards' kept heap, before encoding (gpu_worker.cpu_allocator)
     state.mark("separate_end")
     return state
 

@@ -6,9 +6,10 @@ import random
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from gpu_worker import models
-from gpu_worker.engine import separate
+from gpu_worker.engine import NormalisedMix, separate
 from gpu_worker.inference import EngineStats
 from gpu_worker.strategy import SeparationParams
 from tests.model_fixtures import make_model_repo
@@ -120,3 +121,15 @@ def test_skipping_bag_members_keeps_needed_sources_exact(repo):
     )
     assert len(stats.models_run) == 1  # three of the four specialists were skipped
     assert torch.allclose(vocals_only["vocals"], full["vocals"], atol=1e-6)
+
+
+def test_normalised_mix_segments_equal_the_normalised_whole_bit_for_bit():
+    wav = mix(1.3, seed=2)
+    ref = wav.mean(0)
+    mean, std = ref.mean(), ref.std() + 1e-8
+    whole = (wav - mean) / std
+    segments = NormalisedMix(wav, mean, std)
+    for start, length in [(0, 1000), (-700, 2000), (wav.shape[1] - 300, 1000), (-50, wav.shape[1] + 100)]:
+        lo, hi = max(0, start), min(wav.shape[1], start + length)
+        expected = F.pad(whole[..., lo:hi], (lo - start, start + length - hi))
+        assert torch.equal(segments.padded(start, length), expected)
