@@ -42,7 +42,7 @@ VARIANTS = [
     "sdpa_kept_passive",
     "sdpa_kept_spin20000",
     "sdpa_kept_spin100000",
-    "sdpa_kept_packed_passive",  # + gpu_worker.cpu_inference.pack_linears: oneDNN linears, packed once
+    "sdpa_kept_packed_passive",  # + gpu_worker.cpu_inference.pack_weights: oneDNN linears, packed once
     "sdpa_channels_last",  # + 4-D weights in channels-last memory format (oneDNN's preferred)
     "sdpa_mkldnn_off",  # + torch.backends.mkldnn disabled (native convolutions)
     "sdpa_bf16",  # + autocast to bfloat16 (the CPU has AVX512-BF16 / AMX); STFT parts in fp32
@@ -149,7 +149,7 @@ def export_onnx(model, mix: torch.Tensor, folder: Path) -> Path:
 def build(variant: str, repo: Path, mix: torch.Tensor, tmp: Path):
     """``(forward, setup_s)`` for a variant; setup counts everything but the timed forwards."""
     from gpu_worker.cpu_allocator import keep_freed_memory
-    from gpu_worker.cpu_inference import pack_linears, prepare_for_cpu, use_sdpa_attention
+    from gpu_worker.cpu_inference import pack_weights, prepare_for_cpu, use_sdpa_attention
     from gpu_worker.inference import keep_spectral_ops_fp32
 
     t0 = time.perf_counter()
@@ -195,7 +195,7 @@ def build(variant: str, repo: Path, mix: torch.Tensor, tmp: Path):
         elif variant != "reference" and variant != "threads1":
             use_sdpa_attention(model)
         if "packed" in variant:
-            pack_linears(model)
+            pack_weights(model)
         if "channels_last" in variant:
             model.to(memory_format=torch.channels_last)
         forward = model

@@ -12,11 +12,12 @@ from torch import nn
 
 from gpu_worker import models
 from gpu_worker.cpu_inference import (
+    PackedConvTranspose2d,
     PackedLinear,
     SDPAttention,
     leave_cpu,
-    linear_packing_available,
-    pack_linears,
+    pack_weights,
+    packing_available,
     prepare_for_cpu,
     use_sdpa_attention,
 )
@@ -94,12 +95,13 @@ def test_cpu_path_with_cross_attention_matches_demucs(cross_repo, shifts):
     # layer on oneDNN's packed weights (where this torch build has them).
     assert any(isinstance(m, SDPAttention) for m in model.modules())
     assert not any(type(m) is nn.MultiheadAttention for m in model.modules())
-    if linear_packing_available():
+    if packing_available():
         assert any(isinstance(m, PackedLinear) for m in model.modules())
-        assert not any(isinstance(m, nn.Linear) for m in model.modules())
+        assert any(isinstance(m, PackedConvTranspose2d) for m in model.modules())
+        assert not any(isinstance(m, (nn.Linear, nn.ConvTranspose2d)) for m in model.modules())
 
 
-needs_packing = pytest.mark.skipif(not linear_packing_available(), reason="oneDNN packed linears (x86 builds)")
+needs_packing = pytest.mark.skipif(not packing_available(), reason="oneDNN packed linears (x86 builds)")
 
 
 @needs_packing
@@ -116,28 +118,47 @@ def test_packed_linear_equals_linear(shape, bias):
 
 
 @needs_packing
+@pytest.mark.parametrize(
+    "kw",
+    [{"kernel_size": (8, 1), "stride": (4, 1)}, {"kernel_size": 3, "stride": 2, "padding": 1, "output_padding": 1}],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_conv_transpose_equals_conv_transpose(kw, bias):
+    torch.manual_seed(2)
+    conv = nn.ConvTranspose2d(6, 5, bias=bias, **kw)
+    with torch.inference_mode():
+        for shape in [(1, 6, 9, 7), (2, 6, 33, 4)]:  # one packed weight, any input size
+            x = torch.randn(*shape)
+            assert rel_err(PackedConvTranspose2d(conv)(x), conv(x)) < 1e-6
+
+
+def _packable(parent: nn.Module, m: nn.Module) -> bool:
+    return (isinstance(m, nn.Linear) and not isinstance(parent, nn.MultiheadAttention)) or type(m) is nn.ConvTranspose2d
+
+
+@needs_packing
 def test_packing_drops_the_dense_weights_and_leave_cpu_restores_them_exactly():
     model = tiny_htdemucs(seed=5, t_layers=2, t_heads=2)
-    dense = {name: p.detach().clone() for name, p in model.named_parameters()}
+    dense = [p.detach().clone().flatten() for p in model.parameters()]
     use_sdpa_attention(model)
-    linears = sum(1 for m in model.modules() if isinstance(m, nn.Linear))
-    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    packable = [m for p in model.modules() for _, m in p.named_children() if _packable(p, m)]
+    assert any(isinstance(m, nn.Linear) for m in packable) and any(isinstance(m, nn.ConvTranspose2d) for m in packable)
     before = sum(p.numel() for p in model.parameters())
-    assert pack_linears(model) == linears > 0
-    assert sum(p.numel() for p in model.parameters()) == before - weights  # held packed only
+    assert pack_weights(model) == len(packable)
+    # The weights are held packed only: no longer parameters, and not kept twice.
+    assert sum(p.numel() for p in model.parameters()) == before - sum(m.weight.numel() for m in packable)
     x = torch.randn(1, 2, 44100)
     with torch.inference_mode():
         random.seed(3)
         packed_out = model(x)
     model._stemset_cpu_ready = True
     leave_cpu(model)
-    assert not any(isinstance(m, PackedLinear) for m in model.modules())
-    restored = {m.weight.data_ptr(): m.weight for m in model.modules() if isinstance(m, nn.Linear)}
-    assert len(restored) == linears
+    assert not any(isinstance(m, (PackedLinear, PackedConvTranspose2d)) for m in model.modules())
+    restored = [m.weight for p in model.modules() for _, m in p.named_children() if _packable(p, m)]
+    assert len(restored) == len(packable)
     # Every restored weight is bit for bit one of the original dense weights (or a block of in_proj).
-    originals = [t.flatten() for t in dense.values()]
-    for w in restored.values():
-        assert any(torch.equal(w.flatten(), o[i : i + w.numel()]) for o in originals for i in (0, o.numel() // 3))
+    for w in restored:
+        assert any(torch.equal(w.flatten(), o[i : i + w.numel()]) for o in dense for i in (0, o.numel() // 3))
     with torch.inference_mode():
         random.seed(3)
         assert rel_err(model(x), packed_out) < 1e-5
@@ -147,7 +168,7 @@ def test_packing_drops_the_dense_weights_and_leave_cpu_restores_them_exactly():
 def test_attention_left_in_place_keeps_its_dense_out_proj():
     mha = nn.MultiheadAttention(16, 4)  # not batch-first: not swapped, so it reads out_proj.weight itself
     holder = nn.Sequential(mha, nn.Linear(16, 16))
-    assert pack_linears(holder) == 1
+    assert pack_weights(holder) == 1
     assert type(mha.out_proj) is not PackedLinear
     q = torch.randn(5, 1, 16)
     with torch.inference_mode():
