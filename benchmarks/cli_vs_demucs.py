@@ -41,12 +41,28 @@ strategies:
 """
 
 
+RATIOS = ("wall_s", "cpu_s", "peak_rss_mb")
+
+
+def steal_seconds() -> float | None:
+    """CPU time the hypervisor gave to other guests, all cores together (Linux ``/proc/stat``):
+    on a shared VM, wall time that neither process could use."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def measure(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
-    """Run ``cmd`` to the end; its wall seconds, CPU seconds (user + system) and peak RSS."""
-    started = time.perf_counter()
+    """Run ``cmd`` to the end; its wall seconds, CPU seconds (user + system), peak RSS, and the
+    seconds stolen from this VM's cores meanwhile."""
+    started, steal = time.perf_counter(), steal_seconds()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started
+    stolen = steal_seconds()
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{cmd[0:4]} failed:\n{err[-2000:]}")
@@ -54,6 +70,7 @@ def measure(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
         "wall_s": round(wall, 2),
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux: KiB
+        **({} if steal is None or stolen is None else {"steal_s": round(stolen - steal, 2)}),
     }
 
 
@@ -106,9 +123,9 @@ def main() -> int:
             results[fmt] = {
                 "runs": runs,
                 "median": medians,
-                "stemset_over_demucs": {key: round(s[key] / d[key], 3) for key in s},
+                "stemset_over_demucs": {key: round(s[key] / d[key], 3) for key in RATIOS},
                 "over_demucs": {
-                    name: {key: round(m[key] / d[key], 3) for key in m}
+                    name: {key: round(m[key] / d[key], 3) for key in RATIOS}
                     for name, m in medians.items()
                     if name != "demucs"
                 },
