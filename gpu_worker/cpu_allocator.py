@@ -26,6 +26,9 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 # The user's own glibc tuning wins: any of these in the environment and nothing is changed.
 _USER_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+# STEMSET_CPU_KEEP_HEAP=0 keeps glibc's defaults: ~8% slower forwards, ~100 MB lower peak RSS on
+# a short song (the kept heap's fragmentation; benchmarks/RESULTS.md).
+KEEP_HEAP_ENV = "STEMSET_CPU_KEEP_HEAP"
 _TRIM_NEVER = 2**31 - 1  # mallopt takes an int: 2 GB of free heap top before a trim, i.e. never
 
 _applied: bool | None = None
@@ -35,8 +38,8 @@ _libc: ctypes.CDLL | None = None
 def keep_freed_memory() -> bool:
     """Make glibc keep freed blocks for reuse (no per-block mmap, no trimming). Once per process.
 
-    Returns whether the setting is in effect: False off glibc (macOS, musl), or when the user
-    set their own malloc tuning in the environment.
+    Returns whether the setting is in effect: False off glibc (macOS, musl), with
+    ``STEMSET_CPU_KEEP_HEAP=0``, or when the user set their own malloc tuning in the environment.
     """
     global _applied
     if _applied is None:
@@ -54,6 +57,8 @@ def release_freed_memory() -> None:
 def _apply() -> bool:
     global _libc
     if not sys.platform.startswith("linux") or any(name in os.environ for name in _USER_SETTINGS):
+        return False
+    if os.environ.get(KEEP_HEAP_ENV, "").strip() == "0":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -48,7 +48,7 @@ ROUND_PAGES = (64 << 20) // 4096
 
 
 def _child(mode: str, **env: str) -> dict:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "STEMSET_"))}
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD, mode],
         capture_output=True,
@@ -76,3 +76,7 @@ def test_without_it_every_round_faults_its_pages_in():
     default = _child("plain", MALLOC_MMAP_THRESHOLD_=str(1 << 20))
     assert default["applied"] is False  # the user's own malloc tuning is left alone
     assert default["faults"] > 5 * ROUND_PAGES
+
+
+def test_stemset_cpu_keep_heap_0_keeps_glibc_defaults():
+    assert _child("prepare", STEMSET_CPU_KEEP_HEAP="0")["applied"] is False
