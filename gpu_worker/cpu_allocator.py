@@ -6,12 +6,13 @@ on free, and trims the heap top as soon as it is free. An htdemucs forward alloc
 such activations (33-66 MB each), so every segment faulted its working set in again and the
 kernel zeroed it: ~4 of 27 CPU seconds were system time on a 20 s song, and the forward itself
 waited on the faults. With mmap off and trimming off, the same blocks are reused from the heap:
-system time fell to ~1 s, a segment ran ~10% faster and peak RSS did not rise (benchmarks/RESULTS.md).
+system time fell to ~1 s and a segment ran ~8-10% faster. The price is fragmentation: a short
+song's peak RSS, which is a forward's, rose ~100 MB (benchmarks/RESULTS.md).
 
 It is set once when a model is prepared for the CPU, for processes that run models (the CLI,
 a run worker, a worker container). After a job's last forward, :func:`release_freed_memory`
 hands the free pages back, so what comes next (encoding, the next job's decode) does not sit on
-top of a forward's retained gigabyte: peak RSS stays the separation's.
+top of a forward's retained gigabyte.
 """
 
 from __future__ import annotations
