@@ -44,10 +44,7 @@ class PackedLinear(nn.Module):
 
     def to_module(self) -> nn.Linear:
         """The same layer as a plain ``nn.Linear`` (dense weight, exactly the original values)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        linear.weight = nn.Parameter(self.packed.to_dense(), requires_grad=False)
-        linear.bias = self.bias
-        return linear
+        return _linear_of(self.packed.to_dense(), self.bias)
 
 
 class PackedConvTranspose2d(nn.Module):
