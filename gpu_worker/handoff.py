@@ -27,13 +27,13 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from .audio.analyse import residual_db
 from .audio.info import CHANNELS
 from .errors import JobError, StorageError
 from .job import SeparationJob, SeparationResult
 from .stages import (
     Encoder,
     JobState,
-    _residual_db,
     cpu_seconds,
     finish,
     open_store,
@@ -61,7 +61,7 @@ def write_handoff(state: JobState) -> str:
         )
     t0 = time.perf_counter()
     job, store = state.job, state.out_store
-    residual = _residual_db(state.wav, list(state.stems.values()))
+    residual = residual_db(state.wav, list(state.stems.values()))
     state.wav = None
     keys = {}
     for name, stem in state.stems.items():

@@ -33,12 +33,12 @@ from typing import Any
 import numpy as np
 
 from . import ENGINE_VERSION, models
-from .audio.analyse import analyse_stem
+from .audio.analyse import analyse_stem, residual_db
 from .audio.decode import decode_audio
 from .audio.encode import StemWriter, encode_audio
 from .audio.info import SAMPLE_RATE, AudioWarning
 from .audio.source import open_source
-from .cpu_allocator import release_freed_memory
+from .cpu_allocator import keep_freed_memory_for, release_freed_memory
 from .errors import AudioError, JobError, StorageError
 from .hashing import file_sha256 as _sha256
 from .job import AAC_CODERS, MANIFEST_NAME, SeparationJob, SeparationResult, StemFile, StorageRef
@@ -179,7 +179,7 @@ def fetch(
         strategy=strategy,
         in_store=in_store,
         out_store=out_store,
-        device=pick_device(job.device),
+        device=None,  # picked after the decode: torch's import may be under way on a model preload thread
         backend=backend,
         startup_s=float(startup_s),
         progress=progress,
@@ -191,6 +191,7 @@ def fetch(
     state.mark("fetch_start")
     try:
         _fetch_into(state)
+        state.device = pick_device(job.device)
     except BaseException:
         state.close()
         raise
@@ -248,6 +249,8 @@ def separate(state: JobState) -> JobState:
     state.timings["model_load"] = time.perf_counter() - t0
 
     total_segments = max(1, strategy_segments(strategy, state.length, load))
+    if device.type == "cpu":
+        keep_freed_memory_for(total_segments)  # no page faults per forward, when enough forwards follow
     done = [0]
 
     def on_segments(n: int) -> None:
@@ -389,9 +392,10 @@ def _analyse_and_encode(state: JobState, pool: Executor, encode: Encoder, residu
     assert stems is not None
     state.mark("encode_start")
     t0 = time.perf_counter()
-    if not residual_known:
-        state.residual_db = _residual_db(state.wav, list(stems.values()))
-    state.wav = None  # the mix is not needed any more
+    mix, state.wav = state.wav, None  # the mix is needed only by the residual task below
+    # The residual runs on the pool beside the stems: serial, it was ~2 s of a 4-minute song's tail.
+    residual = None if residual_known else pool.submit(residual_db, mix, list(stems.values()))
+    del mix
 
     def one(name: str) -> float:
         stem = stems[name]
@@ -412,6 +416,11 @@ def _analyse_and_encode(state: JobState, pool: Executor, encode: Encoder, residu
         try:
             analyse_s += future.result()
         except Exception as err:  # noqa: BLE001 - re-raised below, after every stem has stopped
+            errors.append(err)
+    if residual is not None:
+        try:
+            state.residual_db = residual.result()
+        except Exception as err:  # noqa: BLE001 - as above
             errors.append(err)
     state.stems = None
     if errors:
@@ -494,18 +503,6 @@ class _user_named_errors(contextlib.AbstractContextManager):
                 err.hint.replace(self.local, self.where) if err.hint else None,
             ) from None
         return False
-
-
-def _residual_db(mix: np.ndarray, stems: list[np.ndarray]) -> float | None:
-    """Level of mix minus the sum of the stems, relative to the mix, in dB (lower is better)."""
-    total = np.zeros_like(mix, dtype=np.float64)
-    for stem in stems:
-        total += np.nan_to_num(stem.astype(np.float64))
-    mix_energy = float(np.sum(np.square(mix, dtype=np.float64)))
-    if mix_energy == 0:
-        return None
-    residual = float(np.sum(np.square(mix - total)))
-    return round(10 * np.log10(max(residual, 1e-30) / mix_energy), 2)
 
 
 def _round(value: float | None, digits: int = 2) -> float | None:

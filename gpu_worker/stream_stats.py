@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from .audio.analyse import StreamingLoudness
+from .audio.analyse import StreamingLoudness, level_db
 from .audio.decode import decode_source
 from .audio.info import CHANNELS, SAMPLE_RATE, AudioInfo
 from .audio.source import open_source
@@ -110,10 +110,8 @@ class StreamResult:
 
     @property
     def residual_db(self) -> float | None:
-        """As ``worker._residual_db``: level of mix minus the sum of the stems, in dB re the mix."""
-        if self.mix_energy == 0:
-            return None
-        return round(10 * math.log10(max(self.residual_energy, 1e-30) / self.mix_energy), 2)
+        """As :func:`gpu_worker.audio.analyse.residual_db`: mix minus the sum of the stems, in dB re the mix."""
+        return level_db(self.residual_energy, self.mix_energy)
 
 
 def tensor_blocks(wav: np.ndarray | torch.Tensor, frames: int) -> Iterator[np.ndarray]:

@@ -11,7 +11,7 @@ import numpy as np
 import pyloudnorm
 import pytest
 
-from gpu_worker.audio.analyse import integrated_loudness, peak_dbfs, sample_peak, waveform_peaks
+from gpu_worker.audio.analyse import BLOCK, integrated_loudness, peak_dbfs, residual_db, sample_peak, waveform_peaks
 from gpu_worker.audio.info import SAMPLE_RATE
 
 try:
@@ -132,3 +132,25 @@ def test_waveform_peaks_shape_bounds_and_mono_mix():
     np.testing.assert_array_equal(ps[:, 0], ps[:, 1])
     assert set(np.round(ps[:, 0], 6)) == set(np.round(short[0], 6))  # every sample shows up
     np.testing.assert_array_equal(waveform_peaks(np.zeros((2, 0))), np.zeros((800, 2)))
+
+
+def _whole_residual_db(mix: np.ndarray, stems: list[np.ndarray]) -> float:
+    """The definition, on whole float64 copies (what the blocked measure replaced)."""
+    total = sum(np.nan_to_num(stem.astype(np.float64)) for stem in stems)
+    energy = float(np.sum((mix.astype(np.float64) - total) ** 2))
+    return 10 * math.log10(max(energy, 1e-30) / float(np.sum(mix.astype(np.float64) ** 2)))
+
+
+def test_residual_db_blocked_equals_whole_array_definition():
+    rng = np.random.default_rng(3)
+    n = 3 * BLOCK + 1234  # several blocks and a ragged last one
+    mix = rng.standard_normal((2, n)).astype(np.float32) * 0.3
+    stems = [mix * np.float32(w) for w in (0.5, 0.3, 0.15)]
+    stems.append((mix * np.float32(0.05) + rng.standard_normal((2, n)).astype(np.float32) * 1e-3).astype(np.float32))
+    stems[1][0, BLOCK + 7] = np.nan  # counted as a zero, as the stem is written
+    got = residual_db(mix, stems)
+    assert got == pytest.approx(_whole_residual_db(mix, stems), abs=0.005)
+    assert -60 < got < -20  # a near-perfect split: far below the mix, far above silence
+    assert residual_db(mix, [mix]) < -300  # exact: the residual energy is floored at 1e-30
+    assert residual_db(mix, []) == 0.0  # nothing separated: the residual is the mix
+    assert residual_db(np.zeros((2, 100), np.float32), [mix[:, :100]]) is None  # silent mix
