@@ -37,24 +37,6 @@ def load_model(name: str, repo: str | Path | None = None) -> Any:
         return _cache[key]
 
 
-def preload(names: list[str], repo: str | Path | None = None) -> threading.Thread:
-    """Start loading ``names`` (:func:`load_model`) on a daemon thread and return it, so that a
-    job's download and decode overlap the model load (and torch's import). A job that then asks
-    for a model still loading waits on the cache's lock; a load that failed here is simply tried
-    again by the job's own :func:`load_model`, which raises the error where it is reported."""
-
-    def run() -> None:
-        for name in names:
-            try:
-                load_model(name, repo)
-            except Exception:  # noqa: BLE001 - raised again, with its context, by the job's own load
-                return
-
-    thread = threading.Thread(target=run, name="stemset-model-preload", daemon=True)
-    thread.start()
-    return thread
-
-
 def _load_uncached(name: str, repo: Path | None) -> Any:
     from demucs.pretrained import get_model  # lazy: demucs loads torch (~1.5 s); fingerprints need neither
     from demucs.repo import ModelLoadingError

@@ -179,7 +179,7 @@ def fetch(
         strategy=strategy,
         in_store=in_store,
         out_store=out_store,
-        device=None,  # picked after the decode: torch's import may be under way on a model preload thread
+        device=pick_device(job.device),
         backend=backend,
         startup_s=float(startup_s),
         progress=progress,
@@ -191,7 +191,6 @@ def fetch(
     state.mark("fetch_start")
     try:
         _fetch_into(state)
-        state.device = pick_device(job.device)
     except BaseException:
         state.close()
         raise

@@ -9,10 +9,6 @@ complete set, the manifest last, so a reader that finds a manifest finds every s
 
 from __future__ import annotations
 
-import threading
-
-from . import models
-from .errors import StemsetError
 from .job import SeparationJob, SeparationResult
 from .manifests import read_manifest  # noqa: F401 - the worker's public name
 from .stages import (  # noqa: F401 - the worker's public names
@@ -32,7 +28,6 @@ from .stages import (  # noqa: F401 - the worker's public names
     stem_key,
 )
 from .stores.base import ObjectStore
-from .strategy import parse_strategy
 
 
 def run_job(
@@ -53,33 +48,16 @@ def run_job(
     ``timings["startup"]`` and added to ``billed_seconds``. Run alone, a job holds the device
     from its first byte to its manifest: ``billed_seconds`` is its whole wall time.
     """
-    loading = _preload_models(job)
-    try:
-        state = fetch(
-            job,
-            store=store,
-            output_store=output_store,
-            progress=progress,
-            backend=backend,
-            startup_s=startup_s,
-            observer=observer,
-        )
-    except BaseException:
-        if loading is not None:
-            loading.join()  # the process may exit on this error: no thread left mid-import
-        raise
+    state = fetch(
+        job,
+        store=store,
+        output_store=output_store,
+        progress=progress,
+        backend=backend,
+        startup_s=startup_s,
+        observer=observer,
+    )
     try:
         return finish(separate(state), encode=encode)
     finally:
         state.close()
-
-
-def _preload_models(job: SeparationJob) -> threading.Thread | None:
-    """The job's models loading while its input is fetched and decoded (~0.8 s of a release-size
-    htdemucs on the CPU, plus Demucs' and torch's imports in a fresh process). A strategy that
-    does not parse starts nothing: fetch reports it."""
-    try:
-        names = parse_strategy(job.strategy_name, job.strategy, where="job.strategy").models
-    except StemsetError:
-        return None
-    return models.preload(names, job.model_repo)

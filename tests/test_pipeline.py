@@ -221,31 +221,3 @@ def test_finish_workers_follow_the_cores_or_the_environment(monkeypatch):
     assert default_finish_workers(2) == 1 and default_finish_workers(48) == 12
     monkeypatch.setenv("STEMSET_FINISH_WORKERS", "3")
     assert default_finish_workers(48) == 3
-
-
-def test_run_job_loads_the_models_while_it_fetches_and_loads_each_once(root, tmp_path, monkeypatch):
-    """A single job's model load overlaps its download and decode: the input's download waits
-    until a model load has begun (it would wait forever if loading began only after the decode),
-    and every model of the strategy is loaded once, by the preload, not again by the job."""
-    from gpu_worker import models
-
-    fresh = make_model_repo(tmp_path / "models")  # not in the process's model cache yet
-    loads: list[str] = []
-    loading = threading.Event()
-    real = models._load_uncached
-
-    def spy(name, repo):
-        loads.append(name)
-        loading.set()
-        return real(name, repo)
-
-    monkeypatch.setattr(models, "_load_uncached", spy)
-
-    class WaitsForTheModels(LocalObjectStore):
-        def download(self, key, dest):
-            assert loading.wait(WAIT_S), "no model load began while the input was fetched"
-            return super().download(key, dest)
-
-    result = run_job(job(root, fresh, 0, "preload"), store=WaitsForTheModels(root))
-    assert loads == ["htdemucs"]
-    assert sorted(result.stems) == ["bass", "drums", "other", "vocals"]
