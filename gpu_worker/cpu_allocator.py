@@ -9,9 +9,8 @@ waited on the faults. With mmap off and trimming off, the same blocks are reused
 system time fell to ~1 s and a segment ran ~8-10% faster. The price is fragmentation: a short
 song's peak RSS, which is a forward's, rose ~100 MB (benchmarks/RESULTS.md).
 
-It is set once per process, by the first CPU job with enough forwards for it to pay
-(:func:`keep_freed_memory_for`: a short song's few forwards gained no wall time from it and its
-peak RSS rose ~60 MB, over the Demucs CLI's). After a job's last forward, :func:`release_freed_memory`
+It is set once when a model is prepared for the CPU, for processes that run models (the CLI,
+a run worker, a worker container). After a job's last forward, :func:`release_freed_memory`
 hands the free pages back, so what comes next (encoding, the next job's decode) does not sit on
 top of a forward's retained gigabyte.
 """
@@ -31,9 +30,6 @@ _USER_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THR
 # STEMSET_CPU_KEEP_HEAP=0 keeps glibc's defaults: ~8% slower forwards, ~100 MB lower peak RSS on
 # a short song (the kept heap's fragmentation; benchmarks/RESULTS.md).
 KEEP_HEAP_ENV = "STEMSET_CPU_KEEP_HEAP"
-# Fewer forwards than this and a job leaves glibc's defaults alone: the heap grows over the first
-# few forwards anyway, so 4 forwards (a 20 s song) gained nothing measurable (benchmarks/RESULTS.md).
-KEEP_HEAP_MIN_FORWARDS = 8
 _TRIM_NEVER = 2**31 - 1  # mallopt takes an int: 2 GB of free heap top before a trim, i.e. never
 
 _applied: bool | None = None
@@ -50,14 +46,6 @@ def keep_freed_memory() -> bool:
     if _applied is None:
         _applied = _apply()
     return _applied
-
-
-def keep_freed_memory_for(forwards: int) -> bool:
-    """:func:`keep_freed_memory` for a job of ``forwards`` segment forwards, when that is enough
-    to pay for the kept heap's fragmentation; whether the setting is in effect afterwards."""
-    if forwards >= KEEP_HEAP_MIN_FORWARDS:
-        return keep_freed_memory()
-    return bool(_applied)
 
 
 def release_freed_memory() -> None:

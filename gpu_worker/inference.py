@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .cpu_allocator import keep_freed_memory
 from .cpu_inference import leave_cpu, prepare_for_cpu
 from .errors import ModelError
 
@@ -69,6 +70,7 @@ def prepare_model(model: Any, device: torch.device, precision: str, stats: Engin
     model.to(device)
     if device.type == "cpu":
         prepare_for_cpu(model)  # same outputs, faster kernels (gpu_worker.cpu_inference)
+        keep_freed_memory()  # no page faults per forward (gpu_worker.cpu_allocator)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # few distinct shapes: autotuning pays off at once
     if precision != "fp32":

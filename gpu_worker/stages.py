@@ -38,7 +38,7 @@ from .audio.decode import decode_audio
 from .audio.encode import StemWriter, encode_audio
 from .audio.info import SAMPLE_RATE, AudioWarning
 from .audio.source import open_source
-from .cpu_allocator import keep_freed_memory_for, release_freed_memory
+from .cpu_allocator import release_freed_memory
 from .errors import AudioError, JobError, StorageError
 from .hashing import file_sha256 as _sha256
 from .job import AAC_CODERS, MANIFEST_NAME, SeparationJob, SeparationResult, StemFile, StorageRef
@@ -248,8 +248,6 @@ def separate(state: JobState) -> JobState:
     state.timings["model_load"] = time.perf_counter() - t0
 
     total_segments = max(1, strategy_segments(strategy, state.length, load))
-    if device.type == "cpu":
-        keep_freed_memory_for(total_segments)  # no page faults per forward, when enough forwards follow
     done = [0]
 
     def on_segments(n: int) -> None:

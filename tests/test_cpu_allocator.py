@@ -1,5 +1,4 @@
-"""The CPU path keeps freed memory for reuse (gpu_worker.cpu_allocator): no page faults per forward,
-for a job with enough forwards for it to pay.
+"""The CPU path keeps freed memory for reuse (gpu_worker.cpu_allocator): no page faults per forward.
 
 Each case runs in its own process: malloc settings are process-wide and cannot be undone.
 """
@@ -15,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from gpu_worker.cpu_allocator import KEEP_HEAP_MIN_FORWARDS
-
 ROOT = Path(__file__).resolve().parents[1]
 
 # Allocate, touch and free a 64 MB tensor (the size of an htdemucs activation) round after round
@@ -26,8 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 _CHILD = textwrap.dedent("""
     import json, resource, sys
     import torch
-    from gpu_worker import cpu_allocator
-    applied = cpu_allocator.keep_freed_memory_for(int(sys.argv[1]))  # a CPU job of this many forwards
+    from gpu_worker import cpu_allocator, inference
+    if sys.argv[1] == "prepare":  # the way every CPU run gets it: preparing a model for the CPU
+        inference.prepare_model(torch.nn.Linear(2, 2), torch.device("cpu"), "fp32", inference.EngineStats())
+    applied = cpu_allocator.keep_freed_memory()
     for _ in range(15):
         torch.ones(16 << 20)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -48,38 +47,10 @@ _CHILD = textwrap.dedent("""
 ROUND_PAGES = (64 << 20) // 4096
 
 
-# A real CPU job in a fresh process (tiny model: 1 s segments, a forward every 0.75 s of audio):
-# whether the job left the kept heap in effect, and how many forwards it ran.
-_JOB = textwrap.dedent("""
-    import json, sys
-    from pathlib import Path
-    import soundfile as sf
-    from gpu_worker import cpu_allocator
-    from gpu_worker.demo_models import make_model_repo
-    from gpu_worker.job import SeparationJob, StorageRef
-    from gpu_worker.strategy import parse_strategy
-    from gpu_worker.worker import run_job
-    from tests.audio_fixtures import music_like
-    root = Path(sys.argv[2])
-    sf.write(str(root / "song.wav"), music_like(float(sys.argv[1]), seed=1).T, 44100)
-    tree = {"_": "htdemucs", "drums": "drums", "bass": "bass", "other": "other", "vocals": "vocals"}
-    result = run_job(SeparationJob(
-        job_id="heap", input_key="song.wav", output_prefix="out", strategy_name="s",
-        strategy=parse_strategy("s", tree).to_tree(), fingerprint="f" * 16,
-        storage=StorageRef("local", root=str(root)), output_format="flac", bitrate_kbps=None,
-        model_repo=str(make_model_repo(root / "models")), device="cpu", seed=1))
-    print(json.dumps({"applied": bool(cpu_allocator._applied), "segments": result.segments}))
-""")
-
-
-def _child(arg: str, **env: str) -> dict:
-    return _run(_CHILD, [arg], env)
-
-
-def _run(code: str, args: list[str], env: dict[str, str]) -> dict:
+def _child(mode: str, **env: str) -> dict:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "STEMSET_"))}
     proc = subprocess.run(
-        [sys.executable, "-c", code, *args],
+        [sys.executable, "-c", _CHILD, mode],
         capture_output=True,
         text=True,
         env={**clean, "PYTHONPATH": str(ROOT), **env},
@@ -93,26 +64,19 @@ def _run(code: str, args: list[str], env: dict[str, str]) -> dict:
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 
 
-def test_a_job_with_enough_forwards_stops_per_round_page_faults():
-    kept = _child(str(KEEP_HEAP_MIN_FORWARDS))
+def test_preparing_a_model_for_the_cpu_stops_per_round_page_faults():
+    kept = _child("prepare")
     assert kept["applied"] is True
     assert kept["faults"] < ROUND_PAGES // 2  # ten rounds, not even half of one round's pages
     assert kept["released_mb"] > 48  # the kept 64 MB block goes back to the kernel at the end of a job
 
 
 def test_without_it_every_round_faults_its_pages_in():
-    # The controls under glibc's defaults: a job of few forwards, and the user's own malloc tuning.
-    for default in (_child(str(KEEP_HEAP_MIN_FORWARDS - 1)), _child("100", MALLOC_MMAP_THRESHOLD_=str(1 << 20))):
-        assert default["applied"] is False
-        assert default["faults"] > 5 * ROUND_PAGES
+    # The control: the same loop under glibc's defaults (a user setting keeps them) faults every round.
+    default = _child("plain", MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+    assert default["applied"] is False  # the user's own malloc tuning is left alone
+    assert default["faults"] > 5 * ROUND_PAGES
 
 
 def test_stemset_cpu_keep_heap_0_keeps_glibc_defaults():
-    assert _child("100", STEMSET_CPU_KEEP_HEAP="0")["applied"] is False
-
-
-@pytest.mark.parametrize(("seconds", "applied"), [(2.0, False), (8.0, True)])
-def test_a_cpu_job_keeps_the_heap_only_when_it_runs_enough_forwards(tmp_path, seconds, applied):
-    job = _run(_JOB, [str(seconds), str(tmp_path)], {})
-    assert (job["segments"] >= KEEP_HEAP_MIN_FORWARDS) is applied  # the two songs straddle the threshold
-    assert job["applied"] is applied
+    assert _child("prepare", STEMSET_CPU_KEEP_HEAP="0")["applied"] is False
