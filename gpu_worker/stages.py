@@ -390,7 +390,7 @@ def _analyse_and_encode(state: JobState, pool: Executor, encode: Encoder, residu
     state.mark("encode_start")
     t0 = time.perf_counter()
     mix, state.wav = state.wav, None  # the mix is needed only by the residual task below
-    # The residual runs on the pool beside the stems: serial, it was ~2 s of a 4-minute song's tail.
+    # The residual is a task beside the stems' on the pool, not a serial step before them.
     residual = None if residual_known else pool.submit(residual_db, mix, list(stems.values()))
     del mix
 

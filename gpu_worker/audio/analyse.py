@@ -135,8 +135,9 @@ def analyse_stem(wav: np.ndarray, sample_rate: int = SAMPLE_RATE, waveform_bins:
 
 def residual_db(mix: np.ndarray, stems: list[np.ndarray]) -> float | None:
     """Level of ``mix - sum(stems)`` relative to the mix, in dB (lower is better); None for a
-    silent mix. float64 in cache-sized blocks: no whole-song float64 copies (1.9 s -> ~0.3 s and
-    ~250 MB less on a 4-minute song). Non-finite stem samples count as zeros, as they are written."""
+    silent mix. float64 in cache-sized blocks rather than whole-song float64 copies: on a 4-minute
+    song 0.2 s and 4 MB of temporaries instead of 0.6-2.0 s and 585 MB. Non-finite stem samples
+    count as zeros, as they are written."""
     x = as_2d(mix)
     parts = [as_2d(stem) for stem in stems]
     mix_energy = residual = 0.0
