@@ -130,6 +130,9 @@ def _apply_single(model, mix: NormalisedMix, params, device, rng, progress, stat
             start = s.offset + skip - trim
             outs[s.view][..., start : start + s.length - skip] += w * y_s
             sums[s.view][start : start + s.length - skip] += w
+        # Drop this output before the next forward starts: alive, it sits among the forward's
+        # freed activations and the kept heap (gpu_worker.cpu_allocator) grows around it.
+        y = y_s = None
         if progress:
             progress(len(batch))
 

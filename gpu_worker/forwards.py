@@ -74,6 +74,7 @@ def run_forwards(
         for batch in batches:
             y, seconds = _forward(model, make_input(batch), device, precision)
             yield batch, _count(stats, batch, y, seconds)
+            del y  # not alive during the next forward (see the engine's loop)
         return
     pool = _pool(workers, max(1, torch.get_num_threads() // workers))
     pending: deque[tuple[B, Future]] = deque()

@@ -274,6 +274,7 @@ def _run_node(
                     contrib = center_trim(y_j, j.length) * m.scale(m.plan.views[j.view], j.offset, j.length)
                     a = j.out_start + skip - w0
                     acc[..., a : a + j.length - skip] += m.coef[:, None, None] * contrib[..., skip:]
+                y = y_j = contrib = None  # not alive during the next forward (as in engine.separate)
                 if progress:
                     progress(len(batch))
         for a in range(0, w1 - w0, _EMIT_FRAMES):  # de-normalise and hand over in slices

@@ -4,6 +4,7 @@ its own intra-op threads without changing anyone else's, and the engine's stems 
 from __future__ import annotations
 
 import threading
+import weakref
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from gpu_worker.errors import ConfigError
 from gpu_worker.forwards import CPU_FORWARDS_ENV, cpu_forwards, run_forwards
 from gpu_worker.inference import EngineStats
 from gpu_worker.strategy import SeparationParams
-from tests.model_fixtures import make_model_repo
+from tests.model_fixtures import make_model_repo, tiny_htdemucs
 from tests.test_engine_equivalence import assert_equal_to_demucs, demucs_reference, mix
 
 CPU = torch.device("cpu")
@@ -121,3 +122,24 @@ def test_stems_with_parallel_forwards_equal_demucs_and_the_serial_run(tmp_path, 
     assert_equal_to_demucs(runs["2"], ref)
     for name in runs["1"]:
         assert torch.allclose(runs["1"][name], runs["2"][name], rtol=0, atol=1e-5 * runs["1"][name].abs().max())
+
+
+def test_no_output_is_alive_while_the_next_forward_runs():
+    """The engine lets go of each forward's output (and the views cut from it) before the next
+    forward starts: alive, it would sit among that forward's freed activations, and the kept
+    heap (gpu_worker.cpu_allocator) would grow around it."""
+    model = tiny_htdemucs(seed=1)
+    real = model.forward
+    outputs: list[weakref.ref] = []
+    alive_at_start: list[int] = []
+
+    def forward(x):
+        alive_at_start.append(sum(ref() is not None for ref in outputs))
+        y = real(x)
+        outputs.append(weakref.ref(y))
+        return y
+
+    model.forward = forward
+    separate(model, mix(4.0), SeparationParams(shifts=1, overlap=0.25, batch_size=1), CPU)
+    assert len(alive_at_start) >= 4  # several forwards, each after another's output was consumed
+    assert alive_at_start == [0] * len(alive_at_start)
