@@ -84,9 +84,11 @@ def run_forwards(
             if len(pending) >= workers:
                 done, future = pending.popleft()
                 yield done, _count(stats, done, *future.result())
+                del future  # its output, not alive while the next forward starts
         while pending:
             done, future = pending.popleft()
             yield done, _count(stats, done, *future.result())
+            del future
     finally:
         for _, future in pending:  # the caller stopped early (an error): no forward outlives the call
             future.cancel()
