@@ -26,8 +26,8 @@ from tests.model_fixtures import make_model_repo
 
 STEMS = {"drums", "bass", "other", "vocals"}
 EXIT_TIMEOUT_S = 30.0
-# A take long enough that its run is still in flight when the test stops the API or kills the
-# worker (~10 s of separating here); a 5 s take's run once ended first on a CI machine.
+# A take long enough that its run is still in flight when the test freezes or kills its worker,
+# a few milliseconds after the run is seen started (its run takes ~4 s here).
 IN_FLIGHT_TAKE_S = 20.0
 UPLOAD_MB = 8  # room for that take (3.4 MB of WAV)
 pytestmark = pytest.mark.faults
@@ -140,6 +140,12 @@ def test_api_restart_keeps_jobs_and_they_end_complete(tmp_path, model_repo, sig)
         first = upload(server, "First take.wav", wav(tmp_path, IN_FLIGHT_TAKE_S, 1))
         second = upload(server, "Second take.wav", wav(tmp_path, 1.0, 2))
         worker = wait_running(server, first["job_id"])
+        # Freeze the worker mid-run: the API takes up to ~10 s to stop (uvicorn's graceful shutdown,
+        # then the worker's grace), time enough for a live worker to finish the run (it did once, on
+        # CI). Frozen, it is still mid-run when the API ends it: SIGKILL after the grace when
+        # stopped, the parent-death signal when killed.
+        os.kill(worker, signal.SIGSTOP)
+        assert job_status(server, first["job_id"])["status"] == "running"
         assert job_status(server, second["job_id"])["status"] == "queued"
         below = end_api(server, sig)
         assert worker in below
