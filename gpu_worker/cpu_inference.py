@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .cpu_dconv import FusedDConv
+
 
 class PackedLinear(nn.Module):
     """``nn.Linear`` (float32) on oneDNN, its weight held only in oneDNN's reordered layout."""
@@ -207,12 +209,19 @@ def pack_weights(model: Any) -> int:
     )
 
 
+def fuse_dconv(model: Any) -> int:
+    """Swap every Demucs ``DConv`` residual branch inside ``model`` for :class:`FusedDConv` (in
+    place; the original kept inside it). Returns how many were swapped."""
+    return _swap(model, lambda _, m: FusedDConv.fits(m), FusedDConv)
+
+
 def prepare_for_cpu(model: Any) -> None:
     """Set ``model`` (a model or a bag) up for the CPU path; once per model instance."""
     if getattr(model, "_stemset_cpu_ready", False):
         return
     use_sdpa_attention(model)
     pack_weights(model)
+    fuse_dconv(model)
     model._stemset_cpu_ready = True
 
 
@@ -221,5 +230,5 @@ def leave_cpu(model: Any) -> None:
     (packed weights live in CPU memory only); the attention swap works anywhere and stays."""
     if not getattr(model, "_stemset_cpu_ready", False):
         return
-    _swap(model, lambda _, m: isinstance(m, (PackedLinear, PackedConvTranspose2d)), lambda m: m.to_module())
+    _swap(model, lambda _, m: isinstance(m, (PackedLinear, PackedConvTranspose2d, FusedDConv)), lambda m: m.to_module())
     model._stemset_cpu_ready = False
