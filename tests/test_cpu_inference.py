@@ -9,12 +9,14 @@ import pytest
 import torch
 import yaml
 from torch import nn
+from torch.nn import functional as F
 
 from gpu_worker import models
 from gpu_worker.cpu_inference import (
     PackedConvTranspose2d,
     PackedLinear,
     SDPAttention,
+    fuse_feed_forward_gelu,
     leave_cpu,
     pack_weights,
     packing_available,
@@ -129,7 +131,9 @@ def test_packed_conv_transpose_equals_conv_transpose(kw, bias):
     with torch.inference_mode():
         for shape in [(1, 6, 9, 7), (2, 6, 33, 4)]:  # one packed weight, any input size
             x = torch.randn(*shape)
-            assert rel_err(PackedConvTranspose2d(conv)(x), conv(x)) < 1e-6
+            out = PackedConvTranspose2d(conv)(x)
+            assert rel_err(out, conv(x)) < 1e-6
+            assert out.is_contiguous()  # Demucs' layout, not oneDNN's channels-last
 
 
 def _packable(parent: nn.Module, m: nn.Module) -> bool:
@@ -162,6 +166,26 @@ def test_packing_drops_the_dense_weights_and_leave_cpu_restores_them_exactly():
     with torch.inference_mode():
         random.seed(3)
         assert rel_err(model(x), packed_out) < 1e-5
+
+
+@needs_packing
+def test_feed_forward_gelu_moves_into_the_first_linear_layer_and_back():
+    model = tiny_htdemucs(seed=5, t_layers=2, t_heads=2)
+    x = torch.randn(1, 2, 44100)
+    with torch.inference_mode():
+        random.seed(3)
+        expected = model(x)
+        use_sdpa_attention(model)
+        pack_weights(model)
+        layers = [m for m in model.modules() if hasattr(m, "_ff_block")]
+        assert len(layers) == 4 and all(m.activation is F.gelu for m in layers)
+        assert fuse_feed_forward_gelu(model) == 4
+        assert all(m.linear1.gelu and m.activation is not F.gelu for m in layers)
+        random.seed(3)
+        assert rel_err(model(x), expected) < 1e-5
+    model._stemset_cpu_ready = True
+    leave_cpu(model)
+    assert all(m.activation is F.gelu and isinstance(m.linear1, nn.Linear) for m in layers)
 
 
 @needs_packing
