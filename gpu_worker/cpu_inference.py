@@ -9,13 +9,18 @@ benchmarks/RESULTS.md) and stays within 1e-4 of Demucs' own output in float32:
 - Every linear layer (the attention projections and the feed-forward blocks) runs on oneDNN with
   its weight reordered once, at preparation, into oneDNN's blocked layout, instead of torch's
   ``addmm`` (MKL), which repacks the weight on every call: 17-20% faster on the transformer's
-  shapes on an AVX-512 AMD EPYC. The frequency decoder's transposed convolutions get the same
-  (torch reorders their weights on every call too): 10-35% faster per layer. The packed weight
-  replaces the dense one (no extra memory); :func:`leave_cpu` turns the layers back into plain
-  torch modules if the model moves to a GPU.
+  shapes on an AVX-512 AMD EPYC. The packed weight replaces the dense one (no extra memory).
+- The decoders' transposed convolutions run as ordinary ones over phases
+  (:class:`~gpu_worker.cpu_conv_transpose.PhaseConvTranspose`).
+- In each transformer layer the packed linear layers also do the element-wise step after them
+  (oneDNN post-ops): the first feed-forward layer the GELU, and the layer that ends each residual
+  branch its LayerScale. Every such pass over a layer's output costs a few milliseconds in a
+  forward, where the data has left the cache; the post-op does it while the data is in registers.
+- The encoders' ``DConv`` residual branches run as :class:`~gpu_worker.cpu_dconv.FusedDConv`.
 
-Both are module swaps done once per model. The variants that lost (bf16, ``torch.compile``,
-channels-last, an ONNX Runtime or OpenVINO graph) live only in the benchmark.
+All are module swaps done once per model; :func:`leave_cpu` undoes the CPU-only ones if the
+model moves to a GPU. The variants that lost (bf16, ``torch.compile``, channels-last, an ONNX
+Runtime or OpenVINO graph) live only in the benchmark.
 """
 
 from __future__ import annotations
@@ -29,12 +34,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .cpu_conv_transpose import PhaseConvTranspose
 from .cpu_dconv import FusedDConv
 
 
 class PackedLinear(nn.Module):
-    """``nn.Linear`` (float32) on oneDNN, its weight held only in oneDNN's reordered layout;
-    ``gelu`` applies the exact (erf) GELU to the output inside the same call."""
+    """``nn.Linear`` (float32) on oneDNN, its weight held only in oneDNN's reordered layout.
+    Inside the same call, ``gelu`` applies the exact (erf) GELU to the output, or ``scale`` (a
+    tensor over the output features) multiplies it."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -42,63 +49,26 @@ class PackedLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.gelu = False
+        self.scale: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        if self.scale is not None:
+            out_shape = (*x.shape[:-1], self.out_features)
+            return torch.ops.mkldnn._linear_pointwise.binary(
+                x, self.scale.expand(out_shape), self.packed, self.bias, "mul"
+            )
         post_op, algorithm = ("gelu", "none") if self.gelu else ("none", "")
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, post_op, [], algorithm)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, post_op, [], algorithm)
 
     def to_module(self) -> nn.Linear:
         """The same layer as a plain ``nn.Linear`` (dense weight, exactly the original values)."""
         return _linear_of(self.packed.to_dense(), self.bias)
 
 
-class PackedConvTranspose2d(nn.Module):
-    """``nn.ConvTranspose2d`` (float32, one group, zero padding, no ``output_size`` argument) on
-    oneDNN with its weight reordered once: torch's own call reorders it on every forward."""
-
-    def __init__(self, conv: nn.ConvTranspose2d):
-        super().__init__()
-        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size, self.stride, self.padding = conv.kernel_size, list(conv.stride), list(conv.padding)
-        self.output_padding, self.dilation = list(conv.output_padding), list(conv.dilation)
-        self.packed = torch.ops.mkldnn._reorder_convolution_transpose_weight(
-            conv.weight.detach().contiguous(), self.padding, self.output_padding, self.stride, self.dilation, 1
-        )
-        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
-
-    @staticmethod
-    def fits(conv: nn.Module) -> bool:
-        return (
-            type(conv) is nn.ConvTranspose2d
-            and conv.groups == 1
-            and conv.padding_mode == "zeros"
-            and conv.weight.dtype == torch.float32
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.ops.mkldnn._convolution_transpose_pointwise(
-            x.contiguous(), self.packed, self.bias, self.padding, self.output_padding, self.stride, self.dilation, 1,
-            "none", [], "",
-        )  # fmt: skip
-        # oneDNN answers in channels-last; Demucs' next steps (crop, GELU, the skip add, the next
-        # convolution) each ran ~1% of a forward slower on that layout than on a contiguous copy.
-        return out.contiguous()
-
-    def to_module(self) -> nn.ConvTranspose2d:
-        """The same layer as a plain ``nn.ConvTranspose2d`` (exactly the original weight)."""
-        conv = nn.ConvTranspose2d(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.output_padding,
-            bias=self.bias is not None, dilation=self.dilation, device="meta",
-        )  # fmt: skip
-        # oneDNN holds the weight as (out, in, kh, kw); torch's layout is (in, out, kh, kw).
-        conv.weight = nn.Parameter(self.packed.to_dense().transpose(0, 1).contiguous(), requires_grad=False)
-        conv.bias = self.bias
-        return conv
-
-
 @functools.cache
 def packing_available() -> bool:
-    """oneDNN's packed linear and transposed convolution exist in this torch build and agree with
+    """oneDNN's packed linear layer and its post-ops exist in this torch build and agree with
     torch's own (x86 only: where they were measured; elsewhere the layers stay as they are)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
@@ -107,15 +77,13 @@ def packing_available() -> bool:
     try:
         gen = torch.Generator().manual_seed(0)
         w, b, x = (torch.randn(*shape, generator=gen) for shape in ((8, 16), (8,), (2, 3, 16)))
-        conv = nn.ConvTranspose2d(4, 3, (8, 1), (4, 1))
-        y = torch.randn(1, 4, 6, 5, generator=gen)
         with torch.inference_mode():
-            gelu = PackedLinear(w, b)
-            gelu.gelu = True
+            gelu, scaled = PackedLinear(w, b), PackedLinear(w, b)
+            gelu.gelu, scaled.scale = True, b
             return bool(
                 torch.allclose(PackedLinear(w, b)(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
                 and torch.allclose(gelu(x), F.gelu(F.linear(x, w, b)), rtol=1e-5, atol=1e-5)
-                and torch.allclose(PackedConvTranspose2d(conv)(y), conv(y), rtol=1e-5, atol=1e-5)
+                and torch.allclose(scaled(x), b * F.linear(x, w, b), rtol=1e-5, atol=1e-5)
             )
     except (RuntimeError, AttributeError):  # an op missing from this build
         return False
@@ -198,24 +166,26 @@ def use_sdpa_attention(model: Any) -> int:
 
 
 def pack_weights(model: Any) -> int:
-    """Swap every float32 ``nn.Linear`` inside ``model`` for :class:`PackedLinear` and every
-    ``nn.ConvTranspose2d`` for :class:`PackedConvTranspose2d` (in place; the dense weights are
-    dropped). Returns how many were swapped: 0 where packing is unavailable."""
+    """Swap every float32 ``nn.Linear`` inside ``model`` for :class:`PackedLinear` (in place; the
+    dense weights are dropped). Returns how many were swapped: 0 where packing is unavailable."""
     if not packing_available():
         return 0
     return _swap(
         model,
         # An nn.MultiheadAttention left in place reads its out_proj's dense weight itself.
         lambda parent, m: (
-            (
-                isinstance(m, nn.Linear)
-                and m.weight.dtype == torch.float32
-                and not isinstance(parent, nn.MultiheadAttention)
-            )
-            or PackedConvTranspose2d.fits(m)
+            isinstance(m, nn.Linear)
+            and m.weight.dtype == torch.float32
+            and not isinstance(parent, nn.MultiheadAttention)
         ),
-        lambda m: PackedConvTranspose2d(m) if isinstance(m, nn.ConvTranspose2d) else PackedLinear(m.weight, m.bias),
+        lambda m: PackedLinear(m.weight, m.bias),
     )
+
+
+def use_phase_conv_transpose(model: Any) -> int:
+    """Swap every transposed convolution inside ``model`` that :class:`PhaseConvTranspose` fits
+    (Demucs' decoders: kernel 8, stride 4) for one. Returns how many were swapped."""
+    return _swap(model, lambda _, m: PhaseConvTranspose.fits(m), PhaseConvTranspose)
 
 
 def _gelu_done_by_linear1(x: torch.Tensor) -> torch.Tensor:
@@ -238,6 +208,37 @@ def fuse_feed_forward_gelu(model: Any) -> int:
     return len(layers)
 
 
+class ScaleDoneByLinear(nn.Module):
+    """A transformer layer's LayerScale once the linear layer before it multiplies by the scale."""
+
+    def __init__(self, layer_scale: nn.Module):
+        super().__init__()
+        self.original = layer_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def to_module(self) -> nn.Module:
+        return self.original
+
+
+def fuse_layer_scales(model: Any) -> int:
+    """In every Demucs transformer layer of ``model``, let the packed linear layer that ends each
+    residual branch (the attention's ``out_proj``, the feed-forward's ``linear2``) multiply by the
+    branch's LayerScale: one pass over the layer's output fewer per branch. Returns how many."""
+    fused = 0
+    for layer in list(model.modules()):
+        attention = getattr(layer, "self_attn", None) or getattr(layer, "cross_attn", None)
+        branches = (("gamma_1", getattr(attention, "out_proj", None)), ("gamma_2", getattr(layer, "linear2", None)))
+        for name, linear in branches:
+            scale = getattr(layer, name, None)
+            if type(scale).__name__ == "LayerScale" and scale.channel_last and isinstance(linear, PackedLinear):
+                linear.scale = scale.scale.detach()
+                setattr(layer, name, ScaleDoneByLinear(scale))
+                fused += 1
+    return fused
+
+
 def fuse_dconv(model: Any) -> int:
     """Swap every Demucs ``DConv`` residual branch inside ``model`` for :class:`FusedDConv` (in
     place; the original kept inside it). Returns how many were swapped."""
@@ -250,7 +251,9 @@ def prepare_for_cpu(model: Any) -> None:
         return
     use_sdpa_attention(model)
     pack_weights(model)
+    use_phase_conv_transpose(model)
     fuse_feed_forward_gelu(model)
+    fuse_layer_scales(model)
     fuse_dconv(model)
     model._stemset_cpu_ready = True
 
@@ -263,5 +266,6 @@ def leave_cpu(model: Any) -> None:
     for layer in model.modules():
         if getattr(layer, "activation", None) is _gelu_done_by_linear1:
             layer.activation = F.gelu
-    _swap(model, lambda _, m: isinstance(m, (PackedLinear, PackedConvTranspose2d, FusedDConv)), lambda m: m.to_module())
+    undo = (PackedLinear, PhaseConvTranspose, FusedDConv, ScaleDoneByLinear)
+    _swap(model, lambda _, m: isinstance(m, undo), lambda m: m.to_module())
     model._stemset_cpu_ready = False

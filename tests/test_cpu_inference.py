@@ -12,11 +12,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from gpu_worker import models
+from gpu_worker.cpu_conv_transpose import PhaseConvTranspose
+from gpu_worker.cpu_dconv import FusedDConv
 from gpu_worker.cpu_inference import (
-    PackedConvTranspose2d,
     PackedLinear,
+    ScaleDoneByLinear,
     SDPAttention,
     fuse_feed_forward_gelu,
+    fuse_layer_scales,
     leave_cpu,
     pack_weights,
     packing_available,
@@ -93,14 +96,19 @@ def test_cpu_path_with_cross_attention_matches_demucs(cross_repo, shifts):
     params = SeparationParams(shifts=shifts, batch_size=3)
     ours = separate(model, wav, params, torch.device("cpu"), rng=random.Random(77))
     assert_equal_to_demucs(ours, ref)
-    # The path that gave these stems is the CPU one: every attention runs on SDPA, every linear
-    # layer on oneDNN's packed weights (where this torch build has them).
+    # The path that gave these stems is the CPU one: every attention runs on SDPA, every
+    # transposed convolution over phases, every DConv fused, every linear layer on oneDNN's packed
+    # weights (where this torch build has them).
     assert any(isinstance(m, SDPAttention) for m in model.modules())
-    assert not any(type(m) is nn.MultiheadAttention for m in model.modules())
+    assert any(isinstance(m, PhaseConvTranspose) for m in model.modules())
+    assert any(isinstance(m, FusedDConv) for m in model.modules())
+    stock = (nn.MultiheadAttention, nn.ConvTranspose1d, nn.ConvTranspose2d)
+    assert not any(type(m) in stock for m in model.modules())
+    dconvs = [m for m in model.modules() if type(m).__name__ == "DConv"]  # each kept inside its FusedDConv
+    assert dconvs == [m.original for m in model.modules() if isinstance(m, FusedDConv)]
     if packing_available():
         assert any(isinstance(m, PackedLinear) for m in model.modules())
-        assert any(isinstance(m, PackedConvTranspose2d) for m in model.modules())
-        assert not any(isinstance(m, (nn.Linear, nn.ConvTranspose2d)) for m in model.modules())
+        assert not any(isinstance(m, nn.Linear) for m in model.modules())
 
 
 needs_packing = pytest.mark.skipif(not packing_available(), reason="oneDNN packed linears (x86 builds)")
@@ -119,25 +127,8 @@ def test_packed_linear_equals_linear(shape, bias):
         assert rel_err(PackedLinear(linear.weight, linear.bias)(strided), linear(strided)) < 1e-6
 
 
-@needs_packing
-@pytest.mark.parametrize(
-    "kw",
-    [{"kernel_size": (8, 1), "stride": (4, 1)}, {"kernel_size": 3, "stride": 2, "padding": 1, "output_padding": 1}],
-)
-@pytest.mark.parametrize("bias", [True, False])
-def test_packed_conv_transpose_equals_conv_transpose(kw, bias):
-    torch.manual_seed(2)
-    conv = nn.ConvTranspose2d(6, 5, bias=bias, **kw)
-    with torch.inference_mode():
-        for shape in [(1, 6, 9, 7), (2, 6, 33, 4)]:  # one packed weight, any input size
-            x = torch.randn(*shape)
-            out = PackedConvTranspose2d(conv)(x)
-            assert rel_err(out, conv(x)) < 1e-6
-            assert out.is_contiguous()  # Demucs' layout, not oneDNN's channels-last
-
-
 def _packable(parent: nn.Module, m: nn.Module) -> bool:
-    return (isinstance(m, nn.Linear) and not isinstance(parent, nn.MultiheadAttention)) or type(m) is nn.ConvTranspose2d
+    return isinstance(m, nn.Linear) and not isinstance(parent, nn.MultiheadAttention)
 
 
 @needs_packing
@@ -146,7 +137,7 @@ def test_packing_drops_the_dense_weights_and_leave_cpu_restores_them_exactly():
     dense = [p.detach().clone().flatten() for p in model.parameters()]
     use_sdpa_attention(model)
     packable = [m for p in model.modules() for _, m in p.named_children() if _packable(p, m)]
-    assert any(isinstance(m, nn.Linear) for m in packable) and any(isinstance(m, nn.ConvTranspose2d) for m in packable)
+    assert packable
     before = sum(p.numel() for p in model.parameters())
     assert pack_weights(model) == len(packable)
     # The weights are held packed only: no longer parameters, and not kept twice.
@@ -157,7 +148,7 @@ def test_packing_drops_the_dense_weights_and_leave_cpu_restores_them_exactly():
         packed_out = model(x)
     model._stemset_cpu_ready = True
     leave_cpu(model)
-    assert not any(isinstance(m, (PackedLinear, PackedConvTranspose2d)) for m in model.modules())
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
     restored = [m.weight for p in model.modules() for _, m in p.named_children() if _packable(p, m)]
     assert len(restored) == len(packable)
     # Every restored weight is bit for bit one of the original dense weights (or a block of in_proj).
@@ -186,6 +177,29 @@ def test_feed_forward_gelu_moves_into_the_first_linear_layer_and_back():
     model._stemset_cpu_ready = True
     leave_cpu(model)
     assert all(m.activation is F.gelu and isinstance(m.linear1, nn.Linear) for m in layers)
+
+
+@needs_packing
+def test_layer_scales_move_into_the_linear_layers_before_them_and_back():
+    model = tiny_htdemucs(seed=5, t_layers=2, t_heads=2)
+    scales = [m for m in model.modules() if type(m).__name__ == "LayerScale" and m.channel_last]
+    with torch.no_grad():
+        for s in scales:
+            s.scale.uniform_(0.5, 2.0)  # not the tiny init, so a scale left out shows
+    x = torch.randn(1, 2, 44100)
+    with torch.inference_mode():
+        random.seed(3)
+        expected = model(x)
+        use_sdpa_attention(model)
+        pack_weights(model)
+        assert fuse_layer_scales(model) == len(scales) == 8  # two branches in each of four layers
+        assert [m.original for m in model.modules() if isinstance(m, ScaleDoneByLinear)] == scales
+        random.seed(3)
+        assert rel_err(model(x), expected) < 1e-5
+    model._stemset_cpu_ready = True
+    leave_cpu(model)
+    assert [m for m in model.modules() if type(m).__name__ == "LayerScale" and m.channel_last] == scales
+    assert not any(isinstance(m, (ScaleDoneByLinear, PackedLinear)) for m in model.modules())
 
 
 @needs_packing
