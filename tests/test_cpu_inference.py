@@ -16,10 +16,10 @@ from gpu_worker.cpu_conv_transpose import PhaseConvTranspose
 from gpu_worker.cpu_dconv import FusedDConv
 from gpu_worker.cpu_inference import (
     PackedLinear,
-    ScaleDoneByLinear,
+    ResidualFusedLayer,
     SDPAttention,
     fuse_feed_forward_gelu,
-    fuse_layer_scales,
+    fuse_residual_branches,
     leave_cpu,
     pack_weights,
     packing_available,
@@ -180,26 +180,48 @@ def test_feed_forward_gelu_moves_into_the_first_linear_layer_and_back():
 
 
 @needs_packing
-def test_layer_scales_move_into_the_linear_layers_before_them_and_back():
+def test_residual_branches_end_in_one_call_and_leave_cpu_restores_the_layers():
     model = tiny_htdemucs(seed=5, t_layers=2, t_heads=2)
-    scales = [m for m in model.modules() if type(m).__name__ == "LayerScale" and m.channel_last]
+    layers = [m for m in model.modules() if type(m).__name__.endswith("TransformerEncoderLayer")]
     with torch.no_grad():
-        for s in scales:
-            s.scale.uniform_(0.5, 2.0)  # not the tiny init, so a scale left out shows
+        for layer in layers:
+            layer.gamma_1.scale.uniform_(0.5, 2.0)  # not the tiny init, so a scale left out shows
+            layer.gamma_2.scale.uniform_(0.5, 2.0)
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
     x = torch.randn(1, 2, 44100)
     with torch.inference_mode():
         random.seed(3)
         expected = model(x)
         use_sdpa_attention(model)
         pack_weights(model)
-        assert fuse_layer_scales(model) == len(scales) == 8  # two branches in each of four layers
-        assert [m.original for m in model.modules() if isinstance(m, ScaleDoneByLinear)] == scales
+        fuse_feed_forward_gelu(model)
+        assert fuse_residual_branches(model) == len(layers) == 4  # a self and a cross layer per branch
+        assert [m.original for m in model.modules() if isinstance(m, ResidualFusedLayer)] == layers
+        # the folded layers replace the originals: no weight held twice
+        assert all(m.original.linear2 is None for m in model.modules() if isinstance(m, ResidualFusedLayer))
         random.seed(3)
         assert rel_err(model(x), expected) < 1e-5
     model._stemset_cpu_ready = True
     leave_cpu(model)
-    assert [m for m in model.modules() if type(m).__name__ == "LayerScale" and m.channel_last] == scales
-    assert not any(isinstance(m, (ScaleDoneByLinear, PackedLinear)) for m in model.modules())
+    assert not any(isinstance(m, (ResidualFusedLayer, PackedLinear)) for m in model.modules())
+    assert [m for m in model.modules() if type(m).__name__.endswith("TransformerEncoderLayer")] == layers
+    # the folded weights, divided by the scales again: the originals within a float32 rounding
+    restored = {n: p.detach() for n, p in model.named_parameters()}
+    for name in [n for n in dense if n.endswith(("linear2.weight", "out_proj.weight"))]:
+        assert torch.allclose(restored[name], dense[name], rtol=1e-6, atol=0)
+    with torch.inference_mode():
+        random.seed(3)
+        assert rel_err(model(x), expected) < 1e-5
+
+
+def test_a_zero_layer_scale_keeps_its_layer_unfused():
+    model = tiny_htdemucs(seed=5, t_layers=2, t_heads=2)
+    use_sdpa_attention(model)
+    pack_weights(model)
+    layer = next(m for m in model.modules() if type(m).__name__ == "MyTransformerEncoderLayer")
+    with torch.no_grad():
+        layer.gamma_2.scale[3] = 0
+    assert not ResidualFusedLayer.fits(layer)
 
 
 @needs_packing
