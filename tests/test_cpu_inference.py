@@ -159,15 +159,21 @@ def test_packing_drops_the_dense_weights_and_leave_cpu_restores_them_exactly():
         assert rel_err(model(x), packed_out) < 1e-5
 
 
+def _output_then_packed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Demucs' own output for ``x`` (seeded shift); the model then has SDPA and packed linears."""
+    random.seed(3)
+    expected = model(x)
+    use_sdpa_attention(model)
+    pack_weights(model)
+    return expected
+
+
 @needs_packing
 def test_feed_forward_gelu_moves_into_the_first_linear_layer_and_back():
     model = tiny_htdemucs(seed=5, t_layers=2, t_heads=2)
     x = torch.randn(1, 2, 44100)
     with torch.inference_mode():
-        random.seed(3)
-        expected = model(x)
-        use_sdpa_attention(model)
-        pack_weights(model)
+        expected = _output_then_packed(model, x)
         layers = [m for m in model.modules() if hasattr(m, "_ff_block")]
         assert len(layers) == 4 and all(m.activation is F.gelu for m in layers)
         assert fuse_feed_forward_gelu(model) == 4
@@ -190,10 +196,7 @@ def test_residual_branches_end_in_one_call_and_leave_cpu_restores_the_layers():
     dense = {n: p.detach().clone() for n, p in model.named_parameters()}
     x = torch.randn(1, 2, 44100)
     with torch.inference_mode():
-        random.seed(3)
-        expected = model(x)
-        use_sdpa_attention(model)
-        pack_weights(model)
+        expected = _output_then_packed(model, x)
         fuse_feed_forward_gelu(model)
         assert fuse_residual_branches(model) == len(layers) == 4  # a self and a cross layer per branch
         assert [m.original for m in model.modules() if isinstance(m, ResidualFusedLayer)] == layers
