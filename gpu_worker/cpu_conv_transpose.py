@@ -7,7 +7,7 @@ phase ``p``, followed by interleaving the phases: the same multiply-adds in a di
 On the CPU oneDNN runs ordinary convolutions at nearly the matrix rate and transposed ones at a
 half to a quarter of it (and torch's own transposed convolution reorders its weight on every
 call): the release htdemucs' four frequency decoders took 148 ms a forward as oneDNN transposed
-convolutions with prepacked weights and 71 ms this way; the time decoders 50 ms and 34 ms
+convolutions with prepacked weights and 71 ms this way; the time decoders 50-60 ms and 34-38 ms
 (benchmarks/RESULTS.md). Outputs equal torch's within float32 rounding.
 """
 
