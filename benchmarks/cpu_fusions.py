@@ -32,34 +32,16 @@ import torch  # noqa: E402
 
 from benchmarks.common import emit, machine, synthetic_mix, write_release_repo  # noqa: E402
 
+# the swaps worth measuring alone: the attention and the packed linears are what the others build on
 SWAPS = ["phase_conv_transpose", "fused_dconv", "feed_forward_gelu", "residual_branches"]
 
 
-def prepare(model, without: str | None) -> None:
-    from gpu_worker import cpu_inference as ci
-
-    steps = {
-        "phase_conv_transpose": ci.use_phase_conv_transpose,
-        "fused_dconv": ci.fuse_dconv,
-        "feed_forward_gelu": ci.fuse_feed_forward_gelu,
-        "residual_branches": ci.fuse_residual_branches,
-    }
-    ci.use_sdpa_attention(model)
-    ci.pack_weights(model)
-    for name in (
-        "phase_conv_transpose",
-        "feed_forward_gelu",
-        "residual_branches",
-        "fused_dconv",
-    ):  # prepare_for_cpu's order
-        if name != without:
-            steps[name](model)
-
-
 def compare(base, mix: torch.Tensor, swap: str, pairs: int) -> dict:
+    from gpu_worker.cpu_inference import prepare_for_cpu
+
     full, without = copy.deepcopy(base), copy.deepcopy(base)
-    prepare(full, None)
-    prepare(without, swap)
+    prepare_for_cpu(full)
+    prepare_for_cpu(without, without=swap)
     times: dict[str, list[float]] = {"all": [], "without": []}
     with torch.inference_mode():
         a, b = full(mix), without(mix)  # warm-up, and the outputs to compare

@@ -32,6 +32,7 @@ from .cpu_packed import PackedLinear, packing_available
 from .cpu_transformer import ResidualFusedLayer, SDPAttention, fuse_feed_forward_gelu, unfuse_feed_forward_gelu
 
 __all__ = [
+    "CPU_SWAPS",
     "FusedDConv",
     "PackedLinear",
     "PhaseConvTranspose",
@@ -104,16 +105,26 @@ def fuse_dconv(model: Any) -> int:
     return _swap(model, lambda _, m: FusedDConv.fits(m), FusedDConv)
 
 
-def prepare_for_cpu(model: Any) -> None:
-    """Set ``model`` (a model or a bag) up for the CPU path; once per model instance."""
+# What prepare_for_cpu does, in order (the later swaps find what the earlier ones made);
+# benchmarks/cpu_fusions.py leaves one out at a time.
+CPU_SWAPS: dict[str, Callable[[Any], int]] = {
+    "sdpa_attention": use_sdpa_attention,
+    "packed_linears": pack_weights,
+    "phase_conv_transpose": use_phase_conv_transpose,
+    "feed_forward_gelu": fuse_feed_forward_gelu,
+    "residual_branches": fuse_residual_branches,
+    "fused_dconv": fuse_dconv,
+}
+
+
+def prepare_for_cpu(model: Any, without: str | None = None) -> None:
+    """Set ``model`` (a model or a bag) up for the CPU path; once per model instance. ``without``
+    names one of :data:`CPU_SWAPS` to leave out (for the benchmark that measures each)."""
     if getattr(model, "_stemset_cpu_ready", False):
         return
-    use_sdpa_attention(model)
-    pack_weights(model)
-    use_phase_conv_transpose(model)
-    fuse_feed_forward_gelu(model)
-    fuse_residual_branches(model)
-    fuse_dconv(model)
+    for name, swap in CPU_SWAPS.items():
+        if name != without:
+            swap(model)
     model._stemset_cpu_ready = True
 
 

@@ -162,7 +162,8 @@ class ResidualFusedLayer(nn.Module):
             raise NotImplementedError("ResidualFusedLayer takes no attention mask (Demucs passes none)")
         layer = self.original
         if self.cross:  # (q, k): queries from this branch, keys and values from the other
-            h = layer.cross_attn.attend(layer.norm1(x), *(2 * [layer.norm2(other)]))
+            keys = layer.norm2(other)  # keys and values: one tensor, projected in one matmul
+            h = layer.cross_attn.attend(layer.norm1(x), keys, keys)
             norm_ff = layer.norm3
         else:  # (src,)
             h = layer.norm1(x)
